@@ -1,0 +1,1 @@
+"""hybridlab.jobs — what runs on the cluster: training loop, data, evals, recipes."""

@@ -1,0 +1,92 @@
+"""MQAR — Zoology-style multi-query associative recall.
+
+Token layout (``vocab`` = V):
+    0                  filler / pad
+    [1, 1 + K)         keys,   K = (V - 1) // 2
+    [1 + K, V)         values
+
+Sequence (stream of L + 1 tokens, see ``base``):
+    k1 v1 k2 v2 ... kN vN | query region
+The N keys are distinct, as are the N values. The query region holds every key
+exactly once, in random order, each immediately followed by its value, at
+uniformly chosen even offsets (slots) of the region; every other position is
+filler 0. The value after each query key is scored (target at the key's position),
+so accuracy is over the N value tokens of the query region.
+
+Length rule: the region has ``(L + 1 - 2N) // 2`` slots and must fit N queries,
+so ``seq_len >= 4N - 1``. With ``kv_rule: fixed`` (default) N = ``num_kv_pairs``
+at every length: a longer ``seq_len`` (length generalization) only adds filler,
+i.e. longer gaps between a pair and its query. With ``kv_rule: scale`` N grows
+with the length, ``N(L) = max(1, num_kv_pairs * L // seq_len)``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .base import Opt, Task, _err, shift
+
+
+class MQAR(Task):
+    name = "mqar"
+    OPTIONS = {
+        "vocab": Opt("int", 8192, min=3, help="model vocab; keys and values split it in halves"),
+        "seq_len": Opt("int", 256, min=1, help="default length"),
+        "num_kv_pairs": Opt("int", 32, min=1, help="key-value pairs per sequence"),
+        "kv_rule": Opt("choice", "fixed", choices=("fixed", "scale"),
+                       help="pairs at other lengths: fixed count, or scale with length"),
+    }
+
+    def _setup(self):
+        V = self.vocab
+        self.num_keys = (V - 1) // 2
+        self.key_lo = 1
+        self.val_lo = 1 + self.num_keys
+        self.num_values = V - self.val_lo
+        N = self.num_kv_pairs
+        if self.num_keys < N:
+            raise _err(f"mqar: bad value for 'vocab': {V} (too small for num_kv_pairs={N}, needs >= {2 * N + 1})")
+        if self.seq_len < 4 * N - 1:
+            raise _err(f"mqar: bad value for 'num_kv_pairs': {N} (too many for seq_len={self.seq_len}, "
+                       f"needs seq_len >= 4*num_kv_pairs-1 = {4 * N - 1})")
+        self._vocab_size = V
+        self._answer_tokens = torch.arange(self.val_lo, V)
+
+    def pairs_for(self, L: int) -> int:
+        if self.kv_rule == "fixed":
+            return self.num_kv_pairs
+        return max(1, self.num_kv_pairs * L // self.seq_len)
+
+    def _check_len(self, L):
+        N = self.pairs_for(L)
+        if L < 4 * N - 1:
+            raise _err(f"mqar: bad value for 'seq_len': {L} (too short for {N} kv pairs, needs >= {4 * N - 1})")
+        if N > self.num_keys:
+            raise _err(f"mqar: bad value for 'seq_len': {L} ({N} kv pairs exceed the {self.num_keys} keys of vocab={self.vocab})")
+
+    def _generate(self, B, L, rng):
+        N = self.pairs_for(L)
+        seq = np.zeros((B, L + 1), dtype=np.int64)
+        scored = np.zeros((B, L + 1), dtype=bool)
+        slots = (L + 1 - 2 * N) // 2
+        for b in range(B):
+            keys = rng.choice(self.num_keys, N, replace=False) + self.key_lo
+            vals = rng.choice(self.num_values, N, replace=False) + self.val_lo
+            seq[b, 0:2 * N:2] = keys
+            seq[b, 1:2 * N:2] = vals
+            pos = 2 * N + 2 * rng.choice(slots, N, replace=False)
+            order = rng.permutation(N)
+            seq[b, pos] = keys[order]
+            seq[b, pos + 1] = vals[order]
+            scored[b, pos + 1] = True
+        return shift(seq, scored)
+
+    def _solve(self, inputs):
+        B, L = inputs.shape
+        N = self.pairs_for(L)
+        table = torch.zeros(B, self.vocab, dtype=torch.long)
+        table.scatter_(1, inputs[:, 0:2 * N:2], inputs[:, 1:2 * N:2])
+        is_query = (inputs >= self.key_lo) & (inputs < self.val_lo)
+        is_query[:, : 2 * N] = False
+        return torch.where(is_query, table.gather(1, inputs), torch.zeros_like(inputs))

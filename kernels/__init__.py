@@ -1,0 +1,8 @@
+"""hybridlab.kernels — op contracts, PyTorch references, Triton / CuTe DSL kernels, dispatch.
+
+Imports nothing else of hybridlab (DESIGN.md §1).
+"""
+
+from .ssm_scan import BACKENDS, ScanState, select_backend, ssm_scan
+
+__all__ = ["ssm_scan", "ScanState", "select_backend", "BACKENDS"]

@@ -1,0 +1,93 @@
+"""The trapezoidal SSM scan: one contract, several backends, one dispatcher.
+
+    ssm_scan(q, k, v, log_alpha, beta, gamma, state=None) -> (y, final_state)
+
+See DESIGN.md §3 and ``reference.py`` for the math. Backends:
+
+* ``torch``  — the reference; chunked for seqlen > 1, recurrent for seqlen == 1.
+* ``torch_chunked`` / ``torch_recurrent`` — force one reference form.
+* ``triton`` — chunked forward + backward kernels (CUDA, or TRITON_INTERPRET=1).
+* ``cute``   — one-token decode step (CUDA Hopper+, nvidia-cutlass-dsl).
+
+``backend="auto"`` (the default) picks the fastest one available for the
+device and sequence length; ``select_backend`` says which and why.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+
+import torch
+
+from .reference import ScanState, scan_chunked, scan_recurrent
+
+__all__ = ["ssm_scan", "ScanState", "select_backend", "BACKENDS"]
+
+BACKENDS = ("auto", "torch", "torch_chunked", "torch_recurrent", "triton", "cute")
+
+
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def _triton_usable(device: torch.device) -> bool:
+    if not _has("triton"):
+        return False
+    if device.type == "cuda":
+        return True
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _triton_backend():
+    return importlib.import_module(".triton", __name__)
+
+
+def _cute_backend():
+    return importlib.import_module(".cute", __name__)
+
+
+def select_backend(device: torch.device | str, seqlen: int | None = None) -> tuple[str, str]:
+    """The backend ``auto`` uses for this device and length, with the reason."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        if seqlen == 1 and _cute_available(device):
+            return "cute", "CUDA sm90+ with nvidia-cutlass-dsl: CuTe decode step"
+        if _has("triton") and _kernel_file_exists("triton"):
+            return "triton", "CUDA with triton: chunked Triton kernels"
+        return "torch", "CUDA but triton is not installed: torch reference"
+    return "torch", f"no CUDA on this machine ({device.type}): torch reference"
+
+
+def _kernel_file_exists(name: str) -> bool:
+    return importlib.util.find_spec(f"{__name__}.{name}") is not None
+
+
+def _cute_available(device: torch.device) -> bool:
+    if not (_has("cutlass") and _kernel_file_exists("cute")):
+        return False
+    major, _ = torch.cuda.get_device_capability(device)
+    return major >= 9
+
+
+def ssm_scan(q, k, v, log_alpha, beta, gamma, state=None, *, backend: str = "auto", chunk_size: int | None = None):
+    """Run the scan; returns ``(y, ScanState(h, k_last, v_last))``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"ssm_scan: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    seqlen = q.shape[1] if q.dim() == 5 else None
+    if backend == "auto":
+        backend, _ = select_backend(q.device, seqlen)
+    if backend == "torch":
+        backend = "torch_recurrent" if seqlen == 1 else "torch_chunked"
+    if backend == "torch_recurrent":
+        return scan_recurrent(q, k, v, log_alpha, beta, gamma, state)
+    if backend == "torch_chunked":
+        return scan_chunked(q, k, v, log_alpha, beta, gamma, state, chunk_size=chunk_size or 64)
+    if backend == "triton":
+        if not _triton_usable(q.device):
+            raise RuntimeError("ssm_scan: backend 'triton' needs CUDA (or TRITON_INTERPRET=1) and the triton package")
+        return _triton_backend().ssm_scan_triton(q, k, v, log_alpha, beta, gamma, state, chunk_size=chunk_size)
+    if not _cute_available(q.device) if q.device.type == "cuda" else True:
+        raise RuntimeError("ssm_scan: backend 'cute' needs a CUDA sm90+ GPU and nvidia-cutlass-dsl")
+    return _cute_backend().ssm_scan_cute(q, k, v, log_alpha, beta, gamma, state)
