@@ -107,7 +107,9 @@ def load_yaml_file(path: str | Path) -> tuple[Any, Source]:
 def _yaml_error(e: yaml.YAMLError, file: str) -> SpecError:
     mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
     problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-    ctx = getattr(e, "context", None)
+    ctx, ctx_mark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if ctx and ctx_mark is not None and ctx_mark is not mark:
+        ctx = f"{ctx} started at line {ctx_mark.line + 1}"
     msg = f"YAML syntax error: {problem}" + (f" ({ctx})" if ctx else "")
     return SpecError(msg, file, mark.line + 1 if mark else None)
 
@@ -124,7 +126,7 @@ def _index(node, path: Path_, src: Source) -> None:
                 raise SpecError(f"tag {knode.tag!r} is not allowed (specs are plain data)", src.file, knode.start_mark.line + 1, path)
             key = knode.value
             if key in seen:
-                raise SpecError(f"duplicate key {key!r}", src.file, knode.start_mark.line + 1, path)
+                raise SpecError(f"duplicate key {key!r}", src.file, knode.start_mark.line + 1, path + (key,))
             seen.add(key)
             src.lines[path + (key,)] = knode.start_mark.line + 1
             _index(vnode, path + (key,), src)

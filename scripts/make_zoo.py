@@ -75,7 +75,7 @@ TINY = {
     }, "(m3 mlp) * 4"),
     "tiny-mimo": ("tiny Mamba-3 MIMO rank 4 for CPU", {
         "m3": {"mixer": "mamba3", "mode": "mimo", "rank": 4, "d_state": 32, "headdim": 32},
-        "mlp": {"mixer": "swiglu", "hidden": 256},
+        "mlp": {"mixer": "swiglu", "hidden": 224},
     }, "(m3 mlp) * 4"),
     "tiny-mamba2": ("tiny Mamba-2-like (real-valued, Euler) for CPU", {
         "m2": {"mixer": "mamba3", "d_state": 32, "headdim": 32, "rope": False, "trapezoid": False, "bc_norm": False, "bc_bias": False},
