@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# On a GPU machine without network (the device tool): install the carried wheels (.whl: deepspeed and
+# its small deps), make hybridlab importable, and measure training throughput of the zoo's 440M
+# models on 1 GPU (and 2 with torchrun when there are 2). Output: $OUT/train_bench.jsonl + log.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+if ! python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>/dev/null; then
+  mkdir -p /tmp/shim && cp -r platform/hybridlab /tmp/shim/hybridlab
+  for d in arch kernels jobs; do ln -sfn "$PWD/$d" /tmp/shim/hybridlab/$d; done
+  export PYTHONPATH=/tmp/shim:$PYTHONPATH
+fi
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+J=$OUT/train_bench.jsonl
+ARGS="--seq-len 2048 --steps ${STEPS:-10} --warmup 3 --json $J"
+nvidia-smi --query-gpu=name,memory.total --format=csv
+# each argument: NGPUS:SPEC [options], e.g. "2:zoo:hybrid-1in4-440m --zero 3"
+for run in "$@"; do
+  n=${run%%:*}; rest=${run#*:}
+  echo "=== $n GPU: $rest"
+  if [ "$n" = 1 ]; then launcher="python3 -m"; else launcher="torchrun --standalone --nproc-per-node $n -m"; fi
+  eval "timeout ${RUN_TIMEOUT:-200} $launcher hybridlab.cli bench train $rest $ARGS" >"$OUT/run.log" 2>&1
+  echo "rc=$?"; grep -E '^\{|Error|error' "$OUT/run.log" | tail -3
+done
