@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from .layers.attention import Attention
-from .layers.mamba3 import Mamba3
+from .layers.attention import Attention, KVCache
+from .layers.mamba3 import Mamba3, Mamba3Cache
 from .layers.mlp import SwiGLU
 from .layers.norm import RMSNorm
 from .spec import AttentionBlock, Mamba3Block, ModelSpec, SwiGLUBlock
@@ -42,9 +43,36 @@ class SubBlock(nn.Module):
 
 @dataclass
 class ModelCache:
+    """Per-layer decode caches plus the batch's bookkeeping.
+
+    ``pad`` (b,) long: left-padding per row (rows of different prompt lengths are
+    right-aligned; see ``HybridLM.generate``); ``pad_max`` its largest value.
+    ``pos`` (1,) long on the device: set by ``make_static`` for shape-static
+    one-token steps (CUDA graphs); the attention layers share it.
+    """
+
     layers: list  # one per sub-block (None for stateless mixers)
     seqlen: int = 0
     max_len: int = 0
+    pad: Optional[torch.Tensor] = None
+    pad_max: int = 0
+    pos: Optional[torch.Tensor] = None
+
+    def make_static(self) -> "ModelCache":
+        """Give one-token steps fixed shapes and a device-side position (for CUDA graph capture)."""
+        if self.pos is None:
+            dev = next(t for c in self.layers if c is not None for t in _tensors(c)).device
+            self.pos = torch.full((1,), self.seqlen, dtype=torch.long, device=dev)
+            for c in self.layers:
+                if isinstance(c, KVCache):
+                    c.make_static(self.pos)
+        return self
+
+
+def _tensors(c):
+    if isinstance(c, KVCache):
+        return [c.k]
+    return [c.scan.h]
 
 
 class HybridLM(nn.Module):
@@ -76,46 +104,106 @@ class HybridLM(nn.Module):
     def forward(self, tokens: torch.Tensor, cache: ModelCache | None = None) -> torch.Tensor:
         """tokens (b, l) -> logits (b, l, vocab). With ``cache``, continues from its position."""
         x = self.embed(tokens)
+        l = tokens.shape[1]
+        if cache is not None:
+            valid = None
+            if cache.pad is not None and cache.seqlen < cache.pad_max:  # left padding inside this chunk
+                t = torch.arange(cache.seqlen, cache.seqlen + l, device=tokens.device)
+                valid = t[None, :] >= cache.pad[:, None]
+            for c in cache.layers:
+                if isinstance(c, Mamba3Cache):
+                    c.valid = valid
         for i, layer in enumerate(self.layers):
             x = layer(x, cache.layers[i] if cache is not None else None)
         if cache is not None:
-            cache.seqlen += tokens.shape[1]
+            cache.seqlen += l
+            if cache.pos is not None:
+                cache.pos += l
         return self.lm_head(self.norm_f(x))
 
-    def allocate_cache(self, batch: int, max_len: int, device=None, dtype=None) -> ModelCache:
+    def allocate_cache(self, batch: int, max_len: int, device=None, dtype=None, pad: torch.Tensor | None = None) -> ModelCache:
+        """Caches for ``batch`` rows of up to ``max_len`` positions; ``pad`` (b,): left-padding per row."""
         p = self.embed.weight
         device, dtype = device or p.device, dtype or p.dtype
         caches = [
             layer.mixer.allocate_cache(batch, max_len, device, dtype) if hasattr(layer.mixer, "allocate_cache") else None
             for layer in self.layers
         ]
-        return ModelCache(caches, 0, max_len)
+        pad_max = 0
+        if pad is not None:
+            pad = torch.as_tensor(pad, dtype=torch.long, device=device)
+            pad_max = int(pad.max()) if pad.numel() else 0
+            if pad_max == 0:
+                pad = None
+            for c in caches:
+                if isinstance(c, KVCache):
+                    c.pad = pad
+        return ModelCache(caches, 0, max_len, pad, pad_max)
 
     @torch.no_grad()
     def generate(
         self,
-        prompt: torch.Tensor,
+        prompt: Union[torch.Tensor, Sequence[Sequence[int]]],
         max_new_tokens: int,
         temperature: float = 0.0,
         top_k: int | None = None,
         top_p: float | None = None,
         generator: torch.Generator | None = None,
+        prompt_lengths: torch.Tensor | Sequence[int] | None = None,
+        cuda_graph: bool | None = None,
+        pad_id: int = 0,
     ) -> torch.Tensor:
-        """Prefill the prompt (b, l) in one pass, then decode one token at a time.
+        """Prefill the prompt in one pass, then decode one token at a time.
 
-        temperature 0 is greedy. Returns (b, l + max_new_tokens).
+        ``prompt``: (b, l) tokens, or a list of token lists of different lengths.
+        Rows of different lengths are left-padded (right-aligned): with a tensor,
+        ``prompt_lengths[i]`` says that row i's prompt is its last
+        ``prompt_lengths[i]`` columns (a list is padded with ``pad_id`` for you).
+        Padded positions are invisible to every layer (attention masks them as
+        keys; Mamba-3 skips them with dt = 0), so each row generates what it would
+        alone. temperature 0 is greedy. Returns (b, l + max_new_tokens), padding kept.
+
+        On CUDA the decode loop runs as a captured CUDA graph over static caches
+        (``cuda_graph=False`` to run it eagerly); on the CPU it runs eagerly.
         """
-        if prompt.dim() != 2 or prompt.shape[1] < 1:
-            raise ValueError(f"generate: prompt must be (batch, length >= 1), got {tuple(prompt.shape)}")
-        cache = self.allocate_cache(prompt.shape[0], prompt.shape[1] + max_new_tokens)
-        logits = self(prompt, cache)[:, -1]
+        prompt, pad = _pad_prompts(prompt, prompt_lengths, pad_id, self.embed.weight.device)
+        if max_new_tokens <= 0:
+            return prompt
+        use_graph = prompt.is_cuda if cuda_graph is None else cuda_graph
+        if use_graph and not prompt.is_cuda:
+            raise ValueError("generate: cuda_graph=True needs the model on CUDA")
+        from .decode import Decoder
+
+        dec = Decoder(self, prompt.shape[0], prompt.shape[1] + max_new_tokens, pad=pad, cuda_graph=use_graph)
+        logits = dec.prefill(prompt)
         out = [prompt]
         for i in range(max_new_tokens):
             tok = sample(logits, temperature, top_k, top_p, generator)
             out.append(tok[:, None])
             if i + 1 < max_new_tokens:
-                logits = self(tok[:, None], cache)[:, -1]
+                logits = dec.step(tok)
         return torch.cat(out, dim=1)
+
+
+def _pad_prompts(prompt, lengths, pad_id: int, device):
+    """(tokens (b, l) on device, left-padding per row (b,) or None)."""
+    if not isinstance(prompt, torch.Tensor):
+        rows = [list(r) for r in prompt]
+        if not rows or min(len(r) for r in rows) < 1:
+            raise ValueError("generate: every prompt needs at least one token")
+        width = max(len(r) for r in rows)
+        prompt = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], dtype=torch.long)
+        lengths = [len(r) for r in rows]
+    if prompt.dim() != 2 or prompt.shape[1] < 1:
+        raise ValueError(f"generate: prompt must be (batch, length >= 1), got {tuple(prompt.shape)}")
+    prompt = prompt.to(device)
+    if lengths is None:
+        return prompt, None
+    lengths = torch.as_tensor(lengths, dtype=torch.long)
+    if lengths.shape != (prompt.shape[0],) or int(lengths.min()) < 1 or int(lengths.max()) > prompt.shape[1]:
+        raise ValueError(f"generate: prompt_lengths must be ({prompt.shape[0]},) with values in 1..{prompt.shape[1]}")
+    pad = prompt.shape[1] - lengths
+    return prompt, (pad.to(device) if int(pad.max()) > 0 else None)
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, generator=None):

@@ -38,6 +38,8 @@ class Mamba3Block:
     dt_min: float = 0.001
     dt_max: float = 0.1
     a_floor: float = 1e-4  # A_t <= -a_floor keeps the decay strictly below 1
+    a_init_min: float = 1.0  # |A| bias initialised uniformly in [a_init_min, a_init_max] (Mamba-2's range)
+    a_init_max: float = 16.0
     chunk_size: Optional[int] = None  # None: the backend's default
 
     def d_inner(self, d_model: int) -> int:
@@ -227,7 +229,7 @@ def _positive(src, path, value):
 
 
 def _validate_mamba3(b: Mamba3Block, d: int, src: Source, path: tuple) -> None:
-    for key in ("d_state", "headdim", "expand", "dt_min", "dt_max", "a_floor", "chunk_size"):
+    for key in ("d_state", "headdim", "expand", "dt_min", "dt_max", "a_floor", "a_init_min", "a_init_max", "chunk_size"):
         _positive(src, path + (key,), getattr(b, key))
     if b.rank is None:
         b.rank = 4 if b.mode == "mimo" else 1
@@ -241,6 +243,8 @@ def _validate_mamba3(b: Mamba3Block, d: int, src: Source, path: tuple) -> None:
         raise src.error(path + ("rope_fraction",), f"must be between 0 and 1, got {b.rope_fraction}")
     if b.rope and b.rope_dims == 0:
         raise src.error(path + ("rope_fraction",), f"{b.rope_fraction} of d_state {b.d_state} rotates no dimension pair; set rope: false or raise it")
+    if b.a_init_min > b.a_init_max:
+        raise src.error(path + ("a_init_min",), f"{b.a_init_min} is above a_init_max {b.a_init_max}")
     if b.dt_min > b.dt_max:
         raise src.error(path + ("dt_min",), f"{b.dt_min} is above dt_max {b.dt_max}")
 

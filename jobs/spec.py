@@ -229,14 +229,17 @@ def _validate(data: dict, src: Source, model_overrides: list[str], check_data: b
     vocab = int(getattr(model_spec, "vocab_size"))
 
     if check_data:
-        task = _make_task(spec.data.task, spec.data.options, src, ("data",))
+        task = _make_task(spec.data.task, spec.data.options, src, ("data",), spec.data.seq_len)
         tv = int(getattr(task, "vocab_size", 0) or 0)
         if tv > vocab:
             raise src.error(("data",), f"task {spec.data.task!r} needs a vocabulary of {tv} tokens but the model's vocab_size is {vocab}")
         if spec.data.seq_len is None:
             spec.data.seq_len = int(getattr(task, "seq_len", 0) or 0) or None
         for i, e in enumerate(spec.eval):
-            t = _make_task(e.task, e.options, src, ("eval", i))
+            from hybridlab.jobs.data import eval_task_options
+
+            ename, eopts = eval_task_options(e.to_dict(), spec.data.to_dict())
+            t = _make_task(ename, {k: v for k, v in eopts.items() if k != "seq_len"}, src, ("eval", i), eopts.get("seq_len"))
             tv = int(getattr(t, "vocab_size", 0) or 0)
             if tv > vocab:
                 raise src.error(("eval", i), f"task {e.task!r} needs a vocabulary of {tv} tokens but the model's vocab_size is {vocab}")
@@ -300,7 +303,8 @@ def _load_model(ref: Any, overrides: list[str], src: Source):
         try:
             return load_model_spec(ref, overrides=overrides)
         except SpecError as e:
-            if e.file is None and e.line is None:  # a zoo/ref error without a place: point at the job's model key
+            if e.line is None and (e.file is None or e.file == ref or not Path(e.file).exists()):
+                # a bad reference: point at the job's model key
                 raise src.error(("model",) + tuple(e.path), e.message) from None
             raise
     if isinstance(ref, dict):
@@ -308,23 +312,24 @@ def _load_model(ref: Any, overrides: list[str], src: Source):
     raise src.error(("model",), f"expected zoo:NAME, a spec path or a mapping, got {specio._kind(ref)}")
 
 
-def _make_task(name: str, options: dict, src: Source, path: tuple):
-    from hybridlab.jobs import tasks
+def _make_task(name: str, options: dict, src: Source, path: tuple, seq_len=None):
+    """Build a task, turning its one-line TaskError into a located SpecError."""
+    import re
+
+    from hybridlab.jobs.data import build_task
 
     try:
-        return tasks.make_task(name, **options)
+        return build_task(name, options, seq_len)
     except SpecError:
         raise
-    except TypeError as e:
-        msg = str(e)
-        bad = [k for k in options if repr(k) in msg or f"'{k}'" in msg]
-        if bad:
-            raise src.error(path + (bad[0],), f"task {name!r} has no option {bad[0]!r}") from None
-        raise src.error(path, f"task {name!r}: {msg}") from None
-    except (ValueError, KeyError) as e:
-        msg = str(e).strip("'\"")
-        bad = [k for k in options if f"'{k}'" in msg or msg.startswith(k)]
-        raise src.error(path + ((bad[0],) if bad else ("task",) if "task" in msg.lower() else ()), f"{msg}") from None
+    except (ValueError, TypeError, KeyError) as e:
+        msg = " ".join(str(e).strip("'\"").split())
+        if msg.startswith("unknown task"):
+            raise src.error(path + ("task",), msg) from None
+        m = re.search(r"(?:option|value for) '([A-Za-z_0-9]+)'", msg)
+        key = m.group(1) if m else None
+        where = path + (key,) if key and (key in options or key == "seq_len") else path
+        raise src.error(where, msg) from None
 
 
 # ---------------------------------------------------------------- resolving

@@ -4,14 +4,7 @@
 # models on 1 GPU (and 2 with torchrun when there are 2). Output: $OUT/train_bench.jsonl + log.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-if ! python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>/dev/null; then
-  mkdir -p /tmp/shim && cp -r platform/hybridlab /tmp/shim/hybridlab
-  for d in arch kernels jobs; do ln -sfn "$PWD/$d" /tmp/shim/hybridlab/$d; done
-  export PYTHONPATH=/tmp/shim:$PYTHONPATH
-fi
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+source scripts/device_env.sh
 J=$OUT/train_bench.jsonl
 ARGS="--seq-len 2048 --steps ${STEPS:-10} --warmup 3 --json $J"
 nvidia-smi --query-gpu=name,memory.total --format=csv

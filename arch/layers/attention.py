@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from hybridlab.kernels.attention import attention
@@ -15,9 +17,48 @@ from .rotary import apply_rotary, position_angles
 
 @dataclass
 class KVCache:
-    k: torch.Tensor  # (batch, max_len, kv_heads, head_dim)
+    """Preallocated keys/values, head-major: (batch, kv_heads, capacity, head_dim).
+
+    Head-major so that a decode step reads each head's keys as one contiguous
+    block (no copies for the batched matmuls of ``decode_attention``); capacity
+    is ``max_len`` rounded up to a multiple of ``DECODE_CHUNK`` beyond it.
+    ``pad`` (b,) long: left-padding per row (keys before it are masked).
+
+    ``pos`` (1,) long on the device, when set, makes one-token steps shape-static
+    (CUDA graphs): the write position comes from it and attention runs over the
+    whole buffer with ``bias`` (b or 1, capacity; the cache dtype), 0 for a visible
+    key and -inf otherwise, kept up to date in place. ``HybridLM.forward`` advances ``pos``.
+    """
+
+    k: torch.Tensor  # (batch, kv_heads, capacity, head_dim)
     v: torch.Tensor
     length: int = 0
+    pad: Optional[torch.Tensor] = None
+    pos: Optional[torch.Tensor] = None
+    bias: Optional[torch.Tensor] = None
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    def make_static(self, pos: torch.Tensor) -> None:
+        self.pos = pos
+        rows = self.pad.shape[0] if self.pad is not None else 1
+        self.bias = torch.empty(rows, self.capacity, device=self.k.device, dtype=self.k.dtype)
+        self.reset_bias(self.length)
+
+    def reset_bias(self, length: int) -> None:
+        """Keys [pad, length) visible, the rest masked."""
+        if self.bias is None:
+            return
+        j = torch.arange(self.capacity, device=self.k.device)[None, :]
+        keep = j < length
+        if self.pad is not None:
+            keep = keep & (j >= self.pad[:, None])
+        self.bias.copy_(torch.zeros((), device=self.k.device).masked_fill(~keep, float("-inf")).expand_as(self.bias))
+
+
+DECODE_CHUNK = 512  # keys per split of the decode step's P @ V (parallelism for small batches)
 
 
 class Attention(nn.Module):
@@ -33,11 +74,14 @@ class Attention(nn.Module):
         self.o_proj.is_output_proj = True
 
     def allocate_cache(self, batch: int, max_len: int, device, dtype) -> KVCache:
-        shape = (batch, max_len, self.kv_heads, self.head_dim)
+        cap = max_len if max_len <= DECODE_CHUNK else -(-max_len // DECODE_CHUNK) * DECODE_CHUNK
+        shape = (batch, self.kv_heads, cap, self.head_dim)
         return KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
 
     def forward(self, x, cache: KVCache | None = None):
         b, l, _ = x.shape
+        if cache is not None and cache.pos is not None and l == 1:
+            return self._static_step(x, cache)
         start = cache.length if cache is not None else 0
         q = self.q_proj(x).view(b, l, self.heads, self.head_dim)
         k, v = self.kv_proj(x).view(b, l, 2, self.kv_heads, self.head_dim).unbind(2)
@@ -45,11 +89,102 @@ class Attention(nn.Module):
         ang = ang[None, :, None, :]
         q, k = apply_rotary(q, ang), apply_rotary(k, ang)
         if cache is not None:
-            if start + l > cache.k.shape[1]:
-                raise ValueError(f"KV cache holds {cache.k.shape[1]} positions; {start + l} needed")
-            cache.k[:, start : start + l] = k
-            cache.v[:, start : start + l] = v
+            if start + l > cache.capacity:
+                raise ValueError(f"KV cache holds {cache.capacity} positions; {start + l} needed")
+            cache.k[:, :, start : start + l] = k.transpose(1, 2)
+            cache.v[:, :, start : start + l] = v.transpose(1, 2)
             cache.length = start + l
-            k, v = cache.k[:, : start + l], cache.v[:, : start + l]
-        o = attention(q, k, v, causal=True, backend=self.backend)
+            cache.reset_bias(start + l)
+            k, v = cache.k[:, :, : start + l].transpose(1, 2), cache.v[:, :, : start + l].transpose(1, 2)
+            if self.backend != "sdpa" and x.is_cuda:  # flash kernels want (b, l, h, d) contiguous
+                k, v = k.contiguous(), v.contiguous()
+        if cache is not None and cache.pad is not None:
+            o = _masked_attention(q, k, v, start, cache.pad)
+        else:
+            o = attention(q, k, v, causal=True, backend=self.backend)
         return self.o_proj(o.reshape(b, l, self.heads * self.head_dim))
+
+    def _static_step(self, x, cache: KVCache):
+        """One token at position ``cache.pos`` (a device tensor): no host sync, fixed shapes."""
+        b = x.shape[0]
+        q = self.q_proj(x).view(b, 1, self.heads, self.head_dim)
+        k, v = self.kv_proj(x).view(b, 1, 2, self.kv_heads, self.head_dim).unbind(2)
+        ang = position_angles(cache.pos, self.head_dim, self.rope_theta)[None, :, None, :]
+        q, k = apply_rotary(q, ang), apply_rotary(k, ang)
+        cache.k.index_copy_(2, cache.pos, k.transpose(1, 2))
+        cache.v.index_copy_(2, cache.pos, v.transpose(1, 2))
+        cache.bias.index_fill_(1, cache.pos, 0.0)
+        cache.length += 1
+        o = decode_attention(q, cache.k, cache.v, cache.bias)
+        return self.o_proj(o.reshape(b, 1, self.heads * self.head_dim))
+
+
+_BMM_OUT_DTYPE = [True]
+
+
+def _bmm_f32(a, b):
+    """a @ b with fp32 output (bf16/fp16 operands on CUDA: cuBLAS, fp32 accumulate; else upcast)."""
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and _BMM_OUT_DTYPE[0]:
+        try:
+            return torch.bmm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            _BMM_OUT_DTYPE[0] = False  # this torch has no bmm(out_dtype=): upcast (correct, slower)
+    return torch.bmm(a.float(), b.float())
+
+
+DECODE_IMPL = "auto"  # "auto", "sdpa" or "split"; see decode_attention (bench decode times both)
+
+
+def decode_attention(q, k, v, bias, impl: str | None = None):
+    """One query per row over a head-major KV buffer.
+
+    q (b, 1, H, d); k, v (b, Hkv, L, d); bias (b or 1, L) (0 visible, -inf masked).
+    GQA without copies: the H // Hkv query heads of a kv head ride in the query axis.
+
+    * ``sdpa``: ``scaled_dot_product_attention`` with the additive mask (PyTorch's
+      memory-efficient kernel);
+    * ``split``: split-KV from batched matmuls: scores and softmax in fp32, P in the
+      value dtype (as flash kernels do), P @ V in chunks of ``DECODE_CHUNK`` keys
+      (fp32 partial sums) so that small batches spread over the whole GPU.
+    * ``auto``: ``split`` for GQA with few (batch x kv-head) rows, else ``sdpa`` —
+      measured on an H100 (BENCHMARKS.md, Decode): SDPA's kernel was 3x slower for
+      GQA at batch 1 (16k context), the split form slower everywhere else.
+    """
+    b, _, nh, d = q.shape
+    hkv, L = k.shape[1], k.shape[2]
+    g = nh // hkv
+    impl = impl or DECODE_IMPL
+    if impl == "auto":
+        impl = "split" if g > 1 and b * hkv <= 32 else "sdpa"
+    if impl == "sdpa":
+        o = F.scaled_dot_product_attention(q.view(b, hkv, g, d), k, v, attn_mask=bias.view(bias.shape[0], 1, 1, L).to(q.dtype))
+        return o.reshape(b, 1, nh, d)
+    B = b * hkv
+    scores = _bmm_f32(q.view(B, g, d), k.view(B, L, d).transpose(1, 2))  # (B, g, L)
+    scores = scores.view(b, hkv, g, L).mul_(d ** -0.5).add_(bias.view(bias.shape[0], 1, 1, L))
+    probs = torch.softmax(scores, dim=-1)
+    C = DECODE_CHUNK if L % DECODE_CHUNK == 0 else L
+    S = L // C
+    p = torch.empty((B, S, g, C), device=q.device, dtype=v.dtype)
+    p.copy_(probs.view(B, g, S, C).transpose(1, 2))
+    o = _bmm_f32(p.view(B * S, g, C), v.view(B * S, C, d))  # (B*S, g, d)
+    o = o.view(B, S, g, d).sum(1) if S > 1 else o.view(B, g, d)
+    return o.to(q.dtype).view(b, 1, nh, d)
+
+
+def _masked_attention(q, k, v, start: int, pad: torch.Tensor):
+    """Causal attention with left padding: query i (position start + i) sees keys j with pad <= j <= start + i.
+
+    A padded query position sees only itself (its output is never used, but must stay finite).
+    """
+    lq, lk = q.shape[1], k.shape[1]
+    i = torch.arange(lq, device=q.device)[:, None] + start
+    j = torch.arange(lk, device=q.device)[None, :]
+    keep = (j <= i)[None] & ((j >= pad[:, None, None]) | (j == i)[None])  # (b, lq, lk)
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    groups = q.shape[2] // k.shape[2]
+    if groups > 1:
+        kt = kt.repeat_interleave(groups, dim=1)
+        vt = vt.repeat_interleave(groups, dim=1)
+    o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=keep[:, None])
+    return o.transpose(1, 2)

@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybridlab.kernels import ScanState, ssm_scan
+from hybridlab.kernels import ScanState, select_backend, ssm_scan
 
 from ..spec import Mamba3Block
 from .norm import rms_norm
@@ -36,8 +37,16 @@ from .rotary import apply_rotary
 
 @dataclass
 class Mamba3Cache:
+    """Decode state, updated in place (static buffers, so a CUDA graph can replay the step).
+
+    ``valid`` (b, l) bool, set by ``HybridLM.forward`` for left-padded prompts: a
+    position with ``valid`` False is skipped (dt = 0 and v = 0 there, so h, the
+    phase and the carried (k, v) product are exactly as before it).
+    """
+
     scan: ScanState  # h (b, H, P, N) fp32, last k (b, H, R, N), last v (b, H, R, P)
     phase: torch.Tensor  # (b, H, rope_dims // 2) fp32: the running φ
+    valid: Optional[torch.Tensor] = None
 
 
 def inverse_softplus(y: torch.Tensor) -> torch.Tensor:
@@ -59,7 +68,7 @@ class Mamba3(nn.Module):
 
         dt = torch.exp(torch.rand(H) * (math.log(blk.dt_max) - math.log(blk.dt_min)) + math.log(blk.dt_min))
         self.dt_bias = nn.Parameter(inverse_softplus(dt.clamp(min=1e-4)))
-        self.a_bias = nn.Parameter(inverse_softplus(torch.empty(H).uniform_(1.0, 16.0)))
+        self.a_bias = nn.Parameter(inverse_softplus(torch.empty(H).uniform_(blk.a_init_min, blk.a_init_max)))
         self.D = nn.Parameter(torch.ones(H))
         if blk.bc_norm:
             self.b_norm = nn.Parameter(torch.ones(N))
@@ -83,13 +92,19 @@ class Mamba3(nn.Module):
         )
         return Mamba3Cache(scan, torch.zeros(batch, H, self.n_angles, device=device, dtype=torch.float32))
 
-    def scan_inputs(self, u: torch.Tensor, phase0: torch.Tensor | None = None):
-        """Project u and build the scan's (q, k, v, log α, β, γ); also z and the final phase."""
+    def scan_inputs(self, u: torch.Tensor, phase0: torch.Tensor | None = None, valid: torch.Tensor | None = None):
+        """Project u and build the scan's (q, k, v, log α, β, γ); also z and the final phase.
+
+        ``valid`` (b, l) bool: positions to skip get dt = 0 and x = 0 (left padding).
+        """
         b, l, _ = u.shape
         H, P, N, R = self.H, self.P, self.N, self.R
         blk = self.blk
         z, x, B, C, dt_raw, a_raw, lam_raw, theta_raw = torch.split(self.in_proj(u), self.split, dim=-1)
         dt = F.softplus(dt_raw.float() + self.dt_bias.float())  # (b, l, H)
+        if valid is not None:
+            dt = torch.where(valid[..., None], dt, torch.zeros_like(dt))
+            x = torch.where(valid[..., None], x, torch.zeros_like(x))
         A = -F.softplus(a_raw.float() + self.a_bias.float()).clamp(min=blk.a_floor)
         log_alpha = A * dt
         if blk.trapezoid:
@@ -123,16 +138,84 @@ class Mamba3(nn.Module):
     def forward(self, u: torch.Tensor, cache: Mamba3Cache | None = None):
         b, l, _ = u.shape
         H, P = self.H, self.P
-        q, k, v, log_alpha, beta, gamma, z, phase = self.scan_inputs(u, cache.phase if cache is not None else None)
+        if cache is not None and l == 1 and cache.valid is None and self.fused_step_ok(u, cache):
+            return self.fused_step(u, cache)
+        valid = cache.valid if cache is not None else None
+        q, k, v, log_alpha, beta, gamma, z, phase = self.scan_inputs(u, cache.phase if cache is not None else None, valid)
         y, final = ssm_scan(
             q, k, v, log_alpha, beta, gamma, cache.scan if cache is not None else None,
             backend=self.backend, chunk_size=self.blk.chunk_size,
         )
-        if cache is not None:
-            cache.scan = final
+        if cache is not None:  # in place: the cache's buffers stay put (CUDA graphs replay on them)
+            for dst, src in zip(cache.scan, final):
+                if dst.data_ptr() != src.data_ptr():
+                    dst.copy_(src)
             if phase is not None:
-                cache.phase = phase[:, -1]
+                cache.phase.copy_(phase[:, -1])
         return self.out_proj(self.output(y, v, z).reshape(b, l, H * P))
+
+    # ------------------------------------------------------------------ fused decode step (CUDA)
+    use_fused_step = True  # set False to decode through ssm_scan (the unfused contract) instead
+
+    def fused_step_ok(self, u: torch.Tensor, cache: Mamba3Cache) -> bool:
+        """The CuTe fused step runs for seqlen 1 on CUDA sm90+ with nvidia-cutlass-dsl (backend auto/cute)."""
+        if not (self.use_fused_step and u.is_cuda and self.backend in ("auto", "cute")):
+            return False
+        if u.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return False
+        ok = self.__dict__.get("_fused_ok")
+        if ok is None:
+            from hybridlab.kernels.ssm_scan.cute import step_supported
+
+            ok = select_backend(u.device, 1)[0] == "cute" and step_supported(self.P, self.N, self.R)[0]
+            self.__dict__["_fused_ok"] = ok
+        return ok and all(t.is_contiguous() for t in (*cache.scan, cache.phase))
+
+    def step_spec(self):
+        from hybridlab.kernels.ssm_scan.cute import StepSpec
+
+        spec = self.__dict__.get("_step_spec")
+        if spec is None:
+            names = ("z", "x", "B", "C", "dt", "a", "lam", "th")
+            offs, o = {}, 0
+            for name, width in zip(names, self.split):
+                offs[name] = o
+                o += width
+            blk = self.blk
+            spec = StepSpec(
+                heads=self.H, headdim=self.P, d_state=self.N, rank=self.R, n_angles=self.n_angles,
+                trapezoid=blk.trapezoid, bc_norm=blk.bc_norm, bc_bias=blk.bc_bias, mimo=blk.mode == "mimo",
+                out_norm=blk.out_norm == "pre_gate_grouped", eps=float(self.eps), a_floor=float(blk.a_floor),
+                d_proj=sum(self.split), offsets=tuple((k, offs[k]) for k in ("z", "x", "B", "dt", "a", "lam", "th")),
+            )
+            self.__dict__["_step_spec"] = spec
+        return spec
+
+    def step_params(self) -> torch.Tensor:
+        """The fused step's packed fp32 parameters, rebuilt when a parameter changed (its version moved)."""
+        from hybridlab.kernels.ssm_scan.cute import pack_step_params
+
+        params = [p for p in self.parameters() if p is not self.in_proj.weight and p is not self.out_proj.weight]
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+        cached = self.__dict__.get("_step_params")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        g = lambda name: getattr(self, name, None)  # noqa: E731
+        packed = pack_step_params(
+            self.step_spec(), self.dt_bias, self.a_bias, self.D, g("b_norm"), g("c_norm"), g("b_bias"), g("c_bias"),
+            g("mimo_x"), g("mimo_z"), g("mimo_o"), g("out_norm"),
+        )
+        self.__dict__["_step_params"] = (key, packed)
+        return packed
+
+    def fused_step(self, u: torch.Tensor, cache: Mamba3Cache) -> torch.Tensor:
+        """One token through in_proj -> CuTe fused step (pre + scan + post) -> out_proj; cache updated in place."""
+        from hybridlab.kernels.ssm_scan.cute import ssm_step_fused
+
+        b = u.shape[0]
+        zx = self.in_proj(u.reshape(b, -1))
+        out = ssm_step_fused(zx, self.step_params(), cache.phase, cache.scan, self.step_spec())
+        return self.out_proj(out).view(b, 1, -1)
 
     def output(self, y, v, z):
         """D skip, pre-gate grouped norm, SiLU gate and the rank combination: (b, l, H, R, P) -> (b, l, H, P)."""

@@ -290,8 +290,9 @@ class Task:
         }
         if logits is not None:
             V = logits.shape[-1]
-            loss = F.cross_entropy(logits.float().reshape(-1, V), targets.reshape(-1),
-                                   ignore_index=IGNORE, reduction="sum") / n
+            tok_loss = F.cross_entropy(logits.float().reshape(-1, V), targets.reshape(-1),
+                                       ignore_index=IGNORE, reduction="none")
+            loss = tok_loss.double().sum() / n
             res["loss"] = float(loss)
             res["ppl"] = float(math.exp(min(res["loss"], 700.0)))
         if self.REPORT_FINAL:

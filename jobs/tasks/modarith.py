@@ -21,7 +21,7 @@ only ``target: final`` is allowed (the default then). Eval: ``final_acc``.
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, Sequence
 
 import numpy as np
 import torch

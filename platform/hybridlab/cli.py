@@ -7,6 +7,7 @@ as :class:`UserError` / ``SpecError`` and are printed on one line with exit 2.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import List, Optional
 
@@ -54,6 +55,148 @@ def zoo():
         print(f"zoo:{name:24s} {count_params(spec) / 1e6:9.2f}M  {spec.description}")
 
 
+@app.command()
+def generate(
+    checkpoint: str = typer.Argument(..., help="Checkpoint folder/file, or zoo:NAME / a spec .yaml (random weights: smoke use)."),
+    prompt: List[str] = typer.Option(..., "--prompt", "-p", help="Prompt text; repeat for a batch (rows may differ in length)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model spec for a checkpoint that does not name one."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n"),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0: greedy."),
+    top_k: Optional[int] = typer.Option(None, "--top-k"),
+    top_p: Optional[float] = typer.Option(None, "--top-p"),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16"),
+    no_cuda_graph: bool = typer.Option(False, "--no-cuda-graph", help="Decode eagerly on CUDA."),
+    json_out: bool = typer.Option(False, "--json"),
+):
+    """Generate text (byte tokenizer) from a checkpoint: chunked prefill, cached decode (CUDA graph on GPU)."""
+    from .generate import run_generate
+
+    run_generate(checkpoint, prompt, model, max_new_tokens, temperature, top_k, top_p, seed, device, dtype,
+                 not no_cuda_graph, json_out)
+
+
+@app.command("eval")
+def eval_(
+    target: str = typer.Argument(..., help="MLflow run id, a run folder, or a checkpoint folder (step_N/)."),
+    task: str = typer.Option(..., "--task", help="Eval task: mqar, passkey (needle), parity, modarith, copy, lm."),
+    lengths: str = typer.Option(..., "--lengths", help="Comma-separated eval lengths, e.g. 256,512,1024."),
+    batches: int = typer.Option(2, "--batches", help="Batches per length."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Sequences per batch."),
+    option: Optional[List[str]] = typer.Option(None, "--option", help="Task option key=value (repeatable), e.g. depth=0.5."),
+    child: bool = typer.Option(False, "--child", help="Log into a nested child run instead of the run itself."),
+    no_log: bool = typer.Option(False, "--no-log", help="Print only; log nothing to MLflow."),
+    uri: Optional[str] = typer.Option(None, "--uri", help="Tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db)."),
+):
+    """Evaluate a trained run's checkpoint at chosen lengths; log eval/<task>/len_<L>/* into the run."""
+    from .evaluate import evaluate
+
+    evaluate(target, task, lengths, batches=batches, batch_size=batch_size, options=option or [], child=child,
+             log=not no_log, uri=uri)
+
+
+@app.command()
+def compare(
+    experiment: str = typer.Argument(..., help="MLflow experiment name (a job's `experiment`)."),
+    runs: Optional[List[str]] = typer.Option(None, "--runs", help="Run ids, names or a sweep's parent run id (repeatable or comma-separated); default: all."),
+    metric: str = typer.Option("auto", "--metric", help="Eval metric: auto (final_acc where reported, else acc), acc, final_acc, seq_acc, loss."),
+    out: Optional[str] = typer.Option(None, "--out", help="Output folder (default: comparisons/EXPERIMENT)."),
+    latest: bool = typer.Option(False, "--latest", help="Only the newest sweep's runs (or the newest run)."),
+    no_log: bool = typer.Option(False, "--no-log", help="Write the files only; no comparison run in MLflow."),
+    uri: Optional[str] = typer.Option(None, "--uri", help="Tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db)."),
+):
+    """Runs side by side: a table, PNG plots (accuracy vs eval length, loss vs tokens), CSV/JSON, MLflow artifacts."""
+    from .compare import compare as run_compare
+
+    run_compare(experiment, runs=runs or [], metric=metric, out=out, uri=uri, latest=latest, log=not no_log)
+
+
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: kernels, decode, training throughput.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("ssm")
+def bench_ssm(
+    out: str = typer.Option("bench-results", "--out", help="Folder for the JSON and the table."),
+    ranks: str = typer.Option("1,4", "--ranks", help="MIMO ranks to time, comma-separated."),
+    check: bool = typer.Option(True, "--check/--no-check", help="Compare against the torch reference first."),
+    reference: bool = typer.Option(True, "--reference/--no-reference", help="Also time the torch reference."),
+    peers: bool = typer.Option(True, "--peers/--no-peers", help="Also time SDPA / flash-attn-4 / FLA peers."),
+):
+    """Time the ssm_scan backends (forward, forward+backward) against the peers that import."""
+    import torch
+
+    from hybridlab.kernels.bench.ssm import run_ssm_bench
+
+    if not torch.cuda.is_available():
+        raise UserError("hybridlab bench ssm needs a CUDA GPU (none is visible here)")
+    try:
+        rank_list = tuple(int(r) for r in ranks.split(","))
+    except ValueError:
+        raise UserError(f"--ranks: expected comma-separated integers, got {ranks!r}") from None
+    run_ssm_bench(out_dir=out, ranks=rank_list, check=check, reference=reference, peers=peers)
+
+
+@bench_app.command("decode")
+def bench_decode(
+    out: str = typer.Option("bench-results", "--out", help="Folder for decode.json and decode.md."),
+    batches: str = typer.Option("1,16,128", "--batches", help="Comma-separated batch sizes."),
+    contexts: str = typer.Option("4096,16384", "--contexts", help="KV-cache contexts for attention."),
+    models: bool = typer.Option(True, "--models/--no-models", help="Also time whole 1.5B models."),
+    quick: bool = typer.Option(False, "--quick", help="Shorter timing runs."),
+):
+    """Per-token decode latency: Mamba-3 layers (cute vs torch step) and Transformer layers/models, CUDA graphs."""
+    import torch
+
+    from hybridlab.kernels.bench.decode import run_decode_bench
+
+    if not torch.cuda.is_available():
+        raise UserError("bench decode needs a CUDA GPU (none here)")
+    try:
+        bs = [int(x) for x in batches.split(",") if x.strip()]
+        cs = [int(x) for x in contexts.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--batches/--contexts take comma-separated integers, got {batches!r} / {contexts!r}") from None
+    run_decode_bench(out_dir=out, batches=bs, contexts=cs, models=models, quick=quick)
+
+
+@bench_app.command("train")
+def bench_train(
+    spec: str = typer.Argument(..., help="Spec file or zoo:NAME."),
+    seq_len: int = typer.Option(2048, "--seq-len"),
+    micro_batch: int = typer.Option(8, "--micro-batch"),
+    steps: int = typer.Option(20, "--steps"),
+    warmup: int = typer.Option(5, "--warmup"),
+    zero_stage: int = typer.Option(2, "--zero"),
+    precision: str = typer.Option("bf16", "--precision"),
+    ssm_backend: str = typer.Option("auto", "--ssm-backend", help="auto, torch, triton"),
+    checkpointing: bool = typer.Option(False, "--activation-checkpointing"),
+    json_out: Optional[str] = typer.Option(None, "--json", help="Append the result as a JSON line to this file."),
+    set_: Optional[List[str]] = SetOpt,
+):
+    """Training throughput of one spec here (DeepSpeed, no Ray): tokens/s, MFU, peak memory."""
+    import json
+
+    from hybridlab.jobs.throughput import measure_training
+
+    for name, v in (("--seq-len", seq_len), ("--micro-batch", micro_batch), ("--steps", steps)):
+        if v < 1:
+            raise UserError(f"{name} must be positive, got {v}")
+    if zero_stage not in (0, 1, 2, 3):
+        raise UserError(f"--zero must be 0, 1, 2 or 3, got {zero_stage}")
+    if precision not in ("bf16", "fp16", "fp32"):
+        raise UserError(f"--precision must be bf16, fp16 or fp32, got {precision!r}")
+    res = measure_training(spec, seq_len, micro_batch, steps, warmup, zero_stage, precision, ssm_backend,
+                           set_ or [], checkpointing)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 speaks for all
+        return
+    print(json.dumps(res))
+    if json_out:
+        with open(json_out, "a") as f:
+            f.write(json.dumps(res) + "\n")
+
+
 # --- job commands (training platform) are registered below by their modules ---
 
 
@@ -86,4 +229,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run as `python -m hybridlab.cli`: this file is __main__, so go through the
+    # importable module so that every command registers on the same app.
+    from hybridlab.cli import main as _main
+
+    _main()

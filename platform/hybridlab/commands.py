@@ -1,8 +1,127 @@
 """Platform commands beyond `check`: run, submit, status, logs, stop, ui, eval, compare, bench, data, generate.
 
-Each command is a thin shell over the module that owns the concept.
+Each command is a thin shell over the module that owns the concept. Heavy
+imports (ray, deepspeed, mlflow) happen inside the command functions so that
+`hybridlab check` stays fast.
 """
 
 from __future__ import annotations
 
-from .cli import app  # noqa: F401
+from typing import List, Optional
+
+import typer
+
+from .cli import SetOpt, app
+
+AddressOpt = typer.Option(None, "--address", help="Ray dashboard URL of the cluster (default: $RAY_ADDRESS, else http://127.0.0.1:8265).")
+
+
+# ---------------------------------------------------------------- training jobs
+
+
+@app.command()
+def run(
+    job: str = typer.Argument(..., help="Job spec (YAML)."),
+    set_: Optional[List[str]] = SetOpt,
+    resume: Optional[str] = typer.Option(None, "--resume", help="MLflow run id of a stopped run to continue."),
+    plain: Optional[bool] = typer.Option(None, "--plain/--bar", help="Plain progress lines / a progress bar (default: bar in a terminal, lines in CI)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the workers' own logs."),
+):
+    """Train a job here: a local Ray (or $RAY_ADDRESS), DeepSpeed workers, MLflow tracking."""
+    from .runner import run_job
+
+    run_job(job, overrides=set_ or [], resume=resume, plain=plain, verbose=verbose)
+
+
+@app.command()
+def submit(
+    job: str = typer.Argument(..., help="Job spec (YAML)."),
+    address: Optional[str] = AddressOpt,
+    set_: Optional[List[str]] = SetOpt,
+    wait: bool = typer.Option(False, "--wait", help="Follow the logs until the job ends."),
+):
+    """Submit a job to a Ray cluster through the Ray Jobs API; prints the job id."""
+    from .cluster import submit_job
+
+    submit_job(job, address=address, overrides=set_ or [], wait=wait)
+
+
+@app.command()
+def status(job_id: str = typer.Argument(..., help="Ray job id from `hybridlab submit`."), address: Optional[str] = AddressOpt):
+    """Status of a submitted job."""
+    from .cluster import job_status
+
+    job_status(job_id, address)
+
+
+@app.command()
+def logs(
+    job_id: str = typer.Argument(..., help="Ray job id from `hybridlab submit`."),
+    address: Optional[str] = AddressOpt,
+    follow: bool = typer.Option(False, "--follow", "-f", help="Stream until the job ends."),
+):
+    """Logs of a submitted job."""
+    from .cluster import job_logs
+
+    job_logs(job_id, address, follow)
+
+
+@app.command()
+def stop(job_id: str = typer.Argument(..., help="Ray job id from `hybridlab submit`."), address: Optional[str] = AddressOpt):
+    """Stop a submitted job (its checkpoints stay; continue it with `run --resume`)."""
+    from .cluster import stop_job
+
+    stop_job(job_id, address)
+
+
+@app.command()
+def ui(
+    uri: Optional[str] = typer.Option(None, "--uri", help="Tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Bind address (127.0.0.1 unless you mean to expose it)."),
+    port: int = typer.Option(5000, "--port"),
+):
+    """Start the MLflow UI on the tracking store."""
+    import subprocess
+    import sys
+
+    from .tracking import tracking_uri
+
+    store = tracking_uri(uri)
+    if store.startswith(("http://", "https://")):
+        print(f"the tracking store is a server already: open {store}")
+        return
+    print(f"MLflow UI for {store} at http://{host}:{port}  (Ctrl-C stops it)", flush=True)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store, "--host", host, "--port", str(port)]
+    try:
+        raise SystemExit(subprocess.call(cmd))
+    except KeyboardInterrupt:
+        raise SystemExit(0)
+
+
+# ---------------------------------------------------------------- data
+
+data_app = typer.Typer(no_args_is_help=True, help="Datasets: tokenized shards for language modeling.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("prepare")
+def data_prepare(
+    files: List[str] = typer.Argument(..., help="UTF-8 text files (one document each)."),
+    out: str = typer.Option(..., "--out", help="Output folder for the shards."),
+    tokenizer: str = typer.Option("byte", "--tokenizer", help="byte (vocab 257) or bpe (trained here with `tokenizers`)."),
+    vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="BPE vocabulary size (>= 260)."),
+    val_fraction: float = typer.Option(0.01, "--val-fraction", help="Share of tokens held out for the val split."),
+):
+    """Tokenize text files into memory-mapped token shards (task `lm`, data.path: OUT)."""
+    from hybridlab.jobs.tasks import TaskError, prepare_shards
+
+    from .errors import UserError
+
+    try:
+        shards = prepare_shards(files, out, tokenizer=tokenizer, vocab_size=vocab_size, val_fraction=val_fraction)
+    except TaskError as e:
+        raise UserError(str(e)) from None
+    desc = getattr(shards, "describe", None)
+    info = desc() if callable(desc) else {}
+    print(f"wrote shards to {out}" + (f": {info}" if info else ""))
+    print(f"train on them with  data: {{task: lm, path: {out}, seq_len: 512}}")

@@ -1,0 +1,82 @@
+"""Evals of a trained model: each eval task at each length, one metric per (task, length).
+
+``run_evals(model, evals, data, device)`` returns a flat dict
+``{"eval/<task>/len_<L>/acc": ..., "eval/<task>/len_<L>/seq_acc": ...}``. The
+batches come from ``tasks`` with their own seeds (disjoint from training's), so
+every run of a job scores the same sequences.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Callable, Iterable, Optional
+
+import torch
+
+from hybridlab.jobs.data import build_task, eval_task_options
+from hybridlab.jobs.tasks import batch_seed
+
+EVAL_SEED = 10_007  # base seed of eval batches: never a training seed stream (those use rank >= 0 with job seeds)
+
+
+def metric_name(task: str, seq_len: int, what: str = "acc") -> str:
+    return f"eval/{task}/len_{seq_len}/{what}"
+
+
+def eval_seed(task: str, seq_len: int, batch: int) -> int:
+    """The seed of one eval batch: fixed by (task, length, batch index), so training-time evals and a
+    later `hybridlab eval` score the same sequences whatever the order of the eval list."""
+    return batch_seed(EVAL_SEED + zlib.crc32(task.encode()) % 1_000_003, batch, seq_len)
+
+
+@torch.no_grad()
+def run_evals(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    evals: Iterable[dict],
+    data: Optional[dict] = None,
+    device: torch.device | str = "cpu",
+    on_result: Optional[Callable[[str, int, dict], None]] = None,
+) -> dict[str, float]:
+    """Score ``model`` (tokens -> logits) on every eval entry at every length."""
+    out: dict[str, float] = {}
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    try:
+        for e in evals:
+            name, opts = eval_task_options(e, data or {})
+            lengths = list(e.get("seq_lens") or [opts.get("seq_len")])
+            task = build_task(name, opts)
+            for L in lengths:
+                totals: dict[str, float] = {}
+                n = int(e.get("batches", 2))
+                for j in range(n):
+                    b = task.batch(int(e.get("batch_size", 32)), eval_seed(name, int(L), j), seq_len=int(L))
+                    logits = model(b.inputs.to(device)).float().cpu()
+                    s = task.score(logits, b)
+                    for k, v in s.items():
+                        if isinstance(v, (int, float)):
+                            totals[k] = totals.get(k, 0.0) + float(v) / n
+                for k in ("acc", "seq_acc", "final_acc", "loss"):
+                    if k in totals:
+                        out[metric_name(name, int(L), k)] = totals[k]
+                if on_result:
+                    on_result(name, int(L), totals)
+    finally:
+        if was_training and hasattr(model, "train"):
+            model.train()
+    return out
+
+
+def eval_table(metrics: dict[str, float]) -> str:
+    """A small text table of ``eval/<task>/len_<L>/acc`` metrics."""
+    rows = {}
+    for k, v in metrics.items():
+        parts = k.split("/")
+        if len(parts) == 4 and parts[0] == "eval" and parts[3] == "acc":
+            rows.setdefault(parts[1], {})[int(parts[2][4:])] = v
+    lines = []
+    for task, by_len in rows.items():
+        cells = "  ".join(f"len {L}: {a:.3f}" for L, a in sorted(by_len.items()))
+        lines.append(f"{task:10s} {cells}")
+    return "\n".join(lines)

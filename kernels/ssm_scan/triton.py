@@ -1,0 +1,563 @@
+"""Triton backend of the trapezoidal SSM scan: chunked forward + backward.
+
+Math (one head; rows i = (t, r) of a chunk flattened as i = t*R + r, so a
+MIMO chunk of T = BLOCK/R positions has the same BLOCK x BLOCK tiles as a SISO
+chunk of BLOCK positions). With h the state after the previous chunk and
+(kp, vp) the previous position's key/value (the chunk before, or ``state``):
+
+    h'   = alpha_0 h + beta_0 sum_r vp_r kp_r^T             (the chunk's first step's carry-in)
+    L'_t = sum_{u=1..t} log_alpha_u                          (within the chunk, position 0 excluded)
+    W[i,j] = gamma_s e^{L'_t-L'_s}[s<=t] + beta_{s+1} e^{L'_t-L'_{s+1}}[s+1<=t]   (t=i//R, s=j//R)
+    y_i  = e^{L'_t} h' q_i + sum_j W[i,j] (q_i.k_j) v_j
+    h_out = e^{L'_last} h' + sum_j W[last,j] v_j k_j^T
+
+i.e. the trapezoid's "previous (k, v)" term is folded into the decay mask (one
+set of dots, not two), and the one term that reaches across the chunk boundary
+is folded into h'. The forward carries h in registers across the chunks of a
+sequence (one program per (batch, head, headdim block)); when gradients are
+needed it stores h' per chunk: (b, h, nchunks, P, N) fp32. The backward is two
+passes, as chunked SSD backwards usually are: ``_bwd_dh_kernel`` walks the
+chunks in reverse carrying only H = dLoss/dh' (one small dot per chunk, fp32 in
+registers) and stores it per chunk boundary, (b, h, nchunks, P, N) in the
+inputs' dtype (the dtype the dots consume it in); ``_bwd_chunk_kernel``
+then computes every gradient of one chunk from h', H and the chunk's tiles,
+one program per (batch, head, chunk), with no sequential dependency (see its
+docstring for the formulas). Dots take the inputs' 16-bit dtype
+with fp32 accumulation (fp32 inputs: IEEE fp32 dots).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import ScanState, check_inputs
+
+__all__ = ["ssm_scan_triton", "SSMScanFn"]
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr, acc=None):
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _chunk_vectors(LA, BETA, GAMMA, la_base, pos_i, t_i, r_i, L, NH, T: tl.constexpr):
+    """Per-row L', L'_last, L'_{s+1}, gamma_s, beta_{s+1} and W[last, :] for one chunk."""
+    valid = pos_i < L
+    la_row = tl.load(LA + la_base + pos_i * NH, mask=valid & (t_i > 0) & (r_i == 0), other=0.0)
+    gam = tl.load(GAMMA + la_base + pos_i * NH, mask=valid, other=0.0)
+    nmask = (t_i + 1 < T) & (pos_i + 1 < L)
+    bnext = tl.load(BETA + la_base + (pos_i + 1) * NH, mask=nmask, other=0.0)
+    lanext = tl.load(LA + la_base + (pos_i + 1) * NH, mask=nmask, other=0.0)
+    Lp = tl.cumsum(la_row, 0)
+    Llast = tl.sum(la_row, 0)
+    Lnext = Lp + lanext
+    wlast = gam * tl.exp(Llast - Lp) + bnext * tl.exp(Llast - Lnext)
+    return Lp, Llast, Lnext, gam, bnext, wlast
+
+
+@triton.jit
+def _decay_g(Lp, t_i):
+    """Dg[i, j] = e^{L'_t - L'_s} [s <= t]."""
+    return tl.exp(tl.where(t_i[:, None] >= t_i[None, :], Lp[:, None] - Lp[None, :], float("-inf")))
+
+
+@triton.jit
+def _decay_b(Lp, Lnext, t_i):
+    """Db[i, j] = e^{L'_t - L'_{s+1}} [s < t]."""
+    return tl.exp(tl.where(t_i[:, None] > t_i[None, :], Lp[:, None] - Lnext[None, :], float("-inf")))
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, LA, BETA, GAMMA, H0, K0, V0, Y, HF, HS,
+    L, NH, NCHUNKS,
+    R: tl.constexpr, N: tl.constexpr, P: tl.constexpr,
+    BN: tl.constexpr, BP: tl.constexpr, BLOCK: tl.constexpr,
+    STORE_STATES: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    bb = (pid_bh // NH).to(tl.int64)
+    hd = (pid_bh % NH).to(tl.int64)
+    T: tl.constexpr = BLOCK // R
+    DT = Q.dtype.element_ty
+
+    i = tl.arange(0, BLOCK)
+    t_i = i // R
+    r_i = i % R
+    n = tl.arange(0, BN)
+    p = pid_p * BP + tl.arange(0, BP)
+    nmask = n < N
+    pmask = p < P
+
+    sql = NH * R * N  # q/k stride over l
+    svl = NH * R * P
+    qk_base = bb * L * sql + hd * R * N
+    v_base = bb * L * svl + hd * R * P
+    la_base = bb * L * NH + hd
+    st_base = (bb * NH + hd)
+
+    # initial state h (BP x BN) fp32
+    h = tl.load(H0 + st_base * P * N + p[:, None] * N + n[None, :], mask=pmask[:, None] & nmask[None, :], other=0.0)
+
+    for c in range(NCHUNKS):
+        pos0 = c * T
+        pos_i = pos0 + t_i
+        valid = pos_i < L
+        # --- carry-in: h' = alpha_0 h + beta_0 sum_r vp_r kp_r^T
+        a0 = tl.exp(tl.load(LA + la_base + pos0 * NH))
+        b0 = tl.load(BETA + la_base + pos0 * NH)
+        h = a0 * h
+        for r in tl.static_range(R):
+            if c == 0:
+                kp = tl.load(K0 + st_base * R * N + r * N + n, mask=nmask, other=0.0).to(tl.float32)
+                vp = tl.load(V0 + st_base * R * P + r * P + p, mask=pmask, other=0.0).to(tl.float32)
+            else:
+                kp = tl.load(K + qk_base + (pos0 - 1) * sql + r * N + n, mask=nmask, other=0.0).to(tl.float32)
+                vp = tl.load(V + v_base + (pos0 - 1) * svl + r * P + p, mask=pmask, other=0.0).to(tl.float32)
+            h += (b0 * vp)[:, None] * kp[None, :]
+        if STORE_STATES:
+            tl.store(HS + (st_base * NCHUNKS + c) * P * N + p[:, None] * N + n[None, :], h,
+                     mask=pmask[:, None] & nmask[None, :])
+        # --- tiles
+        qk_off = qk_base + pos_i[:, None] * sql + r_i[:, None] * N + n[None, :]
+        qk_mask = valid[:, None] & nmask[None, :]
+        q = tl.load(Q + qk_off, mask=qk_mask, other=0.0)
+        k = tl.load(K + qk_off, mask=qk_mask, other=0.0)
+        v = tl.load(V + v_base + pos_i[:, None] * svl + r_i[:, None] * P + p[None, :],
+                    mask=valid[:, None] & pmask[None, :], other=0.0)
+        Lp, Llast, Lnext, gam, bnext, wlast = _chunk_vectors(LA, BETA, GAMMA, la_base, pos_i, t_i, r_i, L, NH, T)
+        # --- outputs
+        y = tl.exp(Lp)[:, None] * _dot(q, tl.trans(h.to(DT)), IEEE)
+        S = _dot(q, tl.trans(k), IEEE)
+        W = gam[None, :] * _decay_g(Lp, t_i) + bnext[None, :] * _decay_b(Lp, Lnext, t_i)
+        M = (S * W).to(DT)
+        y = _dot(M, v, IEEE, y)
+        tl.store(Y + v_base + pos_i[:, None] * svl + r_i[:, None] * P + p[None, :], y.to(Y.dtype.element_ty),
+                 mask=valid[:, None] & pmask[None, :])
+        # --- state to the chunk's end
+        vw = (v.to(tl.float32) * wlast[:, None]).to(DT)
+        h = _dot(tl.trans(vw), k, IEEE, tl.exp(Llast) * h)
+
+    tl.store(HF + st_base * P * N + p[:, None] * N + n[None, :], h, mask=pmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _bwd_dh_kernel(
+    Q, DY, LA, BETA, K0, V0, DHF, DHS, DH0, DK0P, DV0,
+    L, NH, NCHUNKS,
+    R: tl.constexpr, N: tl.constexpr, P: tl.constexpr,
+    BN: tl.constexpr, BP: tl.constexpr, BLOCK: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """Backward pass 1: the sequential chain of state gradients, nothing else.
+
+    H_c = dLoss/dh'_c (the carry-in of chunk c) obeys
+        H_c = e^{L'_last,c} a'_c H_{c+1} + (dY_c * e^{L'})^T Q_c
+    (a'_c = alpha of chunk c+1's first position; 1 and H = dh_final after the
+    last chunk). Row p of H depends only on column p of dY, so programs split
+    over headdim blocks. Stores DHS[c] = H_{c+1}, the gradient chunk c's
+    parallel kernel needs, and the initial-state gradients from H_0:
+    dh0 = alpha_0 H_0, dv0_r = beta_0 H_0 k0_r, dk0_r = beta_0 H_0^T v0_r
+    (dk0 partial per headdim block, summed on the host).
+    """
+    pid_bh = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    bb = (pid_bh // NH).to(tl.int64)
+    hd = (pid_bh % NH).to(tl.int64)
+    T: tl.constexpr = BLOCK // R
+    DT = Q.dtype.element_ty
+
+    i = tl.arange(0, BLOCK)
+    t_i = i // R
+    r_i = i % R
+    n = tl.arange(0, BN)
+    p = pid_p * BP + tl.arange(0, BP)
+    nmask = n < N
+    pmask = p < P
+    pn_mask = pmask[:, None] & nmask[None, :]
+    pn_off = p[:, None] * N + n[None, :]
+
+    sql = NH * R * N
+    svl = NH * R * P
+    qk_base = bb * L * sql + hd * R * N
+    v_base = bb * L * svl + hd * R * P
+    la_base = bb * L * NH + hd
+    st_base = bb * NH + hd
+
+    H = tl.load(DHF + st_base * P * N + pn_off, mask=pn_mask, other=0.0)
+    a_nx = tl.zeros([], dtype=tl.float32) + 1.0
+    for ii in range(NCHUNKS):
+        c = NCHUNKS - 1 - ii
+        tl.store(DHS + (st_base * NCHUNKS + c) * P * N + pn_off, H.to(DHS.dtype.element_ty), mask=pn_mask)
+        pos0 = c * T
+        pos_i = pos0 + t_i
+        valid = pos_i < L
+        la_row = tl.load(LA + la_base + pos_i * NH, mask=valid & (t_i > 0) & (r_i == 0), other=0.0)
+        Lp = tl.cumsum(la_row, 0)
+        Llast = tl.sum(la_row, 0)
+        q = tl.load(Q + qk_base + pos_i[:, None] * sql + r_i[:, None] * N + n[None, :],
+                    mask=valid[:, None] & nmask[None, :], other=0.0)
+        dy = tl.load(DY + v_base + pos_i[:, None] * svl + r_i[:, None] * P + p[None, :],
+                     mask=valid[:, None] & pmask[None, :], other=0.0)
+        dye = (dy.to(tl.float32) * tl.exp(Lp)[:, None]).to(DT)
+        H = _dot(tl.trans(dye), q, IEEE, (tl.exp(Llast) * a_nx) * H)
+        a_nx = tl.exp(tl.load(LA + la_base + pos0 * NH))
+
+    b0 = tl.load(BETA + la_base)
+    tl.store(DH0 + st_base * P * N + pn_off, a_nx * H, mask=pn_mask)
+    for r in tl.static_range(R):
+        k0 = tl.load(K0 + st_base * R * N + r * N + n, mask=nmask, other=0.0).to(tl.float32)
+        v0 = tl.load(V0 + st_base * R * P + r * P + p, mask=pmask, other=0.0).to(tl.float32)
+        tl.store(DV0 + st_base * R * P + r * P + p, b0 * tl.sum(H * k0[None, :], 1), mask=pmask)
+        tl.store(DK0P + ((st_base * tl.num_programs(1) + pid_p) * R + r) * N + n,
+                 b0 * tl.sum(H * v0[:, None], 0), mask=nmask)
+
+
+@triton.jit
+def _rows_to_pos(x, t_i, T: tl.constexpr, SHIFT: tl.constexpr):
+    """out[t] = sum of x over the rows of position t - SHIFT (0 where there is none)."""
+    tt = tl.arange(0, T)
+    return tl.sum(tl.where(t_i[:, None] + SHIFT == tt[None, :], x[:, None], 0.0), 0)
+
+
+@triton.jit
+def _bwd_chunk_kernel(
+    Q, K, V, LA, BETA, GAMMA, K0, V0, HS, DHS, DY,
+    DQ, DK, DV, DLA, DBETA, DGAMMA, SCR,
+    L, NH, NCHUNKS,
+    R: tl.constexpr, N: tl.constexpr, P: tl.constexpr,
+    BN: tl.constexpr, BNB: tl.constexpr, BP: tl.constexpr, BLOCK: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """Backward pass 2: every gradient of one chunk, chunks in parallel.
+
+    Inputs besides the chunk's tiles: h' (HS[c], stored by the forward) and
+    H = H_{c+1} (DHS[c], from pass 1). With a', b' = alpha, beta of the next
+    chunk's first position (1, 0 after the last chunk), G = a' H the gradient
+    of this chunk's h_out, omega_j = a' W[last, j] + b' [j at the last
+    position] and M = S * W:
+      dQ = (dM*W) K + e^{L'} * (dY h'),      dM = dY V^T
+      dK = (dM*W)^T Q + (V*omega) H
+      dV = M^T dY + omega * (K H^T)
+    gamma / beta / log_alpha from the decay mask (a reverse cumsum over the
+    chunk's positions; the beta_{s+1} terms land one position later), and the
+    chunk's carry-in h' = a0 h + b0 sum_r vp_r kp_r^T through
+    H_c = (dY e^{L'})^T Q + e^{L'_last} G, contracted without forming it:
+      <H_c, h'>        = sum_i q_i . dQinter_i + e^{L'_last} a' <H, h'>
+      vp^T H_c kp      = sum_i e^{L'_i} (dy_i . vp)(q_i . kp) + e^{L'_last} a' vp^T H kp
+      d log_alpha_0 = <H_c, h'> - b0 d beta_0,   d beta_0 = sum_r vp_r^T H_c kp_r.
+    d_state is walked in blocks of BNB twice (contractions over it first, then
+    dq / dk), so that no (BLOCK, N) or (P, N) fp32 tile is held whole.
+    """
+    pid = tl.program_id(0)
+    c = pid % NCHUNKS
+    pid_bh = pid // NCHUNKS
+    bb = (pid_bh // NH).to(tl.int64)
+    hd = (pid_bh % NH).to(tl.int64)
+    T: tl.constexpr = BLOCK // R
+    RP: tl.constexpr = 16  # the R previous-position rows, padded to a dot-friendly 16
+    DT = Q.dtype.element_ty
+
+    i = tl.arange(0, BLOCK)
+    t_i = i // R
+    r_i = i % R
+    nb0 = tl.arange(0, BNB)
+    p = tl.arange(0, BP)
+    rr = tl.arange(0, RP)
+    pmask = p < P
+
+    sql = NH * R * N
+    svl = NH * R * P
+    qk_base = bb * L * sql + hd * R * N
+    v_base = bb * L * svl + hd * R * P
+    la_base = bb * L * NH + hd
+    st_base = bb * NH + hd
+    st_off = (st_base * NCHUNKS + c) * P * N
+
+    pos0 = c * T
+    pos_i = pos0 + t_i
+    valid = pos_i < L
+    qk_row = qk_base + pos_i * sql + r_i * N
+    v_off = v_base + pos_i[:, None] * svl + r_i[:, None] * P + p[None, :]
+    v_mask = valid[:, None] & pmask[None, :]
+    v = tl.load(V + v_off, mask=v_mask, other=0.0)
+    dy = tl.load(DY + v_off, mask=v_mask, other=0.0)
+    Lp, Llast, Lnext, gam, bnext, wlast = _chunk_vectors(LA, BETA, GAMMA, la_base, pos_i, t_i, r_i, L, NH, T)
+    eL = tl.exp(Lp)
+    eLast = tl.exp(Llast)
+    nx = pos0 + T
+    has_nx = nx < L
+    a_nx = tl.exp(tl.load(LA + la_base + nx * NH, mask=has_nx, other=0.0))
+    b_nx = tl.load(BETA + la_base + nx * NH, mask=has_nx, other=0.0)
+    g_last = eLast * a_nx
+
+    # previous position's (k, v) rows (this chunk's carry-in): the chunk before, or the state
+    rmask_prev = (rr < R) & (rr * 0 + c > 0)  # rows of the chunk before
+    rmask_st = (rr < R) & (rr * 0 + c == 0)  # rows of the state
+    prev_qk = qk_base + (pos0 - 1) * sql + rr * N
+    vp = tl.load(V + v_base + (pos0 - 1) * svl + rr[:, None] * P + p[None, :],
+                 mask=rmask_prev[:, None] & pmask[None, :], other=0.0)
+    vp += tl.load(V0 + st_base * R * P + rr[:, None] * P + p[None, :],
+                  mask=rmask_st[:, None] & pmask[None, :], other=0.0)
+
+    # --- pass over d_state: S = Q K^T, KH = K H^T, and the carry-in contractions
+    S = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+    KH = tl.zeros([BLOCK, BP], dtype=tl.float32)
+    QKP = tl.zeros([BLOCK, RP], dtype=tl.float32)  # q_i . kp_r
+    HKP = tl.zeros([BP, RP], dtype=tl.float32)  # H kp_r
+    hH = tl.zeros([BP], dtype=tl.float32)  # <H, h'> by rows
+    for n0 in range(0, BN, BNB):
+        n = n0 + nb0
+        nmask = n < N
+        qk_off = qk_row[:, None] + n[None, :]
+        qk_mask = valid[:, None] & nmask[None, :]
+        pn_off = p[:, None] * N + n[None, :]
+        pn_mask = pmask[:, None] & nmask[None, :]
+        q = tl.load(Q + qk_off, mask=qk_mask, other=0.0)
+        k = tl.load(K + qk_off, mask=qk_mask, other=0.0)
+        Hc = tl.load(DHS + st_off + pn_off, mask=pn_mask, other=0.0)
+        hp = tl.load(HS + st_off + pn_off, mask=pn_mask, other=0.0)
+        kp = tl.load(K + prev_qk[:, None] + n[None, :], mask=rmask_prev[:, None] & nmask[None, :], other=0.0)
+        kp += tl.load(K0 + st_base * R * N + rr[:, None] * N + n[None, :],
+                      mask=rmask_st[:, None] & nmask[None, :], other=0.0)
+        S = _dot(q, tl.trans(k), IEEE, S)
+        KH = _dot(k, tl.trans(Hc), IEEE, KH)
+        QKP = _dot(q, tl.trans(kp), IEEE, QKP)
+        HKP = _dot(Hc, tl.trans(kp), IEEE, HKP)
+        hH += tl.sum(Hc.to(tl.float32) * hp, 1)
+
+    # --- intra-chunk: mask gradients
+    dM = _dot(dy, tl.trans(v), IEEE)
+    dW = dM * S
+    Dx = _decay_g(Lp, t_i)
+    dgam = tl.sum(dW * Dx, 0)
+    W = gam[None, :] * Dx
+    Dx = _decay_b(Lp, Lnext, t_i)
+    dbet = tl.sum(dW * Dx, 0)
+    W += bnext[None, :] * Dx
+    dMM = dW * W
+    vec = tl.sum(dMM, 1) - tl.sum(dMM, 0)
+    # M = S * W and dS = dM * W go through a per-program scratch (L2) and come back as
+    # loads: a dot whose result feeds another dot gets a (num_warps, 1) warp layout, which
+    # for 64-row tiles replicates every tile across the two warp groups (twice the
+    # registers); with the chain cut, the mask phase runs on unreplicated (4, 2) tiles.
+    ij = i[:, None] * BLOCK + i[None, :]
+    ji = i[None, :] * BLOCK + i[:, None]
+    scr = SCR + pid.to(tl.int64) * (2 * BLOCK * BLOCK)
+    tl.store(scr + ij, (S * W).to(DT))
+    tl.store(scr + BLOCK * BLOCK + ij, (dM * W).to(DT))
+    tl.debug_barrier()
+
+    # --- dv: intra + through h_out (and the next chunk's carry-in)
+    vf = v.to(tl.float32)
+    z = tl.sum(vf * KH, 1)  # v_j^T H k_j
+    omega = a_nx * wlast + tl.where(t_i == T - 1, b_nx, 0.0)
+    MT = tl.load(scr + ji)
+    dv = _dot(MT, dy, IEEE) + omega[:, None] * KH
+    tl.store(DV + v_off, dv.to(DV.dtype.element_ty), mask=v_mask)
+
+    # --- second pass over d_state: dq (inter through h' + intra), dk; every dot's A operand
+    # comes from memory (the loaded dS / dS^T, dY, V), so all stay unreplicated
+    dS = tl.load(scr + BLOCK * BLOCK + ij)
+    dST = tl.load(scr + BLOCK * BLOCK + ji)
+    vq = tl.zeros([BLOCK], dtype=tl.float32)
+    for n0 in range(0, BN, BNB):
+        n = n0 + nb0
+        nmask = n < N
+        qk_off = qk_row[:, None] + n[None, :]
+        qk_mask = valid[:, None] & nmask[None, :]
+        pn_off = p[:, None] * N + n[None, :]
+        pn_mask = pmask[:, None] & nmask[None, :]
+        q = tl.load(Q + qk_off, mask=qk_mask, other=0.0)
+        k = tl.load(K + qk_off, mask=qk_mask, other=0.0)
+        hp = tl.load(HS + st_off + pn_off, mask=pn_mask, other=0.0)
+        dqi = eL[:, None] * _dot(dy, hp.to(DT), IEEE)
+        vq += tl.sum(q.to(tl.float32) * dqi, 1)
+        dq = _dot(dS, k, IEEE) + dqi
+        tl.store(DQ + qk_off, dq.to(DQ.dtype.element_ty), mask=qk_mask)
+        Hc = tl.load(DHS + st_off + pn_off, mask=pn_mask, other=0.0)
+        dk = _dot(dST, q, IEEE) + omega[:, None] * _dot(v, Hc, IEEE)
+        tl.store(DK + qk_off, dk.to(DK.dtype.element_ty), mask=qk_mask)
+    vec += vq
+
+    az = a_nx * z
+    dgam += az * tl.exp(Llast - Lp)
+    dbet += tl.where(t_i < T - 1, az * tl.exp(Llast - Lnext), 0.0)
+    vec -= az * wlast
+    hH_s = tl.sum(hH, 0)
+    scal_last = tl.sum(az * wlast, 0) + g_last * hH_s
+
+    # --- this chunk's carry-in: d log_alpha_0, d beta_0
+    b0 = tl.load(BETA + la_base + pos0 * NH)
+    DVP = _dot(dy, tl.trans(vp), IEEE)  # (BLOCK, RP): dy_i . vp_r
+    db0 = tl.sum(tl.sum(eL[:, None] * QKP * DVP, 1), 0) + g_last * tl.sum(tl.sum(HKP * tl.trans(vp).to(tl.float32), 1), 0)
+    dla0 = tl.sum(vq, 0) + g_last * hH_s - b0 * db0
+
+    # --- per position (sum over the R rows of a position), reverse cumsum, store
+    tt = tl.arange(0, T)
+    pos_t = pos0 + tt
+    valid_t = pos_t < L
+    if R == 1:
+        dgam_t = dgam
+        vec_t = vec
+    else:
+        dgam_t = _rows_to_pos(dgam, t_i, T, 0)
+        vec_t = _rows_to_pos(vec, t_i, T, 0)
+    dbet_sh = _rows_to_pos(dbet, t_i, T, 1)  # column s's beta_{s+1} term -> position s+1
+    beta_t = tl.load(BETA + la_base + pos_t * NH, mask=valid_t & (tt > 0), other=0.0)
+    rc = tl.cumsum(vec_t, 0, reverse=True)
+    first = tt == 0
+    dla_t = tl.where(first, dla0, rc + scal_last - beta_t * dbet_sh)
+    dbeta_t = tl.where(first, db0, dbet_sh)
+    out_off = la_base + pos_t * NH
+    tl.store(DLA + out_off, dla_t, mask=valid_t)
+    tl.store(DBETA + out_off, dbeta_t, mask=valid_t)
+    tl.store(DGAMMA + out_off, dgam_t, mask=valid_t)
+
+
+# ------------------------------------------------------------------ launch / autotune
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+_FWD_CONFIGS = [
+    triton.Config({"BP": 64}, num_warps=8, num_stages=2),
+    triton.Config({"BP": 32}, num_warps=8, num_stages=2),
+    triton.Config({"BP": 32}, num_warps=4, num_stages=2),
+]
+_BWD_CONFIGS = [
+    triton.Config({}, num_warps=8, num_stages=1),
+    triton.Config({}, num_warps=4, num_stages=1),
+]
+_KEY = ["R", "N", "P", "BLOCK", "IEEE", "STORE_STATES"]
+
+_fwd_tuned = triton.autotune(configs=_FWD_CONFIGS, key=_KEY)(_fwd_kernel)
+# pass 2 of the backward (chunk-parallel); pass 1 (the dH chain) is small and runs one fixed config
+_bwd_tuned = triton.autotune(configs=_BWD_CONFIGS, key=["R", "N", "P", "BLOCK", "IEEE"])(_bwd_chunk_kernel)
+
+# Fixed launch configs (the ones measured in BENCHMARKS.md), overridable for experiments.
+_DH_BP = int(os.environ.get("HYBRIDLAB_SSM_DH_BP", "32"))  # headdim block of the dH chain
+_DH_WARPS = int(os.environ.get("HYBRIDLAB_SSM_DH_WARPS", "4"))
+_CHUNK_BN = int(os.environ.get("HYBRIDLAB_SSM_BWD_BN", "64"))  # d_state block of pass 2
+_BWD_WARPS = int(os.environ.get("HYBRIDLAB_SSM_BWD_WARPS", "8"))
+
+# Autotuning is opt-in (HYBRIDLAB_SSM_AUTOTUNE=1; not yet exercised on a GPU): by default one
+# fixed config (the one measured in BENCHMARKS.md). Below this much work (programs x chunks) the
+# fixed config is used even then.
+_AUTOTUNE = os.environ.get("HYBRIDLAB_SSM_AUTOTUNE") == "1"
+_TUNE_MIN_WORK = int(os.environ.get("HYBRIDLAB_SSM_TUNE_MIN_WORK", "4096")) if _AUTOTUNE else 1 << 62
+
+
+def _pow2(x: int) -> int:
+    return 1 << (max(int(x), 1) - 1).bit_length()
+
+
+def _block_rows(r: int, chunk_size: int | None) -> int:
+    if chunk_size is None:
+        chunk_size = max(64 // r, 1)
+    rows = chunk_size * r
+    if rows < 16 or rows & (rows - 1):
+        raise ValueError(f"ssm_scan triton: chunk_size*rank must be a power of two >= 16; got {chunk_size}*{r}")
+    return rows
+
+
+def _fwd(q, k, v, la, beta, gamma, h0, k0, v0, block, store_states):
+    b, l, nh, r, n = q.shape
+    p = v.shape[-1]
+    T = block // r
+    nchunks = triton.cdiv(l, T)
+    y = torch.empty_like(v)
+    hf = torch.empty(b, nh, p, n, device=q.device, dtype=torch.float32)
+    hs = torch.empty(b, nh, nchunks, p, n, device=q.device, dtype=torch.float32) if store_states else hf
+    ieee = q.dtype == torch.float32
+    BN, BPf = max(_pow2(n), 16), max(_pow2(p), 16)
+    args = (q, k, v, la, beta, gamma, h0, k0, v0, y, hf, hs, l, nh, nchunks)
+    meta = dict(R=r, N=n, P=p, BN=BN, BLOCK=block, STORE_STATES=store_states, IEEE=ieee)
+    if _INTERPRET or q.device.type != "cuda" or b * nh * nchunks < _TUNE_MIN_WORK or BPf < 64:
+        _fwd_kernel[(b * nh, 1)](*args, BP=BPf, **meta, num_warps=4 if _INTERPRET else 8, num_stages=2)
+    else:
+        _fwd_tuned[lambda m: (b * nh, triton.cdiv(p, m["BP"]))](*args, **meta)
+    return y, hf, hs
+
+
+def _bwd(q, k, v, la, beta, gamma, k0, v0, hs, dy, dhf, block):
+    b, l, nh, r, n = q.shape
+    p = v.shape[-1]
+    T = block // r
+    nchunks = triton.cdiv(l, T)
+    dev = q.device
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dla, dbeta, dgamma = (torch.empty(b, l, nh, device=dev, dtype=torch.float32) for _ in range(3))
+    dhs = torch.empty(b, nh, nchunks, p, n, device=dev, dtype=q.dtype)  # H_{c+1}, in the dots' dtype
+    dh0 = torch.empty(b, nh, p, n, device=dev, dtype=torch.float32)
+    dv0 = torch.empty(b, nh, r, p, device=dev, dtype=torch.float32)
+    ieee = q.dtype == torch.float32
+    BN, BP = max(_pow2(n), 16), max(_pow2(p), 16)
+    BPs = max(min(BP, _pow2(_DH_BP)), 16)
+    npb = triton.cdiv(p, BPs)
+    dk0p = torch.empty(b, nh, npb, r, n, device=dev, dtype=torch.float32)
+    # pass 1: the sequential dH chain (reverse over chunks)
+    _bwd_dh_kernel[(b * nh, npb)](
+        q, dy, la, beta, k0, v0, dhf, dhs, dh0, dk0p, dv0, l, nh, nchunks,
+        R=r, N=n, P=p, BN=BN, BP=BPs, BLOCK=block, IEEE=ieee,
+        num_warps=4 if _INTERPRET else _DH_WARPS, num_stages=2,
+    )
+    # pass 2: all chunks in parallel
+    scr = torch.empty(b * nh * nchunks, 2, block, block, device=dev, dtype=q.dtype)
+    args = (q, k, v, la, beta, gamma, k0, v0, hs, dhs, dy, dq, dk, dv, dla, dbeta, dgamma, scr, l, nh, nchunks)
+    meta = dict(R=r, N=n, P=p, BN=BN, BNB=min(BN, _CHUNK_BN), BP=BP, BLOCK=block, IEEE=ieee)
+    grid = (b * nh * nchunks,)
+    if _INTERPRET or dev.type != "cuda" or b * nh * nchunks < _TUNE_MIN_WORK:
+        _bwd_chunk_kernel[grid](*args, **meta, num_warps=4 if _INTERPRET else _BWD_WARPS, num_stages=1)
+    else:
+        _bwd_tuned[grid](*args, **meta)
+    dk0 = dk0p[:, :, 0] if npb == 1 else dk0p.sum(2)
+    return dq, dk, dv, dla, dbeta, dgamma, dh0, dk0, dv0
+
+
+class SSMScanFn(torch.autograd.Function):
+    """(q, k, v, log_alpha, beta, gamma, h0, k0, v0) -> (y, h_final)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, la, beta, gamma, h0, k0, v0, block):
+        store = any(ctx.needs_input_grad[:9])
+        y, hf, hs = _fwd(q, k, v, la, beta, gamma, h0, k0, v0, block, store)
+        if store:
+            ctx.save_for_backward(q, k, v, la, beta, gamma, k0, v0, hs)
+        ctx.block = block
+        return y, hf
+
+    @staticmethod
+    def backward(ctx, dy, dhf):
+        q, k, v, la, beta, gamma, k0, v0, hs = ctx.saved_tensors
+        dy = torch.zeros_like(v) if dy is None else dy.contiguous()
+        if dhf is None:
+            dhf = torch.zeros(hs.shape[0], hs.shape[1], hs.shape[3], hs.shape[4], device=q.device, dtype=torch.float32)
+        else:
+            dhf = dhf.float().contiguous()
+        dq, dk, dv, dla, dbeta, dgamma, dh0, dk0, dv0 = _bwd(q, k, v, la, beta, gamma, k0, v0, hs, dy, dhf, ctx.block)
+        return dq, dk, dv, dla, dbeta, dgamma, dh0, dk0.to(k0.dtype), dv0.to(v0.dtype), None
+
+
+def ssm_scan_triton(q, k, v, log_alpha, beta, gamma, state=None, *, chunk_size: int | None = None):
+    """The ``triton`` backend: returns ``(y, ScanState(h, k_last, v_last))``."""
+    st = check_inputs(q, k, v, log_alpha, beta, gamma, state)
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"ssm_scan triton: q/k/v must be fp16, bf16 or fp32; got {q.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError("ssm_scan triton: q, k and v must share one dtype")
+    block = _block_rows(q.shape[3], chunk_size)
+    la, be, ga = (t.float().contiguous() for t in (log_alpha, beta, gamma))
+    y, hf = SSMScanFn.apply(
+        q.contiguous(), k.contiguous(), v.contiguous(), la, be, ga,
+        st.h.float().contiguous(), st.k.to(q.dtype).contiguous(), st.v.to(q.dtype).contiguous(), block,
+    )
+    return y, ScanState(hf, k[:, -1], v[:, -1])

@@ -1,0 +1,165 @@
+"""`hybridlab submit | status | logs | stop`: jobs on a Ray cluster through the Ray Jobs API.
+
+``submit`` validates the job here (errors point into the file), writes the
+resolved, self-contained job (model spec inlined) into a fresh folder that
+travels as the job's ``runtime_env.working_dir``, and starts
+``python -m hybridlab run job.yaml`` on the cluster: the same driver as
+``hybridlab run``, joined to the cluster through ``$RAY_ADDRESS``.
+
+Token authentication (on by default in Ray 2.60) stays on: when a token is
+available (``$RAY_AUTH_TOKEN``, ``$RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``)
+every request carries it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+from .errors import UserError
+
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                 "HYBRIDLAB_PEAK_FLOPS", "HYBRIDLAB_MLFLOW_FLUSH_TIMEOUT")
+
+
+def resolve_address(address: Optional[str]) -> str:
+    addr = address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
+    if "://" not in addr:
+        addr = f"http://{addr}"
+    return addr
+
+
+def _enable_token_auth() -> None:
+    """Send the cluster token when one exists and the user did not choose a mode."""
+    if os.environ.get("RAY_AUTH_MODE"):
+        return
+    have = os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") \
+        or (Path.home() / ".ray" / "auth_token").exists()
+    if have:
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def client(address: Optional[str]):
+    _enable_token_auth()
+    addr = resolve_address(address)
+    import logging
+
+    logging.getLogger("ray").setLevel(logging.ERROR)
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(addr)
+    except Exception as e:
+        raise UserError(f"no Ray cluster at {addr}: {_reason(e)}") from None
+
+
+def _reason(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    if "Authentication" in text or "401" in text or "403" in text or "Unauthorized" in text:
+        return ("the cluster rejected the request (token authentication): set RAY_AUTH_MODE=token and "
+                "RAY_AUTH_TOKEN or ~/.ray/auth_token to the cluster's token")
+    if "Connection refused" in text or "Failed to connect" in text or "ConnectionError" in text or "Max retries" in text:
+        return "connection refused (is the head running? `ray start --head`)"
+    return text[:300]
+
+
+def submit_job(job_file: str, address: Optional[str] = None, overrides=(), wait: bool = False) -> str:
+    from hybridlab.jobs.spec import dump_yaml, expand_sweep, load_job
+
+    job = load_job(job_file, overrides)  # validate here: errors point into the local file
+    expand_sweep(job_file, overrides, job=job)
+    resolved = dict(job.resolved)
+    resolved.pop("model_ref", None)
+    store = resolved["storage"]["path"]
+    if "://" not in store and not os.path.isabs(os.path.expanduser(store)):
+        # a relative path would land in the job's temporary working dir on the cluster
+        resolved["storage"]["path"] = "~/hybridlab_runs"
+    if job.spec.sweep:
+        resolved["sweep"] = job.spec.sweep
+    c = client(address)
+    work = Path(tempfile.mkdtemp(prefix="hybridlab-submit-"))
+    (work / "job.yaml").write_text(dump_yaml(resolved))
+    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    env["PYTHONUNBUFFERED"] = "1"
+    env["CI"] = "1"  # plain progress lines in the job's log
+    deadline = time.time() + 60
+    while True:
+        try:
+            job_id = c.submit_job(
+                entrypoint="python -m hybridlab run job.yaml",
+                runtime_env={"working_dir": str(work), "env_vars": env},
+                metadata={"hybridlab_job": Path(job_file).name, "experiment": job.spec.experiment},
+            )
+            break
+        except Exception as e:
+            if "No available agent" in str(e) and time.time() < deadline:  # a head that is still starting
+                time.sleep(3)
+                continue
+            raise UserError(f"submitting to {resolve_address(address)} failed: {_reason(e)}") from None
+    print(f"submitted: {job_id}")
+    print(f"  hybridlab status {job_id}   hybridlab logs {job_id} --follow   hybridlab stop {job_id}")
+    if wait:
+        job_logs(job_id, address, follow=True)
+    return job_id
+
+
+def _call(what: str, fn, *args):
+    try:
+        return fn(*args)
+    except UserError:
+        raise
+    except Exception as e:
+        text = str(e)
+        if "does not exist" in text or "not found" in text.lower() or "404" in text:
+            raise UserError(f"no job {args[0]!r} on this cluster") from None
+        raise UserError(f"{what} failed: {_reason(e)}") from None
+
+
+def job_status(job_id: str, address: Optional[str] = None) -> str:
+    c = client(address)
+    info = _call("status", c.get_job_info, job_id)
+    st = str(getattr(info.status, "value", info.status))
+    line = f"{job_id}: {st}"
+    if info.message:
+        line += f"  ({' '.join(info.message.split())[:300]})"
+    print(line)
+    return st
+
+
+def job_logs(job_id: str, address: Optional[str] = None, follow: bool = False) -> None:
+    c = client(address)
+    if not follow:
+        print(_call("logs", c.get_job_logs, job_id), end="")
+        return
+    import asyncio
+
+    async def tail():
+        async for chunk in c.tail_job_logs(job_id):
+            print(chunk, end="", flush=True)
+
+    _call("status", c.get_job_info, job_id)
+    try:
+        asyncio.run(tail())
+    except Exception as e:
+        raise UserError(f"following logs failed: {_reason(e)}") from None
+    job_status(job_id, address)
+
+
+def stop_job(job_id: str, address: Optional[str] = None, wait_s: float = 30) -> None:
+    c = client(address)
+    stopped = _call("stop", c.stop_job, job_id)
+    if not stopped:
+        print(f"{job_id}: already finished")
+        return
+    deadline = time.time() + wait_s
+    st = ""
+    while time.time() < deadline:
+        st = str(getattr(c.get_job_info(job_id).status, "value", ""))
+        if st in ("STOPPED", "SUCCEEDED", "FAILED"):
+            break
+        time.sleep(1)
+    print(f"{job_id}: {st or 'stop requested'}")

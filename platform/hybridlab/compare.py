@@ -1,0 +1,606 @@
+"""`hybridlab compare EXPERIMENT`: runs side by side from MLflow.
+
+Reads the training runs of an experiment (not sweep parents, not earlier
+comparisons), and writes into one folder:
+
+``summary.csv``        one row per run: name, label, layout, params, FLOPs/token,
+                       steps, tokens, final loss, and one column per eval metric
+``evals.csv``          long form: run, task, length, metric, value
+``loss.csv``           the loss history: run, step, tokens, loss
+``comparison.json``    all of the above
+``accuracy_vs_length.png``   one subplot per eval task, one line per run
+``loss_vs_tokens.png``       training loss of every run
+
+prints the summary as a rich table, and logs the folder as the artifacts of a
+new ``comparison`` run in the same experiment (tag ``hybridlab.kind=comparison``).
+
+Eval metrics are the ``eval/<task>/len_<L>/<what>`` metrics written by the
+training job (``jobs/evals.py``) and by ``hybridlab eval``. ``--metric`` picks
+``<what>``: ``auto`` (default) is ``final_acc`` for tasks that report it (parity,
+modular arithmetic: the whole-sequence answer) and ``acc`` otherwise.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from .errors import UserError
+
+KIND_TAG = "hybridlab.kind"
+EVAL_RE = re.compile(r"^eval/(?P<task>[^/]+)/len_(?P<len>\d+)/(?P<what>[^/]+)$")
+LOSS_KEY = "train/loss"
+TOKENS_KEY = "train/tokens"
+METRIC_CHOICES = ("auto", "acc", "final_acc", "seq_acc", "loss")
+
+
+@dataclass
+class RunInfo:
+    run_id: str
+    name: str
+    label: str
+    status: str
+    layout: str = ""
+    model: str = ""
+    params: Optional[int] = None
+    flops_per_token: Optional[float] = None
+    train_task: str = ""
+    train_seq_len: Optional[int] = None
+    steps: Optional[int] = None
+    tokens: Optional[float] = None
+    final_loss: Optional[float] = None
+    start_time: int = 0
+    parent_run_id: str = ""
+    evals: dict = field(default_factory=dict)  # {task: {length: {what: value}}}
+    loss_history: list = field(default_factory=list)  # [(step, tokens or None, loss)]
+    chance: dict = field(default_factory=dict)  # {task: chance accuracy}
+
+
+@dataclass
+class Comparison:
+    experiment: str
+    experiment_id: str
+    tracking_uri: str
+    metric: str
+    runs: list[RunInfo]
+    columns: list[tuple[str, int, str]]  # (task, length, what) of the table
+    out_dir: str = ""
+    comparison_run_id: str = ""
+    files: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- reading runs
+
+
+def _client(uri: str):
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _num(v: Any, cast=float):
+    try:
+        x = cast(float(v))
+    except (TypeError, ValueError):
+        return None
+    return x
+
+
+def _label(run) -> str:
+    """A short name for plots: the sweep values, else the layout, else the run name.
+
+    A sweep value that is a string (a layout, a task) stands alone; a number or a
+    boolean is shown with its key's last part (``rope=false``, ``lr=0.003``)."""
+    tags = run.data.tags
+    sv = tags.get("hybridlab.sweep_values")
+    if sv:
+        parts = []
+        for p in re.split(r", (?=[A-Za-z_][\w.]*=)", sv):
+            key, _, value = p.partition("=")
+            if not _:
+                parts.append(p)
+            elif value.lower() in ("true", "false", "none", "null") or _num(value) is not None:
+                parts.append(f"{key.split('.')[-1]}={value.lower() if value in ('True', 'False') else value}")
+            else:
+                parts.append(value)
+        return ", ".join(parts)
+    return tags.get("hybridlab.layout") or run.info.run_name or run.info.run_id[:8]
+
+
+def _chance(params: dict) -> dict:
+    """Chance accuracy of each eval task of a run, from its logged job (best effort)."""
+    out = {}
+    try:
+        from hybridlab.jobs.data import build_task, eval_task_options
+
+        evals = json.loads(params.get("eval", "[]"))
+        data = {"task": params.get("data.task", "")}
+        for k, v in params.items():
+            if k.startswith("data.") and k != "data.task":
+                try:
+                    data[k[5:]] = json.loads(v)
+                except ValueError:
+                    data[k[5:]] = v
+        for e in evals:
+            name, opts = eval_task_options(e, data)
+            try:
+                out[name] = float(build_task(name, opts).chance)
+            except Exception:
+                pass
+    except Exception:
+        pass
+    return out
+
+
+def _history(client, run_id: str) -> list:
+    try:
+        loss = client.get_metric_history(run_id, LOSS_KEY)
+    except Exception:
+        return []
+    try:
+        toks = {m.step: m.value for m in client.get_metric_history(run_id, TOKENS_KEY)}
+    except Exception:
+        toks = {}
+    return [(int(m.step), toks.get(m.step), float(m.value)) for m in sorted(loss, key=lambda m: (m.step, m.timestamp))]
+
+
+def _run_info(client, run) -> RunInfo:
+    tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+    info = RunInfo(
+        run_id=run.info.run_id,
+        name=run.info.run_name or run.info.run_id[:8],
+        label=_label(run),
+        status=run.info.status,
+        layout=tags.get("hybridlab.layout", params.get("model.layout", "")),
+        model=tags.get("hybridlab.model", params.get("model.name", "")),
+        params=_num(tags.get("hybridlab.params"), int),
+        flops_per_token=_num(tags.get("hybridlab.flops_per_token_train")),
+        train_task=params.get("data.task", ""),
+        train_seq_len=_num(params.get("data.seq_len"), int),
+        final_loss=metrics.get(LOSS_KEY),
+        tokens=metrics.get(TOKENS_KEY),
+        start_time=int(run.info.start_time or 0),
+        parent_run_id=tags.get("mlflow.parentRunId", ""),
+    )
+    for key, value in metrics.items():
+        m = EVAL_RE.match(key)
+        if m:
+            info.evals.setdefault(m["task"], {}).setdefault(int(m["len"]), {})[m["what"]] = float(value)
+    info.loss_history = _history(client, run.info.run_id)
+    if info.loss_history:
+        info.steps = info.loss_history[-1][0]
+        info.final_loss = info.loss_history[-1][2]
+    info.chance = _chance(params)
+    return info
+
+
+def _is_training_run(run) -> bool:
+    tags = run.data.tags
+    if tags.get(KIND_TAG) in ("comparison", "eval"):
+        return False
+    if "hybridlab.sweep" in tags:  # a sweep's parent run
+        return False
+    return True
+
+
+def _experiment(client, name: str, uri: str):
+    exp = client.get_experiment_by_name(name)
+    if exp is None or exp.lifecycle_stage == "deleted":
+        try:
+            names = sorted(e.name for e in client.search_experiments() if e.name != "Default")
+        except Exception:
+            names = []
+        from hybridlab.jobs.tasks.base import did_you_mean
+
+        hint = did_you_mean(name, names)
+        known = f"; experiments: {', '.join(names)}" if names else "; the store has no experiments yet"
+        raise UserError(f"no MLflow experiment {name!r} in {uri}{hint}{known}")
+    return exp
+
+
+def select_runs(client, exp, runs: Sequence[str] = (), latest: bool = False) -> list:
+    """The runs to compare: all training runs, or those named by ``runs`` (run ids, id
+    prefixes, run names, or a sweep parent's id for all its children), or with
+    ``latest`` the children of the newest sweep (the newest run when it is no sweep)."""
+    try:
+        all_runs = client.search_runs([exp.experiment_id], max_results=5000, order_by=["attributes.start_time DESC"])
+    except Exception as e:
+        raise UserError(f"cannot read the runs of experiment {exp.name!r}: {' '.join(str(e).split())[:200]}") from None
+    training = [r for r in all_runs if _is_training_run(r)]
+    wanted = [w.strip() for item in runs for w in str(item).split(",") if w.strip()]
+    if wanted:
+        picked, seen = [], set()
+        for w in wanted:
+            hits = [r for r in all_runs if r.info.run_id == w]
+            if not hits:
+                children = [r for r in training if r.data.tags.get("mlflow.parentRunId") == w]
+                hits = children or [r for r in training if r.info.run_name == w or r.info.run_id.startswith(w)]
+            elif not _is_training_run(hits[0]):
+                hits = [r for r in training if r.data.tags.get("mlflow.parentRunId") == w] or hits
+            if not hits:
+                raise UserError(f"no run {w!r} in experiment {exp.name!r} (give run ids, run names or a sweep's parent run id)")
+            for r in sorted(hits, key=lambda r: r.info.start_time or 0):
+                if r.info.run_id not in seen:
+                    seen.add(r.info.run_id)
+                    picked.append(r)
+        return picked
+    if not training:
+        raise UserError(f"experiment {exp.name!r} has no training runs to compare")
+    if latest:
+        newest = training[0]
+        parent = newest.data.tags.get("mlflow.parentRunId")
+        chosen = [r for r in training if parent and r.data.tags.get("mlflow.parentRunId") == parent] or [newest]
+        return sorted(chosen, key=lambda r: r.info.start_time or 0)
+    return sorted(training, key=lambda r: r.info.start_time or 0)
+
+
+def _merge_eval_children(client, exp, infos: list[RunInfo]) -> None:
+    """Evals logged by ``hybridlab eval --child`` count as their parent's (the newest wins)."""
+    by_id = {i.run_id: i for i in infos}
+    try:
+        kids = client.search_runs([exp.experiment_id], filter_string="tags.`hybridlab.kind` = 'eval'",
+                                  max_results=5000, order_by=["attributes.start_time ASC"])
+    except Exception:
+        return
+    for k in kids:
+        parent = by_id.get(k.data.tags.get("mlflow.parentRunId", ""))
+        if parent is None:
+            continue
+        for key, value in k.data.metrics.items():
+            m = EVAL_RE.match(key)
+            if m:
+                parent.evals.setdefault(m["task"], {}).setdefault(int(m["len"]), {})[m["what"]] = float(value)
+
+
+def _unique_labels(infos: list[RunInfo]) -> None:
+    if len({i.train_task for i in infos}) > 1:  # runs trained on different tasks: say which
+        for i in infos:
+            if i.train_task and i.train_task not in i.label:
+                i.label = f"{i.label} [{i.train_task}]"
+    counts: dict[str, int] = {}
+    for i in infos:
+        counts[i.label] = counts.get(i.label, 0) + 1
+    for i in infos:
+        if counts[i.label] > 1:
+            i.label = f"{i.label} [{i.run_id[:6]}]"
+
+
+def pick_what(info_evals: dict, task: str, metric: str) -> Optional[str]:
+    """The eval sub-metric shown for ``task``: ``metric``, or with ``auto`` final_acc when present, else acc."""
+    if metric != "auto":
+        return metric
+    whats = {w for by_len in info_evals.get(task, {}).values() for w in by_len}
+    return "final_acc" if "final_acc" in whats else "acc"
+
+
+def build(experiment: str, runs: Sequence[str] = (), metric: str = "auto", uri: Optional[str] = None,
+          latest: bool = False) -> Comparison:
+    from .tracking import tracking_uri
+
+    if metric not in METRIC_CHOICES:
+        raise UserError(f"unknown --metric {metric!r}; choose one of: {', '.join(METRIC_CHOICES)}")
+    uri = tracking_uri(uri)
+    client = _client(uri)
+    try:
+        exp = _experiment(client, experiment, uri)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"cannot read MLflow tracking at {uri}: {' '.join(str(e).split())[:200]}") from None
+    picked = select_runs(client, exp, runs, latest)
+    infos = [_run_info(client, r) for r in picked]
+    _merge_eval_children(client, exp, infos)
+    _unique_labels(infos)
+    # table columns: every (task, length) any run has, with the chosen sub-metric per task
+    merged: dict = {}
+    for i in infos:
+        for task, by_len in i.evals.items():
+            for L, whats in by_len.items():
+                merged.setdefault(task, {}).setdefault(L, {}).update({w: 1 for w in whats})
+    columns = []
+    for task in sorted(merged):
+        what = pick_what(merged, task, metric)
+        for L in sorted(merged[task]):
+            if what in merged[task][L]:
+                columns.append((task, L, what))
+    if metric != "auto" and merged and not columns:
+        have = sorted({w for t in merged.values() for ws in t.values() for w in ws})
+        raise UserError(f"no eval metric {metric!r} in these runs; they have: {', '.join(have)}")
+    return Comparison(experiment=experiment, experiment_id=exp.experiment_id, tracking_uri=uri, metric=metric,
+                      runs=infos, columns=columns)
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def _fmt_int(n) -> str:
+    if n is None:
+        return "-"
+    n = float(n)
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _fmt(x, digits=3) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def col_name(task: str, L: int, what: str) -> str:
+    return f"{task}@{L} {what}"
+
+
+def rows(c: Comparison) -> list[dict]:
+    out = []
+    for r in c.runs:
+        row = {"run_id": r.run_id, "run": r.name, "label": r.label, "status": r.status, "layout": r.layout,
+               "params": r.params, "flops_per_token": r.flops_per_token, "train_task": r.train_task,
+               "train_seq_len": r.train_seq_len, "steps": r.steps, "tokens": r.tokens, "final_loss": r.final_loss}
+        for task, L, what in c.columns:
+            row[col_name(task, L, what)] = r.evals.get(task, {}).get(L, {}).get(what)
+        out.append(row)
+    return out
+
+
+SHORT_WHAT = {"final_acc": "final", "seq_acc": "seq", "acc": "acc", "loss": "loss"}
+
+
+def render_table(c: Comparison, console=None) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = console or Console()
+    whats = sorted({w for _, _, w in c.columns})
+    title = f"{c.experiment}: {len(c.runs)} run(s)"
+    if whats:
+        title += "  (eval: " + ", ".join(f"{SHORT_WHAT.get(w, w)} = {w}" for w in whats) + " at each length)"
+    t = Table(title=title, header_style="bold", pad_edge=False)
+    show_layout = any(r.layout and r.layout != r.label for r in c.runs)
+    t.add_column("run", justify="left", overflow="fold", min_width=18)
+    if show_layout:
+        t.add_column("layout", justify="left", overflow="fold", min_width=12)
+    for name in ("params", "FLOPs/tok", "steps", "loss"):
+        t.add_column(name, justify="right", no_wrap=True)
+    for task, L, what in c.columns:
+        t.add_column(f"{task}\n{L}\n{SHORT_WHAT.get(what, what)}", justify="right", no_wrap=True)
+    for r in c.runs:
+        cells = [f"{escape(r.label)}\n[dim]{r.run_id[:8]}[/dim]"]
+        if show_layout:
+            cells.append(escape(r.layout or "-"))
+        cells += [_fmt_int(r.params), _fmt_int(r.flops_per_token), "-" if r.steps is None else str(r.steps),
+                  _fmt(r.final_loss, 4)]
+        for task, L, what in c.columns:
+            v = r.evals.get(task, {}).get(L, {}).get(what)
+            s = _fmt(v)
+            if v is not None and what != "loss":
+                ch = r.chance.get(task)
+                if v >= 0.95:
+                    s = f"[green]{s}[/green]"
+                elif ch is not None and v <= ch + 0.05:
+                    s = f"[dim]{s}[/dim]"
+            cells.append(s)
+        t.add_row(*cells)
+    console.print(t)
+    if not c.columns:
+        console.print("[dim]no eval metrics in these runs[/dim]")
+
+
+def write_csv(path: Path, data: list[dict], header: Sequence[str] = ()) -> None:
+    keys: list[str] = list(header)
+    for d in data:
+        for k in d:
+            if k not in keys:
+                keys.append(k)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for d in data:
+            w.writerow({k: ("" if d.get(k) is None else d.get(k)) for k in keys})
+
+
+def long_evals(c: Comparison) -> list[dict]:
+    out = []
+    for r in c.runs:
+        for task in sorted(r.evals):
+            for L in sorted(r.evals[task]):
+                for what, v in sorted(r.evals[task][L].items()):
+                    out.append({"run_id": r.run_id, "run": r.name, "label": r.label, "layout": r.layout,
+                                "task": task, "length": L, "metric": what, "value": v,
+                                "train_seq_len": r.train_seq_len, "chance": r.chance.get(task)})
+    return out
+
+
+def long_loss(c: Comparison) -> list[dict]:
+    return [{"run_id": r.run_id, "label": r.label, "step": s, "tokens": t, "loss": l}
+            for r in c.runs for s, t, l in r.loss_history]
+
+
+def plot_accuracy(c: Comparison, path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({t for t, _, _ in c.columns})
+    if not tasks:
+        return False
+    n = len(tasks)
+    ncols = min(n, 3)
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 4.0 * nrows), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key().get("color", [None])
+    markers = "osD^vP*X"
+    for ax, task in zip(axes.flat, tasks):
+        lens = sorted({L for t, L, _ in c.columns if t == task})
+        what = next(w for t, _, w in c.columns if t == task)
+        train_lens, chances = set(), set()
+        for i, r in enumerate(c.runs):
+            pts = [(L, r.evals.get(task, {}).get(L, {}).get(what)) for L in lens]
+            pts = [(L, v) for L, v in pts if v is not None]
+            if not pts:
+                continue
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[i % len(markers)],
+                    color=colors[i % len(colors)], label=r.label, linewidth=1.8, markersize=6, alpha=0.9)
+            if r.train_task and r.train_seq_len and _same_task(r.train_task, task):
+                train_lens.add(r.train_seq_len)
+            if task in r.chance:
+                chances.add(round(r.chance[task], 6))
+        for L in sorted(train_lens):
+            ax.axvline(L, color="grey", linestyle=":", linewidth=1)
+            ax.text(L, 0.5, " train len", transform=ax.get_xaxis_transform(), rotation=90, va="center", ha="right",
+                    fontsize=8, color="grey")
+        for ch in sorted(chances):
+            if what != "loss":
+                ax.axhline(ch, color="grey", linestyle="--", linewidth=1)
+                ax.annotate("chance", (lens[0], ch), textcoords="offset points", xytext=(2, 3), fontsize=8, color="grey")
+        if len(lens) > 1 and lens[-1] / max(1, lens[0]) >= 4:
+            ax.set_xscale("log", base=2)
+        ax.set_xticks(lens)
+        ax.set_xticklabels([str(L) for L in lens])
+        ax.minorticks_off()
+        if what != "loss":
+            ax.set_ylim(-0.02, 1.05)
+        ax.set_title(f"{task}: {what} vs eval length")
+        ax.set_xlabel("eval sequence length (tokens)")
+        ax.set_ylabel(what)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    if n > 1:
+        fig.suptitle(f"{c.experiment}: accuracy vs eval length", fontsize=12)
+    else:
+        axes.flat[0].set_title(f"{c.experiment}: {tasks[0]} {next(w for _, _, w in c.columns)} vs eval length")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _same_task(a: str, b: str) -> bool:
+    try:
+        from hybridlab.jobs.tasks import canonical_name
+
+        return canonical_name(a) == canonical_name(b)
+    except Exception:
+        return a == b
+
+
+def plot_loss(c: Comparison, path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in c.runs if r.loss_history]
+    if not runs:
+        return False
+    use_tokens = all(all(t is not None for _, t, _ in r.loss_history) for r in runs)
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key().get("color", [None])
+    positive, lo, hi = True, math.inf, 0.0
+    for i, r in enumerate(c.runs):
+        if not r.loss_history:
+            continue
+        xs = [t if use_tokens else s for s, t, _ in r.loss_history]
+        ys = [l for _, _, l in r.loss_history]
+        positive &= all(y > 0 for y in ys)
+        lo, hi = min([lo] + ys), max([hi] + ys)
+        ax.plot(xs, ys, color=colors[i % len(colors)], label=r.label, linewidth=1.6)
+    if positive and hi / max(lo, 1e-12) > 20:
+        ax.set_yscale("log")
+    ax.set_xlabel("training tokens" if use_tokens else "step")
+    ax.set_ylabel("train loss (scored tokens)")
+    ax.set_title(f"{c.experiment}: loss vs {'tokens' if use_tokens else 'steps'}")
+    ax.grid(True, alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_outputs(c: Comparison, out_dir: str | Path) -> list[str]:
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the output folder {out}: {e.strerror or e}") from None
+    files = []
+    summary = rows(c)
+    write_csv(out / "summary.csv", summary)
+    files.append("summary.csv")
+    ev = long_evals(c)
+    write_csv(out / "evals.csv", ev, header=("run_id", "run", "label", "layout", "task", "length", "metric", "value"))
+    files.append("evals.csv")
+    write_csv(out / "loss.csv", long_loss(c), header=("run_id", "label", "step", "tokens", "loss"))
+    files.append("loss.csv")
+    payload = {
+        "experiment": c.experiment, "tracking_uri": c.tracking_uri, "metric": c.metric,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "columns": [{"task": t, "length": L, "metric": w} for t, L, w in c.columns],
+        "runs": [asdict(r) for r in c.runs], "summary": summary,
+    }
+    (out / "comparison.json").write_text(json.dumps(payload, indent=1, default=str))
+    files.append("comparison.json")
+    if plot_accuracy(c, out / "accuracy_vs_length.png"):
+        files.append("accuracy_vs_length.png")
+    if plot_loss(c, out / "loss_vs_tokens.png"):
+        files.append("loss_vs_tokens.png")
+    from rich.console import Console
+
+    with open(out / "table.txt", "w") as f:
+        render_table(c, Console(file=f, width=200, force_terminal=False, color_system=None))
+    files.append("table.txt")
+    c.out_dir, c.files = str(out), files
+    return files
+
+
+def log_comparison(c: Comparison) -> str:
+    """A new ``comparison`` run in the experiment holding the folder as artifacts."""
+    client = _client(c.tracking_uri)
+    tags = {KIND_TAG: "comparison", "hybridlab.compared_runs": ",".join(r.run_id for r in c.runs)[:5000],
+            "mlflow.note.content": f"hybridlab compare of {len(c.runs)} run(s)"}
+    try:
+        run = client.create_run(c.experiment_id, run_name=f"comparison-{time.strftime('%Y%m%d-%H%M%S')}", tags=tags)
+        rid = run.info.run_id
+        from mlflow.entities import Param
+
+        client.log_batch(rid, params=[Param("metric", c.metric), Param("runs", str(len(c.runs)))], synchronous=True)
+        client.log_artifacts(rid, c.out_dir)
+        client.set_terminated(rid, "FINISHED")
+    except Exception as e:
+        raise UserError(f"cannot log the comparison to MLflow at {c.tracking_uri}: {' '.join(str(e).split())[:200]}") from None
+    c.comparison_run_id = rid
+    return rid
+
+
+def compare(experiment: str, runs: Sequence[str] = (), metric: str = "auto", out: Optional[str] = None,
+            uri: Optional[str] = None, latest: bool = False, log: bool = True, console=None) -> Comparison:
+    """The whole command: read, print, write files, log them. Returns the comparison."""
+    from rich.console import Console
+
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # piped or captured: do not squeeze the table into 80 columns
+            console = Console(width=max(console.width, 200))
+    c = build(experiment, runs, metric, uri, latest)
+    out_dir = out or os.path.join("comparisons", re.sub(r"[^\w.-]+", "-", experiment))
+    render_table(c, console)
+    write_outputs(c, out_dir)
+    console.print(f"wrote {', '.join(c.files)} to {c.out_dir}")
+    if log:
+        rid = log_comparison(c)
+        console.print(f"logged as artifacts of MLflow run {rid} (experiment {experiment!r}, {c.tracking_uri})")
+    return c
