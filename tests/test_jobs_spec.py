@@ -26,6 +26,7 @@ eval:
 """
 
 HYBRIDLAB = [sys.executable, "-m", "hybridlab"]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def write(tmp_path: Path, text: str, name: str = "job.yaml") -> str:
@@ -156,3 +157,14 @@ def test_data_prepare(tmp_path):
     assert any((tmp_path / "shards").iterdir())
     job = load_job({"model": "zoo:tiny-hybrid", "data": {"task": "lm", "path": str(tmp_path / "shards"), "seq_len": 32}})
     assert job.spec.data.task == "lm"
+
+
+def test_dry_run_prints_the_plan_and_starts_nothing(tmp_path):
+    r = run_cli(["run", str(ROOT / "jobs" / "recipes" / "scaling-1.5b.yaml"), "--dry-run"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "valid; 2 run(s)" in r.stdout and "== train.zero_stage=3" in r.stdout
+    assert "workers   8 x {'CPU': 8.0, 'GPU': 1.0} (GPU, nccl" in r.stdout
+    assert "hybrid-1in4-1.5b: 1,501,054,848 params" in r.stdout
+    assert not (tmp_path / "mlruns.db").exists() and not (tmp_path / "hybridlab_runs").exists()
+    bad = run_cli(["run", write(tmp_path, GOOD.replace("steps: 20", "stepz: 20")), "--dry-run"], tmp_path)
+    assert bad.returncode == 2 and "train.stepz: unknown key" in bad.stderr

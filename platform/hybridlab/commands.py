@@ -26,10 +26,14 @@ def run(
     resume: Optional[str] = typer.Option(None, "--resume", help="MLflow run id of a stopped run to continue."),
     plain: Optional[bool] = typer.Option(None, "--plain/--bar", help="Plain progress lines / a progress bar (default: bar in a terminal, lines in CI)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the workers' own logs."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the plan (workers, ZeRO, model table); start nothing."),
 ):
     """Train a job here: a local Ray (or $RAY_ADDRESS), DeepSpeed workers, MLflow tracking."""
-    from .runner import run_job
+    from .runner import dry_run as plan, run_job
 
+    if dry_run:
+        plan(job, overrides=set_ or [])
+        return
     run_job(job, overrides=set_ or [], resume=resume, plain=plain, verbose=verbose)
 
 

@@ -143,6 +143,39 @@ def check_text(job) -> str:
         return f"(check table unavailable: {e})\n"
 
 
+def worker_resources(res) -> tuple[bool, str, dict]:
+    """(use_gpu, process-group backend, Ray resources per worker) of a job's ``resources``."""
+    use_gpu = res.gpus_per_worker > 0
+    backend = res.backend if res.backend != "auto" else ("nccl" if use_gpu else "gloo")
+    per_worker = {"CPU": res.cpus_per_worker, **res.custom}
+    if use_gpu:
+        per_worker["GPU"] = res.gpus_per_worker
+    return use_gpu, backend, per_worker
+
+
+def dry_run(job_file: str, overrides=()) -> None:
+    """Validate a job and print what `run` would start, per sweep combination; start nothing."""
+    from hybridlab.arch import count_spec
+    from hybridlab.jobs.spec import expand_sweep, load_job
+    from hybridlab.jobs.train import deepspeed_config
+
+    job = load_job(job_file, overrides)
+    jobs = expand_sweep(job_file, overrides, job=job)
+    print(f"{job_file}: valid; {len(jobs)} run(s) in experiment {job.spec.tracking.experiment or job.spec.experiment!r}")
+    for j in jobs:
+        res, train = j.spec.resources, j.resolved["train"]
+        use_gpu, backend, per_worker = worker_resources(res)
+        counts = count_spec(j.model_spec, j.seq_len)
+        ds = deepspeed_config(train, res.workers)
+        print(f"\n== {j.label or j.model_spec.name}")
+        print(f"model     {j.model_spec.name}: {counts['params']:,} params, layout {j.model_spec.layout_str}")
+        print(f"workers   {res.workers} x {per_worker} ({'GPU' if use_gpu else 'CPU'}, {backend}, placement {res.placement})")
+        print(f"deepspeed ZeRO {ds['zero_optimization']['stage']}, {train['precision']}, global batch "
+              f"{ds['train_batch_size']} x seq {j.seq_len} = {ds['train_batch_size'] * j.seq_len:,} tokens/step, "
+              f"{counts['flops_per_token_train'] * ds['train_batch_size'] * j.seq_len:.3e} FLOPs/step")
+        print(check_text(j), end="")
+
+
 def run_job(job_file: str, overrides=(), resume: Optional[str] = None, plain: Optional[bool] = None,
             verbose: bool = False) -> list[RunOutcome]:
     """Run a job file (every sweep combination); raise UserError if a run did not finish."""
@@ -258,11 +291,7 @@ def _run_one(job, tracker, experiment, parent_id, index, resume_info, progress) 
     progress.note(f"MLflow run {run_id}  ({label}; {res.workers} worker(s); checkpoints in {run_dir})")
 
     sink = Queue(actor_options={"num_cpus": 0})
-    use_gpu = res.gpus_per_worker > 0
-    backend = res.backend if res.backend != "auto" else ("nccl" if use_gpu else "gloo")
-    per_worker = {"CPU": res.cpus_per_worker, **res.custom}
-    if use_gpu:
-        per_worker["GPU"] = res.gpus_per_worker
+    use_gpu, backend, per_worker = worker_resources(res)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job.resolved, "run": {"name": run_name, "storage": storage}, "sink": sink},
