@@ -7,7 +7,7 @@ FLOP conventions (multiply-add = 2 FLOPs, training = 3 × forward):
 * matmuls: 2 × weight elements per token (the tied head counts once).
 * causal attention at training length L: 4·heads·head_dim·L/2 per token forward
   (QKᵀ and PV over the average L/2 keys); decode at context L: 4·heads·head_dim·L.
-* Mamba-3 scan, chunk C: forward per token per head 2R²C(N+P) (the intra-chunk
+* Mamba-3 scan, chunk C (the kernels' default: 64 / R): forward per token per head 2R²C(N+P) (the intra-chunk
   matmuls over 2R key/value columns, causal half) + 6RPN (state in, out and
   update); decode per head (6R+1)·P·N (two outer products, the decay, the read).
 """
@@ -15,6 +15,8 @@ FLOP conventions (multiply-add = 2 FLOPs, training = 3 × forward):
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from hybridlab.kernels import default_chunk_size
 
 from .spec import AttentionBlock, Mamba3Block, ModelSpec, SwiGLUBlock
 
@@ -32,7 +34,7 @@ class BlockCount:
 
 def mamba3_dims(d_model: int, b: Mamba3Block) -> dict:
     E, H, P, N, R = b.d_inner(d_model), b.heads(d_model), b.headdim, b.d_state, b.rank
-    return dict(E=E, H=H, P=P, N=N, R=R, A=b.rope_dims // 2, C=b.chunk_size or 64)
+    return dict(E=E, H=H, P=P, N=N, R=R, A=b.rope_dims // 2, C=b.chunk_size or default_chunk_size(R))
 
 
 def count_block(d_model: int, b, seq_len: int) -> BlockCount:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal, Optional, Union
 
 from .layout import LayoutError, parse_layout
-from .specio import SpecError, Source, apply_overrides, build, did_you_mean, load_yaml_file
+from .specio import SpecError, Source, apply_overrides, build, did_you_mean, load_yaml_file, positive
 
 ZOO_DIR = Path(__file__).parent / "zoo"
 
@@ -209,9 +209,9 @@ def _expand_layout(layout, blocks: dict, src: Source, path: tuple) -> list[str]:
 def validate(spec: ModelSpec, src: Source, path: tuple = ()) -> None:
     """Cross-field checks: positive sizes, divisibility, mode/rank consistency."""
     for key in ("d_model", "vocab_size"):
-        _positive(src, path + (key,), getattr(spec, key))
-    _positive(src, path + ("norm_eps",), spec.norm_eps)
-    _positive(src, path + ("init_std",), spec.init_std)
+        positive(src, path + (key,), getattr(spec, key))
+    positive(src, path + ("norm_eps",), spec.norm_eps)
+    positive(src, path + ("init_std",), spec.init_std)
     d = spec.d_model
     for name, blk in spec.blocks.items():
         bp = path + ("blocks", name)
@@ -220,17 +220,12 @@ def validate(spec: ModelSpec, src: Source, path: tuple = ()) -> None:
         elif isinstance(blk, AttentionBlock):
             _validate_attention(blk, d, src, bp)
         else:
-            _positive(src, bp + ("hidden",), blk.hidden)
-
-
-def _positive(src, path, value):
-    if value is not None and value <= 0:
-        raise src.error(path, f"must be positive, got {value}")
+            positive(src, bp + ("hidden",), blk.hidden)
 
 
 def _validate_mamba3(b: Mamba3Block, d: int, src: Source, path: tuple) -> None:
     for key in ("d_state", "headdim", "expand", "dt_min", "dt_max", "a_floor", "a_init_min", "a_init_max", "chunk_size"):
-        _positive(src, path + (key,), getattr(b, key))
+        positive(src, path + (key,), getattr(b, key))
     if b.rank is None:
         b.rank = 4 if b.mode == "mimo" else 1
     if b.rank < 1:
@@ -250,10 +245,10 @@ def _validate_mamba3(b: Mamba3Block, d: int, src: Source, path: tuple) -> None:
 
 
 def _validate_attention(b: AttentionBlock, d: int, src: Source, path: tuple) -> None:
-    _positive(src, path + ("heads",), b.heads)
-    _positive(src, path + ("kv_heads",), b.kv_heads)
-    _positive(src, path + ("head_dim",), b.head_dim)
-    _positive(src, path + ("rope_theta",), b.rope_theta)
+    positive(src, path + ("heads",), b.heads)
+    positive(src, path + ("kv_heads",), b.kv_heads)
+    positive(src, path + ("head_dim",), b.head_dim)
+    positive(src, path + ("rope_theta",), b.rope_theta)
     if b.head_dim is None and d % b.heads:
         raise src.error(path + ("heads",), f"{b.heads} does not divide d_model {d}")
     if b.heads % b.resolved_kv_heads():

@@ -168,3 +168,12 @@ def test_dry_run_prints_the_plan_and_starts_nothing(tmp_path):
     assert not (tmp_path / "mlruns.db").exists() and not (tmp_path / "hybridlab_runs").exists()
     bad = run_cli(["run", write(tmp_path, GOOD.replace("steps: 20", "stepz: 20")), "--dry-run"], tmp_path)
     assert bad.returncode == 2 and "train.stepz: unknown key" in bad.stderr
+
+
+def test_check_takes_a_job_file(tmp_path):
+    import json
+
+    r = run_cli(["check", str(ROOT / "jobs" / "recipes" / "quickstart.yaml"), "--json", "--seq-len", "64"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["name"] == "quickstart-hybrid" and rep["vocab_size"] == 64 and rep["num_layers"] == 8

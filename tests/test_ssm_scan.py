@@ -321,3 +321,13 @@ def test_triton_gpu_split_and_carry():
     y2, s2 = ssm_scan(q[:, 300:], k[:, 300:], v[:, 300:], la[:, 300:], beta[:, 300:], gamma[:, 300:], s1, backend="triton")
     assert_close(torch.cat([y1, y2], 1), y_ref, 1e-5)
     assert_close(s2.h, s_ref.h, 1e-5)
+
+
+def test_triton_size_rules_let_auto_fall_back():
+    from hybridlab.kernels.ssm_scan import default_chunk_size, triton_supports
+
+    assert [default_chunk_size(r) for r in (1, 2, 4, 8)] == [64, 32, 16, 8]
+    assert triton_supports(64, 128, 1)[0] and triton_supports(64, 64, 4)[0]
+    assert not triton_supports(64, 128, 3)[0]  # 21 * 3 rows: not a power of two
+    assert not triton_supports(64, 128, 1, chunk_size=100)[0]
+    assert not triton_supports(64, 8, 1)[0]

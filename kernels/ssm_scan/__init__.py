@@ -23,7 +23,7 @@ import torch
 
 from .reference import ScanState, scan_chunked, scan_recurrent
 
-__all__ = ["ssm_scan", "ScanState", "select_backend", "BACKENDS"]
+__all__ = ["ssm_scan", "ScanState", "select_backend", "default_chunk_size", "triton_supports", "BACKENDS"]
 
 BACKENDS = ("auto", "torch", "torch_chunked", "torch_recurrent", "triton", "cute")
 
@@ -48,16 +48,49 @@ def _cute_backend():
     return importlib.import_module(".cute", __name__)
 
 
-def select_backend(device: torch.device | str, seqlen: int | None = None) -> tuple[str, str]:
-    """The backend ``auto`` uses for this device and length, with the reason."""
+def default_chunk_size(rank: int) -> int:
+    """The chunked kernels' default chunk: 64 positions for SISO, 64 / R for MIMO (64-row tiles)."""
+    return max(64 // rank, 1)
+
+
+def triton_supports(headdim: int, d_state: int, rank: int, chunk_size: int | None = None) -> tuple[bool, str]:
+    """Whether the Triton kernels take these sizes (pure Python; no triton import)."""
+    rows = (chunk_size or default_chunk_size(rank)) * rank
+    if rows < 16 or rows & (rows - 1):
+        return False, f"chunk_size*rank = {rows} is not a power of two >= 16"
+    if d_state < 16 or headdim < 16:
+        return False, f"d_state {d_state} / headdim {headdim} below the 16 that tensor-core tiles need"
+    return True, ""
+
+
+def select_backend(device: torch.device | str, seqlen: int | None = None, shape: dict | None = None) -> tuple[str, str]:
+    """The backend ``auto`` uses for this device and length, with the reason.
+
+    ``shape`` (headdim, d_state, rank, chunk_size) lets kernels that cannot take
+    those sizes fall back to the next backend instead of failing.
+    """
     device = torch.device(device)
-    if device.type == "cuda":
-        if seqlen == 1 and _cute_available(device):
+    if device.type != "cuda":
+        return "torch", f"no CUDA on this machine ({device.type}): torch reference"
+    shape = shape or {}
+    why_not = []
+    if seqlen == 1 and _cute_available(device):
+        ok, why = (True, "") if not shape else _cute_module_supports(shape)
+        if ok:
             return "cute", "CUDA sm90+ with nvidia-cutlass-dsl: CuTe decode step"
-        if _has("triton") and _kernel_file_exists("triton"):
+        why_not.append(f"cute: {why}")
+    if _has("triton") and _kernel_file_exists("triton"):
+        ok, why = (True, "") if not shape else triton_supports(**shape)
+        if ok:
             return "triton", "CUDA with triton: chunked Triton kernels"
-        return "torch", "CUDA but triton is not installed: torch reference"
-    return "torch", f"no CUDA on this machine ({device.type}): torch reference"
+        why_not.append(f"triton: {why}")
+    else:
+        why_not.append("triton is not installed")
+    return "torch", "CUDA, but " + "; ".join(why_not) + ": torch reference"
+
+
+def _cute_module_supports(shape: dict) -> tuple[bool, str]:
+    return _cute_backend().step_supported(shape["headdim"], shape["d_state"], shape["rank"])
 
 
 def _kernel_file_exists(name: str) -> bool:
@@ -77,7 +110,8 @@ def ssm_scan(q, k, v, log_alpha, beta, gamma, state=None, *, backend: str = "aut
         raise ValueError(f"ssm_scan: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     seqlen = q.shape[1] if q.dim() == 5 else None
     if backend == "auto":
-        backend, _ = select_backend(q.device, seqlen)
+        shape = dict(headdim=v.shape[-1], d_state=q.shape[-1], rank=q.shape[3], chunk_size=chunk_size) if q.dim() == 5 else None
+        backend, _ = select_backend(q.device, seqlen, shape)
     if backend == "torch":
         backend = "torch_recurrent" if seqlen == 1 else "torch_chunked"
     if backend == "torch_recurrent":

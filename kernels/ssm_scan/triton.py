@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import default_chunk_size
 from .reference import ScanState, check_inputs
 
 __all__ = ["ssm_scan_triton", "SSMScanFn"]
@@ -461,8 +462,7 @@ def _pow2(x: int) -> int:
 
 
 def _block_rows(r: int, chunk_size: int | None) -> int:
-    if chunk_size is None:
-        chunk_size = max(64 // r, 1)
+    chunk_size = chunk_size or default_chunk_size(r)
     rows = chunk_size * r
     if rows < 16 or rows & (rows - 1):
         raise ValueError(f"ssm_scan triton: chunk_size*rank must be a power of two >= 16; got {chunk_size}*{r}")

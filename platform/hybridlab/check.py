@@ -32,8 +32,9 @@ def describe_block(d_model: int, b) -> str:
 def layer_backends(b, device: torch.device, seq_len: int) -> tuple[str, str, str]:
     """(train/prefill backend, decode backend, reason) for one block on this machine."""
     if isinstance(b, Mamba3Block):
-        train, why = select_backend(device, seq_len)
-        decode, why_d = select_backend(device, 1)
+        shape = dict(headdim=b.headdim, d_state=b.d_state, rank=b.rank, chunk_size=b.chunk_size)
+        train, why = select_backend(device, seq_len, shape)
+        decode, why_d = select_backend(device, 1, shape)
         return train, decode, why if train == decode else f"{why}; decode: {why_d}"
     if isinstance(b, AttentionBlock):
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -99,10 +100,23 @@ def render(rep: dict, console: Console) -> None:
         console.print(f"backend       {mixer}: {why}")
 
 
+def _model_of(ref: str, overrides: list[str]) -> ModelSpec:
+    """The model spec of ``ref``: a spec (file or zoo:NAME), or a job file's model (its --set applies to the job)."""
+    if not ref.startswith("zoo:"):
+        from hybridlab.arch.specio import load_yaml_file
+
+        data, _ = load_yaml_file(ref)
+        if isinstance(data, dict) and "model" in data and "blocks" not in data:
+            from hybridlab.jobs.spec import load_job
+
+            return load_job(ref, overrides).model_spec
+    return load_model_spec(ref, overrides)
+
+
 def run_check(ref: str, overrides: list[str], seq_len: int, as_json: bool) -> None:
     if seq_len < 1:
         raise UserError(f"--seq-len must be positive, got {seq_len}")
-    spec = load_model_spec(ref, overrides)
+    spec = _model_of(ref, overrides)
     rep = report(spec, seq_len)
     if as_json:
         print(json.dumps(rep, indent=2))

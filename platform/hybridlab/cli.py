@@ -149,7 +149,7 @@ def bench_decode(
     """Per-token decode latency: Mamba-3 layers (cute vs torch step) and Transformer layers/models, CUDA graphs."""
     import torch
 
-    from hybridlab.kernels.bench.decode import run_decode_bench
+    from hybridlab.bench_decode import run_decode_bench
 
     if not torch.cuda.is_available():
         raise UserError("bench decode needs a CUDA GPU (none here)")
@@ -187,6 +187,14 @@ def bench_train(
         raise UserError(f"--zero must be 0, 1, 2 or 3, got {zero_stage}")
     if precision not in ("bf16", "fp16", "fp32"):
         raise UserError(f"--precision must be bf16, fp16 or fp32, got {precision!r}")
+    from hybridlab.kernels import BACKENDS
+
+    if ssm_backend not in BACKENDS:
+        raise UserError(f"--ssm-backend must be one of {', '.join(BACKENDS)}, got {ssm_backend!r}")
+    import torch
+
+    if ssm_backend in ("triton", "cute") and not torch.cuda.is_available():
+        raise UserError(f"--ssm-backend {ssm_backend} needs a CUDA GPU (none is visible here)")
     res = measure_training(spec, seq_len, micro_batch, steps, warmup, zero_stage, precision, ssm_backend,
                            set_ or [], checkpointing)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 speaks for all

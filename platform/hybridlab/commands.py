@@ -82,24 +82,29 @@ def stop(job_id: str = typer.Argument(..., help="Ray job id from `hybridlab subm
 def ui(
     uri: Optional[str] = typer.Option(None, "--uri", help="Tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Bind address (127.0.0.1 unless you mean to expose it)."),
-    port: int = typer.Option(5000, "--port"),
+    port: int = typer.Option(5000, "--port", help="Port to listen on (1-65535)."),
 ):
     """Start the MLflow UI on the tracking store."""
     import subprocess
     import sys
 
-    from .tracking import tracking_uri
+    from .errors import UserError
+    from .tracking import client, tracking_uri
 
+    if not 1 <= port <= 65535:
+        raise UserError(f"--port {port}: not a TCP port (1-65535)")
     store = tracking_uri(uri)
     if store.startswith(("http://", "https://")):
         print(f"the tracking store is a server already: open {store}")
         return
+    client(store)  # a store MLflow cannot open: one line here, not the child's traceback
     print(f"MLflow UI for {store} at http://{host}:{port}  (Ctrl-C stops it)", flush=True)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store, "--host", host, "--port", str(port)]
     try:
-        raise SystemExit(subprocess.call(cmd))
+        code = subprocess.call(cmd)
     except KeyboardInterrupt:
-        raise SystemExit(0)
+        code = 0
+    raise SystemExit(code)  # the UI's own exit status is the command's
 
 
 # ---------------------------------------------------------------- data

@@ -80,11 +80,9 @@ class Comparison:
 
 
 def _client(uri: str):
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    from mlflow import MlflowClient
+    from .tracking import client
 
-    return MlflowClient(tracking_uri=uri)
+    return client(uri)
 
 
 def _num(v: Any, cast=float):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -192,13 +193,20 @@ def _target(ckpt: Path, job: dict, run_id: Optional[str]) -> Target:
     return Target(checkpoint=str(ckpt), job=job, run_id=run_id, step=int(meta.get("step", 0)), meta=meta)
 
 
+_PATH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".yaml", ".yml", ".json")
+
+
 def _get_run(client, run_id: str, uri: str):
+    looks_like_path = "/" in run_id or os.sep in run_id or run_id.endswith(_PATH_SUFFIXES)
+    if looks_like_path:  # not a run id: a checkpoint folder that does not exist
+        raise UserError(f"no MLflow run or checkpoint folder {run_id!r} (tracking: {uri})")
     try:
         return client.get_run(run_id)
     except Exception as e:
         text = str(e)
-        if "RESOURCE_DOES_NOT_EXIST" in text or "not found" in text.lower() or "No run" in text \
-                or "INVALID_PARAMETER_VALUE" in text:
+        code = str(getattr(e, "error_code", "") or "")
+        if code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE") or "RESOURCE_DOES_NOT_EXIST" in text \
+                or "not found" in text.lower() or "No run" in text or "INVALID_PARAMETER_VALUE" in text:
             raise UserError(f"no MLflow run or checkpoint folder {run_id!r} (tracking: {uri})") from None
         raise UserError(f"MLflow tracking at {uri} failed while reading run {run_id}: {' '.join(text.split())[:200]}") from None
 
@@ -268,9 +276,9 @@ def evaluate(target: str, task: str, lengths, batches: int = 2, batch_size: int 
 
     client = None
     if not Path(target).expanduser().exists() or log:
-        from .compare import _client
+        from .tracking import client as mlflow_client
 
-        client = _client(uri)
+        client = mlflow_client(uri)
     t = resolve_target(target, client, uri)
     entry = {"task": task, "seq_lens": Ls, "batch_size": int(batch_size), "batches": int(batches), **opts}
     _check_entry(entry, t)

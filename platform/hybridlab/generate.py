@@ -14,18 +14,11 @@ larger). A checkpoint is one of:
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
 from .errors import UserError
-
-
-def encode(text: str) -> list[int]:
-    return list(text.encode("utf-8"))
-
-
-def decode(ids) -> str:
-    return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
 
 
 def _spec_from(ref, folder: Path | None = None):
@@ -74,12 +67,20 @@ def load_model(ref: str, model_ref: str | None = None, seed: int = 0):
         raise UserError(f"no checkpoint at {ref}")
     sd, spec = None, None
     if p.is_file():
-        obj = torch.load(p, map_location="cpu", weights_only=False)
+        try:
+            obj = torch.load(p, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise UserError(f"{ref}: not a PyTorch checkpoint ({e.__class__.__name__}: "
+                            f"{' '.join(str(e).split())[:160]})") from None
+        if not isinstance(obj, dict):
+            raise UserError(f"{ref}: holds a {type(obj).__name__}, not a state dict (a dict of tensors)")
         if isinstance(obj, dict) and "spec" in obj and not model_ref:
             from hybridlab.arch import load_model_spec
 
             spec = load_model_spec(obj["spec"])
         sd = _state_dict_from_obj(obj)
+        if not sd or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+            raise UserError(f"{ref}: not a state dict (expected parameter names mapped to tensors)")
         spec = spec or _spec_from(model_ref, p.parent)
     else:  # a training run's checkpoint or run folder: the spec comes from the run's job.yaml
         from .evaluate import load_model as load_run_model
@@ -94,6 +95,24 @@ def load_model(ref: str, model_ref: str | None = None, seed: int = 0):
     if missing or unexpected:
         raise UserError(f"checkpoint {ref} does not fit model {spec.name}: missing {missing[:4]}, unexpected {unexpected[:4]}")
     return model, f"{ref} ({spec.name})"
+
+
+def _check_device(device: str) -> str:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (CUDA only where there is one) -> the torch device string."""
+    import torch
+
+    dev = (device or "").strip().lower()
+    if dev == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    m = re.fullmatch(r"cpu|cuda(?::(\d+))?", dev)
+    if not m:
+        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if dev.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: no CUDA here")
+        if m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return dev
 
 
 def run_generate(checkpoint: str, prompts: list[str], model_ref: str | None, max_new_tokens: int, temperature: float,
@@ -111,10 +130,7 @@ def run_generate(checkpoint: str, prompts: list[str], model_ref: str | None, max
         raise UserError(f"--top-k must be >= 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise UserError(f"--top-p must be in (0, 1], got {top_p}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA here")
+    device = _check_device(device)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if dtype == "auto":
         dtype = "bf16" if device.startswith("cuda") else "fp32"
@@ -124,7 +140,10 @@ def run_generate(checkpoint: str, prompts: list[str], model_ref: str | None, max
     if model.spec.vocab_size < 256:
         raise UserError(f"model {model.spec.name} has {model.spec.vocab_size} tokens; the byte tokenizer needs 256")
     model = model.to(device=device, dtype=dtypes[dtype]).eval()
-    rows = [encode(p) or [10] for p in prompts]
+    from hybridlab.jobs.tasks import ByteTokenizer
+
+    tok = ByteTokenizer()
+    rows = [tok.encode(p) or [10] for p in prompts]
     gen = torch.Generator(device=device).manual_seed(seed)
     t0 = time.perf_counter()
     out = model.generate(rows, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen,
@@ -136,7 +155,7 @@ def run_generate(checkpoint: str, prompts: list[str], model_ref: str | None, max
     results = []
     for i, r in enumerate(rows):
         new = out[i, width:].tolist()
-        results.append({"prompt": prompts[i], "completion": decode(new), "tokens": new})
+        results.append({"prompt": prompts[i], "completion": tok.decode(new), "tokens": new})
     if as_json:
         print(json.dumps({"model": origin, "device": device, "dtype": dtype, "seconds": secs, "results": results}))
         return

@@ -41,17 +41,32 @@ def _short(e: BaseException) -> str:
     return f"{e.__class__.__name__}: {text[:200]}"
 
 
+_FILE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
+
+
+def client(uri: str, timeout_s: int = 10):
+    """An ``MlflowClient`` for ``uri``; a URI MLflow cannot use becomes a one-line UserError."""
+    # fail fast inside MLflow's REST client; callers report or retry themselves
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(timeout_s))
+    from mlflow import MlflowClient
+
+    try:
+        return MlflowClient(tracking_uri=uri)
+    except Exception as e:
+        u, hint = str(uri), ""
+        if "://" not in u and (u.startswith(("/", ".", "~")) or u.endswith(_FILE_SUFFIXES)):
+            hint = f" (did you mean sqlite:///{os.path.expanduser(u)}?)"
+        raise UserError(f"cannot use MLflow tracking URI {uri!r}{hint}: {_short(e)}") from None
+
+
 class Tracker:
     """A buffered MLflow client for one tracking URI."""
 
     def __init__(self, uri: str, retry_max_s: float = 10.0):
         # fail fast inside MLflow's REST client; this class does the retrying
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-        from mlflow import MlflowClient
-
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
+        self.client = client(uri, timeout_s=5)
         self.retry_max_s = retry_max_s
         self._ops: deque = deque()
         self._cv = threading.Condition()

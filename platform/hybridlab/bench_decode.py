@@ -1,6 +1,6 @@
 """Decode benchmark (issue 7): per-token latency of Mamba-3 and attention layers and of whole models.
 
-    python -m hybridlab.kernels.bench.decode [--out DIR] [--batches 1,16,128] [--contexts 4096,16384] [--quick]
+    python -m hybridlab.bench_decode [--out DIR] [--batches 1,16,128] [--contexts 4096,16384] [--quick]
 
 Every step is captured in a CUDA graph and timed by replaying it
 (``triton.testing.do_bench`` medians). Rows:
