@@ -87,6 +87,29 @@ def test_compare_bad_input(tmp_path, capsys, monkeypatch):
     assert "--metric" in msg
 
 
+# ---------------------------------------------------------------- bad input (the real CLI in a subprocess)
+
+
+@pytest.mark.parametrize("cmd", [["compare", "layouts"], ["eval", "0" * 32, "--task", "parity", "--lengths", "64"],
+                                 ["ui"]])
+def test_file_path_tracking_uri_is_one_line(tmp_path, cmd):
+    db = tmp_path / "x.db"
+    msg = _one_line_error(run_cli(*cmd, "--uri", str(db), env=_env(tmp_path), timeout=120))
+    assert repr(str(db)) in msg and f"did you mean sqlite:///{db}?" in msg
+
+
+@pytest.mark.parametrize("target", ["/nonexistent/run", "missing.pt", "0123456789abcdef0123456789abcdef"])
+def test_eval_missing_target_is_one_line(tmp_path, target):
+    msg = _one_line_error(run_cli("eval", target, "--task", "mqar", "--lengths", "64", env=_env(tmp_path), timeout=120))
+    assert f"no MLflow run or checkpoint folder {target!r}" in msg
+
+
+@pytest.mark.parametrize("port", ["99999", "0"])
+def test_ui_port_out_of_range_is_one_line(tmp_path, port):
+    msg = _one_line_error(run_cli("ui", "--port", port, env=_env(tmp_path), timeout=120))
+    assert f"--port {port}" in msg
+
+
 # ---------------------------------------------------------------- compare on API-logged runs
 
 

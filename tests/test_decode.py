@@ -134,6 +134,40 @@ def test_generate_cli_smoke(cli):
     assert r.stdout.strip()
 
 
+def _cli_one_line_error(r):
+    assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert "Traceback" not in r.stderr
+    return lines[0]
+
+
+def test_generate_bad_checkpoint_files_are_one_line(cli, tmp_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"this is not a checkpoint")
+    msg = _cli_one_line_error(cli("generate", str(junk), "--prompt", "hi", "--model", "zoo:tiny-hybrid",
+                                  "--max-new-tokens", "2", "--device", "cpu"))
+    assert str(junk) in msg and "not a PyTorch checkpoint" in msg
+    lst = tmp_path / "list.pt"
+    torch.save([torch.zeros(2)], lst)
+    msg = _cli_one_line_error(cli("generate", str(lst), "--prompt", "hi", "--model", "zoo:tiny-hybrid",
+                                  "--max-new-tokens", "2", "--device", "cpu"))
+    assert str(lst) in msg and "list" in msg and "state dict" in msg
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "tpu"] + ([] if HAS_CUDA else ["cuda", "cuda:0"]))
+def test_generate_bad_device_is_one_line(cli, device):
+    msg = _cli_one_line_error(cli("generate", "zoo:tiny-hybrid", "--prompt", "hi", "--max-new-tokens", "2",
+                                  "--device", device))
+    assert "--device" in msg and device in msg
+
+
+def test_generate_uses_the_shared_byte_tokenizer():
+    import hybridlab.generate as g
+
+    assert not hasattr(g, "encode") and not hasattr(g, "decode")
+
+
 def test_cute_module_imports_without_cutlass():
     c = importlib.import_module("hybridlab.kernels.ssm_scan.cute")
 

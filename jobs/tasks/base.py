@@ -19,7 +19,6 @@ Conventions every task follows
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import math
 import zlib
@@ -29,6 +28,8 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from hybridlab.arch.specio import did_you_mean  # noqa: F401  (re-exported for the task modules)
 
 IGNORE = -100
 
@@ -43,11 +44,6 @@ def _one_line(msg: str) -> str:
 
 def _err(msg: str) -> TaskError:
     return TaskError(_one_line(msg))
-
-
-def did_you_mean(word: str, choices: Sequence[str]) -> str:
-    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.5)
-    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def _is_int(v: Any) -> bool:

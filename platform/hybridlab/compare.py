@@ -197,7 +197,7 @@ def _experiment(client, name: str, uri: str):
             names = sorted(e.name for e in client.search_experiments() if e.name != "Default")
         except Exception:
             names = []
-        from hybridlab.jobs.tasks.base import did_you_mean
+        from hybridlab.arch.specio import did_you_mean
 
         hint = did_you_mean(name, names)
         known = f"; experiments: {', '.join(names)}" if names else "; the store has no experiments yet"

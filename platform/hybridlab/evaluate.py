@@ -245,8 +245,8 @@ def load_model(target: Target, device: str = "cpu"):
     model = HybridLM(spec)
     sd = load_state_dict(target.checkpoint, target.meta)
     missing, unexpected = model.load_state_dict(sd, strict=False)
-    tied = {"lm_head.weight", "head.weight", "output.weight"}
-    missing = [k for k in missing if k not in tied]
+    if getattr(spec, "tie_embeddings", False):  # the head shares the embedding's weight: not saved on its own
+        missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
         raise UserError(f"{target.checkpoint}: weights do not match the run's model spec "
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
