@@ -48,7 +48,6 @@ def parse_layout(text: str) -> list[str]:
     i = 0
 
     def seq(closing: bool) -> list[str]:
-        nonlocal i
         names: list[str] = []
         while True:
             kind, val, col = toks[i]

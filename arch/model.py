@@ -8,7 +8,7 @@ KV cache) so that token-by-token generation equals the full forward.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch

@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -158,7 +157,3 @@ def latest_registered(run_dir: str) -> Optional[str]:
         name = results[-1].get("checkpoint_dir_name")
     path = Path(run_dir) / name if name else None
     return str(path) if path and path.exists() else None
-
-
-def now() -> float:
-    return time.time()

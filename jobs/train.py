@@ -4,7 +4,7 @@
 process group: gloo on CPU, NCCL on GPU). ``config``:
 
 ``job``      the resolved job dict (``spec.Job.resolved``)
-``run``      ``{"name", "storage"}`` plus optional ``"resume"`` (a checkpoint path)
+``run``      ``{"name", "storage"}`` (resuming goes through Ray: the run's own latest checkpoint)
 ``sink``     optional: an object with ``put_nowait(dict)`` (e.g. ``ray.util.queue.Queue``)
              receiving rank 0's progress messages; printed when absent
 
@@ -22,7 +22,7 @@ import resource
 import shutil
 import socket
 import time
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -182,9 +182,6 @@ def train_loop_per_worker(config: dict) -> None:
         with restored.as_directory() as d:
             resume_path = _load(engine, d, world, train)
             meta = ckpt.read_meta(d)
-    elif run.get("resume"):
-        resume_path = _load(engine, run["resume"], world, train)
-        meta = ckpt.read_meta(run["resume"])
     if resume_path is not None:
         start_step, tokens_seen = int(meta["step"]), int(meta.get("tokens", 0))
         if sched is not None and engine.lr_scheduler is not None:
@@ -193,7 +190,6 @@ def train_loop_per_worker(config: dict) -> None:
             engine.lr_scheduler.base_lrs = [train["lr"] for _ in engine.lr_scheduler.base_lrs]
 
     stream = TrainStream(data, train["micro_batch"], train["grad_accum"], train["seed"], rank)
-    vocab = model_spec.vocab_size
     steps, log_every, ck_every = train["steps"], train["log_every"], train["checkpoint_every"]
     tokens_per_step = train["micro_batch"] * train["grad_accum"] * world * stream.seq_len
     emit("start", step=start_step, steps=steps, world=world, params=n_params, resumed_from=resume_path,

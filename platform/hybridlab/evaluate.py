@@ -31,8 +31,8 @@ from typing import Any, Optional, Sequence
 
 from .errors import UserError
 
-META = "hybridlab.json"
-DS_TAG = "ds"
+from hybridlab.jobs.checkpoint import DS_TAG, META, is_local, latest_registered, local_path
+
 STANDALONE_EXPERIMENT = "hybridlab-evals"
 
 
@@ -97,8 +97,6 @@ def _is_checkpoint(path: Path) -> bool:
 
 
 def _latest_in_run_dir(run_dir: Path) -> Optional[Path]:
-    from hybridlab.jobs.checkpoint import latest_registered
-
     p = latest_registered(str(run_dir))
     if p and _is_checkpoint(Path(p)):
         return Path(p)
@@ -167,9 +165,9 @@ def resolve_target(target: str, client=None, uri: str = "") -> Target:
     run_dir = tags.get("hybridlab.checkpoints")
     if not run_dir:
         raise UserError(f"MLflow run {target} has no checkpoints tag (hybridlab.checkpoints): was it started by `hybridlab run`?")
-    if "://" in run_dir and not run_dir.startswith("file://"):
+    if not is_local(run_dir):
         raise UserError(f"run {target} keeps its checkpoints at {run_dir}; copy that folder here and pass its path")
-    run_dir_p = Path(run_dir[len("file://"):] if run_dir.startswith("file://") else run_dir)
+    run_dir_p = Path(local_path(run_dir))
     if not run_dir_p.is_dir():
         raise UserError(f"run {target}: its checkpoint folder {run_dir_p} does not exist on this machine")
     ckpt = _latest_in_run_dir(run_dir_p)

@@ -20,7 +20,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from .errors import UserError
 
@@ -282,8 +282,3 @@ def git_sha(start: Optional[str] = None) -> str:
         pass
     return "unknown"
 
-
-def flat_params(d: Any) -> dict:
-    from hybridlab.jobs.spec import flatten
-
-    return flatten(d)
