@@ -98,10 +98,7 @@ def _kernel_file_exists(name: str) -> bool:
 
 
 def _cute_available(device: torch.device) -> bool:
-    if not (_has("cutlass") and _kernel_file_exists("cute")):
-        return False
-    major, _ = torch.cuda.get_device_capability(device)
-    return major >= 9
+    return _kernel_file_exists("cute") and _cute_backend().cute_available(device)
 
 
 def ssm_scan(q, k, v, log_alpha, beta, gamma, state=None, *, backend: str = "auto", chunk_size: int | None = None):
