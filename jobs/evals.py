@@ -8,14 +8,17 @@ every run of a job scores the same sequences.
 
 from __future__ import annotations
 
+import re
 import zlib
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
 from hybridlab.jobs.data import build_task, eval_task_options
 from hybridlab.jobs.tasks import batch_seed
 
+EVAL_METRICS = ("acc", "final_acc", "seq_acc", "loss")  # the per-(task, length) metrics, in table order
+EVAL_METRIC_RE = re.compile(r"^eval/(?P<task>[^/]+)/len_(?P<len>\d+)/(?P<what>[^/]+)$")  # what metric_name writes
 EVAL_SEED = 10_007  # base seed of eval batches: never a training seed stream (those use rank >= 0 with job seeds)
 
 
@@ -68,15 +71,35 @@ def run_evals(
     return out
 
 
-def eval_table(metrics: dict[str, float]) -> str:
-    """A small text table of ``eval/<task>/len_<L>/acc`` metrics."""
-    rows = {}
+def eval_table(metrics: dict[str, float], whats: Sequence[str] = ("acc",), layout: str = "summary") -> str:
+    """A text table of the ``eval/<task>/len_<L>/<what>`` metrics for the ``what``s in ``whats``.
+
+    ``layout="summary"`` (the training summary): one line per task, in the order first seen,
+    ``len <L>: <value>`` cells in length order. ``layout="table"`` (``hybridlab eval``): a header,
+    then one line per (task, length), sorted, with one column per ``what`` that any row has
+    (``-`` where a row lacks it). Keys not of that form are ignored; no trailing newline.
+    """
+    if layout not in ("summary", "table"):
+        raise ValueError(f"eval_table: unknown layout {layout!r}; choose summary or table")
+    rows: dict[tuple[str, int], dict[str, float]] = {}
+    tasks: dict[str, None] = {}  # tasks with a metric of ``whats``, in the order first seen
     for k, v in metrics.items():
-        parts = k.split("/")
-        if len(parts) == 4 and parts[0] == "eval" and parts[3] == "acc":
-            rows.setdefault(parts[1], {})[int(parts[2][4:])] = v
+        m = EVAL_METRIC_RE.match(k)
+        if m:
+            rows.setdefault((m["task"], int(m["len"])), {})[m["what"]] = v
+            if m["what"] in whats:
+                tasks.setdefault(m["task"])
+    if layout == "table":
+        cols = [w for w in whats if any(w in r for r in rows.values())]
+        lines = ["task        length  " + "  ".join(f"{w:>9s}" for w in cols)]
+        for (task, L), r in sorted(rows.items()):
+            lines.append(f"{task:10s}  {L:6d}  " + "  ".join(f"{r[w]:9.4f}" if w in r else f"{'-':>9s}" for w in cols))
+        return "\n".join(lines)
+    one = len(whats) == 1
     lines = []
-    for task, by_len in rows.items():
-        cells = "  ".join(f"len {L}: {a:.3f}" for L, a in sorted(by_len.items()))
+    for task in tasks:
+        by_len = sorted((L, r) for (t, L), r in rows.items() if t == task and any(w in r for w in whats))
+        cells = "  ".join(f"len {L}: " + " ".join(f"{r[w]:.3f}" if one else f"{w} {r[w]:.3f}" for w in whats if w in r)
+                          for L, r in by_len)
         lines.append(f"{task:10s} {cells}")
     return "\n".join(lines)

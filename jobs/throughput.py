@@ -42,6 +42,7 @@ def measure_training(
     ssm_backend: str = "auto",
     overrides=(),
     activation_checkpointing: bool = False,
+    profile_top: int = 0,
 ) -> dict:
     """Time ``steps`` optimizer steps after ``warmup``; returns a dict of measurements (rank 0's)."""
     import deepspeed
@@ -71,6 +72,8 @@ def measure_training(
     for _ in range(warmup):
         step()
     _sync(device)
+    if profile_top and device.type == "cuda" and rank == 0:
+        _print_profile(step, profile_top)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
@@ -92,6 +95,16 @@ def measure_training(
         "peak_memory_gib": peak_memory_bytes(device) / 2**30, "final_loss": loss,
         "activation_checkpointing": activation_checkpointing,
     }
+
+
+def _print_profile(step, top: int) -> None:
+    """One step under torch.profiler: the ``top`` CUDA kernels by total time (where a step's time goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=70), flush=True)
 
 
 def _checkpoint_sub_blocks(model: HybridLM) -> None:

@@ -11,19 +11,13 @@ last lq positions. Backends: ``flash_attn`` (FA2/FA3), ``flash_attn_cute``
 from __future__ import annotations
 
 import importlib
-import importlib.util
 
 import torch
 import torch.nn.functional as F
 
+from ._deps import has_module
+
 ATTN_BACKENDS = ("auto", "sdpa", "flash_attn", "flash_attn_cute")
-
-
-def _has(mod: str) -> bool:
-    try:
-        return importlib.util.find_spec(mod) is not None
-    except (ImportError, ValueError):
-        return False
 
 
 def select_attention_backend(device, dtype=torch.bfloat16) -> tuple[str, str]:
@@ -34,9 +28,9 @@ def select_attention_backend(device, dtype=torch.bfloat16) -> tuple[str, str]:
     if dtype not in (torch.float16, torch.bfloat16):
         return "sdpa", f"{dtype} is not fp16/bf16: torch SDPA"
     major, _ = torch.cuda.get_device_capability(device)
-    if major >= 9 and _has("flash_attn.cute"):
+    if major >= 9 and has_module("flash_attn.cute"):
         return "flash_attn_cute", f"sm{major}x with flash-attn-4: CuTe DSL FlashAttention"
-    if _has("flash_attn"):
+    if has_module("flash_attn"):
         return "flash_attn", "flash-attn installed: FlashAttention 2/3"
     return "sdpa", "flash-attn not installed: torch SDPA (cuDNN/flash inside)"
 

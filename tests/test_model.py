@@ -84,7 +84,7 @@ def test_mamba3_scan_inputs_follow_the_paper():
     torch.manual_seed(4)
     layer = Mamba3(spec.d_model, spec.blocks["m3"]).double()
     u = torch.randn(2, 9, spec.d_model, dtype=torch.float64)
-    q, k, v, log_alpha, beta, gamma, z, phase = layer.scan_inputs(u)
+    q, k, v, log_alpha, beta, gamma, x, z, phase = layer.scan_inputs(u)
     assert (log_alpha < 0).all()
     dt = torch.nn.functional.softplus(torch.split(layer.in_proj(u), layer.split, -1)[4].float() + layer.dt_bias.float())
     lam = gamma / dt
@@ -93,6 +93,6 @@ def test_mamba3_scan_inputs_follow_the_paper():
     # The rotation preserves norms of the rotated pairs; the phase is a cumulative sum over time.
     assert phase.shape == (2, 9, layer.H, spec.blocks["m3"].rope_dims // 2)
     euler = Mamba3(spec.d_model, load_model_spec("zoo:tiny-mamba3", ["blocks.m3.trapezoid=false"]).blocks["m3"]).double()
-    _, _, _, la, b, g, _, _ = euler.scan_inputs(u)
+    _, _, _, la, b, g, _, _, _ = euler.scan_inputs(u)
     dt_e = torch.nn.functional.softplus(torch.split(euler.in_proj(u), euler.split, -1)[4].float() + euler.dt_bias.float())
     assert torch.all(b == 0) and torch.allclose(g, dt_e)

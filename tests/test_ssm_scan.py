@@ -13,13 +13,13 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_under_interpreter
+
+from hybridlab.kernels._deps import has_module
 
 from hybridlab.kernels import ScanState, ssm_scan
 from hybridlab.kernels.ssm_scan.reference import scan_chunked, scan_recurrent
@@ -261,19 +261,10 @@ _INTERP_SCRIPT = textwrap.dedent(
 )
 
 
-def _have_triton():
-    import importlib.util
-
-    return importlib.util.find_spec("triton") is not None
-
-
-@pytest.mark.skipif(not _have_triton(), reason="triton not installed")
+@pytest.mark.skipif(not has_module("triton"), reason="triton not installed")
 def test_triton_interpreter_matches_reference():
     """Kernel forward + backward under TRITON_INTERPRET=1, fp32, ranks 1/2/4, with state."""
-    script = _INTERP_SCRIPT.replace("TESTS_DIR", repr(str(Path(__file__).parent)))
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="", HYBRIDLAB_SSM_DH_BP="16")
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    run_under_interpreter(_INTERP_SCRIPT, HYBRIDLAB_SSM_DH_BP="16")
 
 
 # ---------------------------------------------------------------- Triton on CUDA, full size

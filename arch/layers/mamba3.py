@@ -16,23 +16,39 @@ and the scan (``hybridlab.kernels.ssm_scan``) runs with log α = A dt,
 the optional pre-gate grouped RMSNorm (one group per head), the SiLU gate
 z_r = z ⊙ W_z[h, r], the rank-R output combination Σ_r W_o[h, r] ⊙ y_r, and
 the output projection. No short convolution.
+
+The stages before and after the scan (B/C norm + bias + rotary; D, norm, gate,
+rank combination) are ``hybridlab.kernels.ssm_io``: fused Triton kernels on
+CUDA, the PyTorch reference elsewhere.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hybridlab.kernels import ScanState, select_backend, ssm_scan
+from hybridlab.kernels.ssm_io import cumulative_phase, gated_output, qk_prep, rank_expand, scan_coefficients
 
 from ..spec import Mamba3Block
-from .norm import rms_norm
-from .rotary import apply_rotary
+
+
+class ScanInputs(NamedTuple):
+    """The scan's operands and what the output stage needs besides y."""
+
+    q: torch.Tensor  # (b, l, H, R, N)
+    k: torch.Tensor
+    v: torch.Tensor  # (b, l, H, R, P)
+    log_alpha: torch.Tensor  # (b, l, H) fp32
+    beta: torch.Tensor
+    gamma: torch.Tensor
+    x: torch.Tensor  # (b, l, H, P): v's rank-1 factor (v = x ⊙ W_x)
+    z: torch.Tensor  # (b, l, d_inner): the gate input
+    phase: Optional[torch.Tensor]  # (b, l, H, n_angles) fp32, or None without rotary
 
 
 @dataclass
@@ -92,8 +108,13 @@ class Mamba3(nn.Module):
         )
         return Mamba3Cache(scan, torch.zeros(batch, H, self.n_angles, device=device, dtype=torch.float32))
 
-    def scan_inputs(self, u: torch.Tensor, phase0: torch.Tensor | None = None, valid: torch.Tensor | None = None):
-        """Project u and build the scan's (q, k, v, log α, β, γ); also z and the final phase.
+    @property
+    def io_backend(self) -> str:
+        """The pre/post-processing stages follow the scan: the reference with a torch scan, fused otherwise."""
+        return "torch" if self.backend.startswith("torch") else "auto"
+
+    def scan_inputs(self, u: torch.Tensor, phase0: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> ScanInputs:
+        """Project u and build the scan's (q, k, v, log α, β, γ), plus x, z and the phase.
 
         ``valid`` (b, l) bool: positions to skip get dt = 0 and x = 0 (left padding).
         """
@@ -101,39 +122,27 @@ class Mamba3(nn.Module):
         H, P, N, R = self.H, self.P, self.N, self.R
         blk = self.blk
         z, x, B, C, dt_raw, a_raw, lam_raw, theta_raw = torch.split(self.in_proj(u), self.split, dim=-1)
-        dt = F.softplus(dt_raw.float() + self.dt_bias.float())  # (b, l, H)
+        dt, log_alpha, beta, gamma = scan_coefficients(  # (b, l, H) float32
+            dt_raw, a_raw, lam_raw if blk.trapezoid else None, self.dt_bias, self.a_bias, blk.a_floor, valid,
+            backend=self.io_backend,
+        )
         if valid is not None:
-            dt = torch.where(valid[..., None], dt, torch.zeros_like(dt))
             x = torch.where(valid[..., None], x, torch.zeros_like(x))
-        A = -F.softplus(a_raw.float() + self.a_bias.float()).clamp(min=blk.a_floor)
-        log_alpha = A * dt
-        if blk.trapezoid:
-            lam = torch.sigmoid(lam_raw.float())
-            beta = (1 - lam) * dt * torch.exp(log_alpha)
-            gamma = lam * dt
-        else:
-            beta, gamma = torch.zeros_like(dt), dt
-
-        B, C = B.view(b, l, 1, R, N), C.view(b, l, 1, R, N)
-        if blk.bc_norm:
-            B, C = rms_norm(B, self.b_norm, self.eps), rms_norm(C, self.c_norm, self.eps)
-        if blk.bc_bias:
-            k, q = B + self.b_bias.to(B.dtype), C + self.c_bias.to(C.dtype)
-        else:
-            k, q = B.expand(b, l, H, R, N), C.expand(b, l, H, R, N)
 
         phase = None
         if self.n_angles:
             theta = math.pi * torch.tanh(theta_raw.float())  # (b, l, n_angles)
-            phase = torch.cumsum(theta[:, :, None, :] * dt[..., None], dim=1)  # (b, l, H, n_angles)
+            phase = cumulative_phase(theta, dt, backend=self.io_backend)  # (b, l, H, n_angles)
             if phase0 is not None:
                 phase = phase + phase0[:, None]
-            k = apply_rotary(k, phase[:, :, :, None, :])
-            q = apply_rotary(q, phase[:, :, :, None, :])
-
-        x = x.view(b, l, H, 1, P)
-        v = x * self.mimo_x.to(x.dtype) if blk.mode == "mimo" else x
-        return q.contiguous(), k.contiguous(), v.contiguous(), log_alpha, beta, gamma, z, phase
+        g = lambda name: getattr(self, name, None)  # noqa: E731
+        q, k = qk_prep(
+            B.view(b, l, R, N), C.view(b, l, R, N), phase, g("b_norm"), g("c_norm"), g("b_bias"), g("c_bias"),
+            H, self.eps, backend=self.io_backend,
+        )
+        x = x.view(b, l, H, P)
+        v = rank_expand(x, self.mimo_x, backend=self.io_backend) if blk.mode == "mimo" else x[:, :, :, None].contiguous()
+        return ScanInputs(q, k, v, log_alpha, beta, gamma, x, z, phase)
 
     def forward(self, u: torch.Tensor, cache: Mamba3Cache | None = None):
         b, l, _ = u.shape
@@ -141,18 +150,18 @@ class Mamba3(nn.Module):
         if cache is not None and l == 1 and cache.valid is None and self.fused_step_ok(u, cache):
             return self.fused_step(u, cache)
         valid = cache.valid if cache is not None else None
-        q, k, v, log_alpha, beta, gamma, z, phase = self.scan_inputs(u, cache.phase if cache is not None else None, valid)
+        ins = self.scan_inputs(u, cache.phase if cache is not None else None, valid)
         y, final = ssm_scan(
-            q, k, v, log_alpha, beta, gamma, cache.scan if cache is not None else None,
+            *ins[:6], cache.scan if cache is not None else None,
             backend=self.backend, chunk_size=self.blk.chunk_size,
         )
         if cache is not None:  # in place: the cache's buffers stay put (CUDA graphs replay on them)
             for dst, src in zip(cache.scan, final):
                 if dst.data_ptr() != src.data_ptr():
                     dst.copy_(src)
-            if phase is not None:
-                cache.phase.copy_(phase[:, -1])
-        return self.out_proj(self.output(y, v, z).reshape(b, l, H * P))
+            if ins.phase is not None:
+                cache.phase.copy_(ins.phase[:, -1])
+        return self.out_proj(self.output(y, ins.x, ins.z).reshape(b, l, H * P))
 
     # ------------------------------------------------------------------ fused decode step (CUDA)
     use_fused_step = True  # set False to decode through ssm_scan (the unfused contract) instead
@@ -217,16 +226,9 @@ class Mamba3(nn.Module):
         out = ssm_step_fused(zx, self.step_params(), cache.phase, cache.scan, self.step_spec())
         return self.out_proj(out).view(b, 1, -1)
 
-    def output(self, y, v, z):
+    def output(self, y, x, z):
         """D skip, pre-gate grouped norm, SiLU gate and the rank combination: (b, l, H, R, P) -> (b, l, H, P)."""
-        b, l = y.shape[:2]
-        y = y + self.D.to(y.dtype)[:, None, None] * v
-        if self.blk.out_norm == "pre_gate_grouped":
-            y = rms_norm(y, None, self.eps) * self.out_norm.to(y.dtype)[:, None, :]
-        z = z.view(b, l, self.H, 1, self.P)
-        if self.blk.mode == "mimo":
-            z = z * self.mimo_z.to(z.dtype)
-        y = y * F.silu(z)
-        if self.blk.mode == "mimo":
-            return (y * self.mimo_o.to(y.dtype)).sum(dim=3)
-        return y[:, :, :, 0]
+        g = lambda name: getattr(self, name, None)  # noqa: E731
+        return gated_output(
+            y, x, z, self.D, g("out_norm"), g("mimo_x"), g("mimo_z"), g("mimo_o"), self.eps, backend=self.io_backend
+        )

@@ -5,14 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hybridlab.kernels.norm_rotary import rms_norm
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """Normalize the last dim in float32, return in x's dtype."""
-    xf = x.float()
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    if weight is not None:
-        y = y * weight.float()
-    return y.to(x.dtype)
+__all__ = ["rms_norm", "RMSNorm"]
 
 
 class RMSNorm(nn.Module):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import math
 import sys
 import traceback
 from pathlib import Path
@@ -25,8 +24,8 @@ from pathlib import Path
 import torch
 
 try:  # installed package, or run from the repo root without installing
-    from hybridlab.kernels import ScanState, ssm_scan
-    from hybridlab.kernels.ssm_scan.reference import scan_chunked
+    from hybridlab.kernels import ssm_scan
+    from hybridlab.kernels.ssm_io import gated_output, qk_prep
 except ImportError:  # pragma: no cover - device fallback: map ./kernels to hybridlab.kernels
     import importlib.util
     import types
@@ -41,8 +40,8 @@ except ImportError:  # pragma: no cover - device fallback: map ./kernels to hybr
     _mod = importlib.util.module_from_spec(_spec)
     sys.modules["hybridlab.kernels"] = _mod
     _spec.loader.exec_module(_mod)
-    from hybridlab.kernels import ScanState, ssm_scan
-    from hybridlab.kernels.ssm_scan.reference import scan_chunked
+    from hybridlab.kernels import ssm_scan
+    from hybridlab.kernels.ssm_io import gated_output, qk_prep
 
 # (b, l, h, p, n)
 DEFAULT_SHAPES = [(8, 2048, 32, 64, 128), (4, 8192, 32, 64, 128), (8, 2048, 32, 64, 64)]
@@ -149,6 +148,53 @@ def time_scan(shape, r, backend, dtype=torch.bfloat16):
     return row
 
 
+def time_io(shape, r, backend, dtype=torch.bfloat16):
+    """The scan's pre/post stages (ssm_io) as the layer runs them: q/k prep (norm + bias + rotary, A = n/4
+    angles) and the gated output (D, pre-gate norm, gate, rank combination); fwd and fwd+bwd, plus the
+    bytes each keeps for backward."""
+    b, l, h, p, n = shape
+    dev = "cuda"
+    mimo = r > 1
+    row = {"kind": "time", "op": "ssm_io", "impl": backend, "shape": shape_name(shape), "rank": r, "dtype": str(dtype).split(".")[-1]}
+    g = torch.Generator(device=dev).manual_seed(0)
+    rnd = lambda *s, scale=1.0: (torch.randn(*s, device=dev, generator=g) * scale)  # noqa: E731
+    bc = rnd(b, l, 2 * r * n).to(dtype).requires_grad_()
+    phase = rnd(b, l, h, n // 4, scale=3.0).requires_grad_()
+    norms = [(rnd(n).abs() + 0.5).requires_grad_() for _ in range(2)]
+    biases = [rnd(h, r, n).requires_grad_() for _ in range(2)]
+    y = rnd(b, l, h, r, p).to(dtype).requires_grad_()
+    xz = rnd(b, l, 2 * h * p).to(dtype).requires_grad_()
+    D, nw = rnd(h).requires_grad_(), (rnd(h, p).abs() + 0.5).requires_grad_()
+    ms = [rnd(h, r, p).requires_grad_() if mimo else None for _ in range(3)]
+
+    def qk():
+        return qk_prep(bc[..., : r * n].view(b, l, r, n), bc[..., r * n :].view(b, l, r, n), phase, *norms, *biases, h, 1e-5, backend=backend)
+
+    def out():
+        return gated_output(y, xz[..., : h * p], xz[..., h * p :], D, nw, *ms, 1e-5, backend=backend)
+
+    leaves = [t for t in (bc, phase, *norms, *biases, y, xz, D, nw, *ms) if t is not None]
+    try:
+        with torch.no_grad():
+            row["qk_fwd_ms"] = _bench(qk)
+            row["out_fwd_ms"] = _bench(out)
+        dq, dk = rnd(b, l, h, r, n).to(dtype), rnd(b, l, h, r, n).to(dtype)
+        do = rnd(b, l, h, p).to(dtype)
+        row["qk_fwdbwd_ms"] = _bench(lambda: torch.autograd.backward(qk(), (dq, dk)), grad_to_none=leaves)
+        row["out_fwdbwd_ms"] = _bench(lambda: out().backward(do), grad_to_none=leaves)
+        for name, fn in (("qk", qk), ("out", out)):  # what the forward keeps alive for backward, outputs excluded
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            res = fn()
+            res = res if isinstance(res, tuple) else (res,)
+            row[f"{name}_saved_MB"] = (torch.cuda.memory_allocated() - before - sum(t.numel() * t.element_size() for t in res)) / 1e6
+            del res
+        row["fwd_ms"], row["fwdbwd_ms"] = row["qk_fwd_ms"] + row["out_fwd_ms"], row["qk_fwdbwd_ms"] + row["out_fwdbwd_ms"]
+    except Exception as e:  # noqa: BLE001
+        row["error"] = f"{type(e).__name__}: {e}"[:300]
+    return row
+
+
 def time_sdpa(b, l, heads=16, d=128):
     import torch.nn.functional as F
 
@@ -206,7 +252,7 @@ def time_fla_gdn(b, l, h=32, dk=128, dv=64):
 
 
 def _add_ratios(rows):
-    ours = {(r["shape"], r["rank"]): r for r in rows if r.get("impl") == "triton"}
+    ours = {(r["shape"], r["rank"]): r for r in rows if r.get("op") == "ssm_scan" and r.get("impl") == "triton"}
     for r in rows:
         if r.get("kind") != "time":
             continue
@@ -250,6 +296,9 @@ def markdown(rows, device, date):
         if "ratio_fwd_vs_our_siso" in r:
             siso = f"{r['ratio_fwd_vs_our_siso']:.2f} / {_fmt(r.get('ratio_fwdbwd_vs_our_siso'), 2)}"
         note = r.get("error", "")
+        if r["op"] == "ssm_io" and "qk_fwd_ms" in r:
+            note = (note + f" q/k {r['qk_fwd_ms']:.3f} / {r['qk_fwdbwd_ms']:.3f}, out {r['out_fwd_ms']:.3f} / {r['out_fwdbwd_ms']:.3f};"
+                    f" saved for bwd {r['qk_saved_MB']:.0f} + {r['out_saved_MB']:.0f} MB").strip()
         if "fwd_TBps" in r:
             note = (note + f" fwd {r['fwd_TBps']:.2f} TB/s (q,k,v,y bytes)").strip()
         out.append(
@@ -265,7 +314,7 @@ def markdown(rows, device, date):
     return "\n".join(out) + "\n"
 
 
-def run_ssm_bench(shapes=None, out_dir="bench_out", ranks=RANKS, check=True, reference=True, peers=True, log=print) -> list[dict]:
+def run_ssm_bench(shapes=None, out_dir="bench_out", ranks=RANKS, check=True, reference=True, peers=True, io=True, log=print) -> list[dict]:
     """Run the benchmark; write ssm_bench.json / ssm_bench.md into out_dir; return the rows."""
     if not torch.cuda.is_available():
         raise RuntimeError("hybridlab bench ssm needs a CUDA GPU")
@@ -298,6 +347,10 @@ def run_ssm_bench(shapes=None, out_dir="bench_out", ranks=RANKS, check=True, ref
         if reference:
             for r in ranks:
                 add(time_scan(s, r, "torch_chunked"))
+        if io:
+            for r in ranks:
+                for impl in ("triton", "torch"):
+                    add(time_io(s, r, impl))
     if peers:
         seen = set()
         for b, l, h, p, n in shapes:
@@ -329,6 +382,7 @@ def main(argv=None):
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--no-io", action="store_true", help="skip the pre/post stages (ssm_io)")
     ap.add_argument("--quick", action="store_true", help="first shape only")
     ap.add_argument("--shapes", default=None, help="indices into the default shapes, e.g. 1,2")
     ap.add_argument("--ranks", default="1,4")
@@ -337,7 +391,7 @@ def main(argv=None):
     if a.shapes:
         shapes = [DEFAULT_SHAPES[int(i)] for i in a.shapes.split(",")]
     ranks = tuple(int(x) for x in a.ranks.split(","))
-    rows = run_ssm_bench(shapes, a.out, ranks=ranks, check=not a.no_check, reference=not a.no_reference, peers=not a.no_peers)
+    rows = run_ssm_bench(shapes, a.out, ranks=ranks, check=not a.no_check, reference=not a.no_reference, peers=not a.no_peers, io=not a.no_io)
     print(markdown(rows, rows[0]["device"] if rows else "?", rows[0]["date"] if rows else "?"))
     return 0 if all(r.get("ok", True) for r in rows if r.get("kind") == "check") else 1
 

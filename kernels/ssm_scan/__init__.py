@@ -21,6 +21,7 @@ import os
 
 import torch
 
+from .._deps import has_module
 from .reference import ScanState, scan_chunked, scan_recurrent
 
 __all__ = ["ssm_scan", "ScanState", "select_backend", "default_chunk_size", "triton_supports", "BACKENDS"]
@@ -28,12 +29,8 @@ __all__ = ["ssm_scan", "ScanState", "select_backend", "default_chunk_size", "tri
 BACKENDS = ("auto", "torch", "torch_chunked", "torch_recurrent", "triton", "cute")
 
 
-def _has(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
-
-
 def _triton_usable(device: torch.device) -> bool:
-    if not _has("triton"):
+    if not has_module("triton"):
         return False
     if device.type == "cuda":
         return True
@@ -79,7 +76,7 @@ def select_backend(device: torch.device | str, seqlen: int | None = None, shape:
         if ok:
             return "cute", "CUDA sm90+ with nvidia-cutlass-dsl: CuTe decode step"
         why_not.append(f"cute: {why}")
-    if _has("triton") and _kernel_file_exists("triton"):
+    if has_module("triton") and _kernel_file_exists("triton"):
         ok, why = (True, "") if not shape else triton_supports(**shape)
         if ok:
             return "triton", "CUDA with triton: chunked Triton kernels"

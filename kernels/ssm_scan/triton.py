@@ -15,7 +15,7 @@ i.e. the trapezoid's "previous (k, v)" term is folded into the decay mask (one
 set of dots, not two), and the one term that reaches across the chunk boundary
 is folded into h'. The forward carries h in registers across the chunks of a
 sequence (one program per (batch, head, headdim block)); when gradients are
-needed it stores h' per chunk: (b, h, nchunks, P, N) fp32. The backward is two
+needed it stores h' per chunk: (b, h, nchunks, P, N) in the inputs' dtype. The backward is two
 passes, as chunked SSD backwards usually are: ``_bwd_dh_kernel`` walks the
 chunks in reverse carrying only H = dLoss/dh' (one small dot per chunk, fp32 in
 registers) and stores it per chunk boundary, (b, h, nchunks, P, N) in the
@@ -77,6 +77,20 @@ def _decay_b(Lp, Lnext, t_i):
 
 
 @triton.jit
+def _head_program(NH, R: tl.constexpr, N: tl.constexpr, P: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    """A (batch·head, headdim block) program's coordinates: batch, head, each chunk row's position and
+    rank (rows i = t·R + r), the d_state and headdim indices and their masks."""
+    pid_bh = tl.program_id(0)
+    bb = (pid_bh // NH).to(tl.int64)
+    hd = (pid_bh % NH).to(tl.int64)
+    i = tl.arange(0, BLOCK)
+    n = tl.arange(0, BN)
+    p = tl.program_id(1) * BP + tl.arange(0, BP)
+    return bb, hd, i // R, i % R, n, p, n < N, p < P
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, LA, BETA, GAMMA, H0, K0, V0, Y, HF, HS,
     L, NH, NCHUNKS,
@@ -84,20 +98,9 @@ def _fwd_kernel(
     BN: tl.constexpr, BP: tl.constexpr, BLOCK: tl.constexpr,
     STORE_STATES: tl.constexpr, IEEE: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
-    pid_p = tl.program_id(1)
-    bb = (pid_bh // NH).to(tl.int64)
-    hd = (pid_bh % NH).to(tl.int64)
+    bb, hd, t_i, r_i, n, p, nmask, pmask = _head_program(NH, R, N, P, BN, BP, BLOCK)
     T: tl.constexpr = BLOCK // R
     DT = Q.dtype.element_ty
-
-    i = tl.arange(0, BLOCK)
-    t_i = i // R
-    r_i = i % R
-    n = tl.arange(0, BN)
-    p = pid_p * BP + tl.arange(0, BP)
-    nmask = n < N
-    pmask = p < P
 
     sql = NH * R * N  # q/k stride over l
     svl = NH * R * P
@@ -126,7 +129,7 @@ def _fwd_kernel(
                 vp = tl.load(V + v_base + (pos0 - 1) * svl + r * P + p, mask=pmask, other=0.0).to(tl.float32)
             h += (b0 * vp)[:, None] * kp[None, :]
         if STORE_STATES:
-            tl.store(HS + (st_base * NCHUNKS + c) * P * N + p[:, None] * N + n[None, :], h,
+            tl.store(HS + (st_base * NCHUNKS + c) * P * N + p[:, None] * N + n[None, :], h.to(HS.dtype.element_ty),
                      mask=pmask[:, None] & nmask[None, :])
         # --- tiles
         qk_off = qk_base + pos_i[:, None] * sql + r_i[:, None] * N + n[None, :]
@@ -170,20 +173,9 @@ def _bwd_dh_kernel(
     dh0 = alpha_0 H_0, dv0_r = beta_0 H_0 k0_r, dk0_r = beta_0 H_0^T v0_r
     (dk0 partial per headdim block, summed on the host).
     """
-    pid_bh = tl.program_id(0)
-    pid_p = tl.program_id(1)
-    bb = (pid_bh // NH).to(tl.int64)
-    hd = (pid_bh % NH).to(tl.int64)
+    bb, hd, t_i, r_i, n, p, nmask, pmask = _head_program(NH, R, N, P, BN, BP, BLOCK)
     T: tl.constexpr = BLOCK // R
     DT = Q.dtype.element_ty
-
-    i = tl.arange(0, BLOCK)
-    t_i = i // R
-    r_i = i % R
-    n = tl.arange(0, BN)
-    p = pid_p * BP + tl.arange(0, BP)
-    nmask = n < N
-    pmask = p < P
     pn_mask = pmask[:, None] & nmask[None, :]
     pn_off = p[:, None] * N + n[None, :]
 
@@ -219,7 +211,7 @@ def _bwd_dh_kernel(
         k0 = tl.load(K0 + st_base * R * N + r * N + n, mask=nmask, other=0.0).to(tl.float32)
         v0 = tl.load(V0 + st_base * R * P + r * P + p, mask=pmask, other=0.0).to(tl.float32)
         tl.store(DV0 + st_base * R * P + r * P + p, b0 * tl.sum(H * k0[None, :], 1), mask=pmask)
-        tl.store(DK0P + ((st_base * tl.num_programs(1) + pid_p) * R + r) * N + n,
+        tl.store(DK0P + ((st_base * tl.num_programs(1) + tl.program_id(1)) * R + r) * N + n,
                  b0 * tl.sum(H * v0[:, None], 0), mask=nmask)
 
 
@@ -334,7 +326,7 @@ def _bwd_chunk_kernel(
         KH = _dot(k, tl.trans(Hc), IEEE, KH)
         QKP = _dot(q, tl.trans(kp), IEEE, QKP)
         HKP = _dot(Hc, tl.trans(kp), IEEE, HKP)
-        hH += tl.sum(Hc.to(tl.float32) * hp, 1)
+        hH += tl.sum(Hc.to(tl.float32) * hp.to(tl.float32), 1)
 
     # --- intra-chunk: mask gradients
     dM = _dot(dy, tl.trans(v), IEEE)
@@ -437,6 +429,8 @@ _FWD_CONFIGS = [
 _BWD_CONFIGS = [
     triton.Config({}, num_warps=8, num_stages=1),
     triton.Config({}, num_warps=4, num_stages=1),
+    triton.Config({}, num_warps=8, num_stages=2),
+    triton.Config({}, num_warps=4, num_stages=2),
 ]
 _KEY = ["R", "N", "P", "BLOCK", "IEEE", "STORE_STATES"]
 
@@ -476,7 +470,9 @@ def _fwd(q, k, v, la, beta, gamma, h0, k0, v0, block, store_states):
     nchunks = triton.cdiv(l, T)
     y = torch.empty_like(v)
     hf = torch.empty(b, nh, p, n, device=q.device, dtype=torch.float32)
-    hs = torch.empty(b, nh, nchunks, p, n, device=q.device, dtype=torch.float32) if store_states else hf
+    # h' for the backward in the inputs' dtype: its dots consume it in that dtype anyway, and for MIMO
+    # (4x the chunks) the fp32 copy was the largest tensor the forward wrote.
+    hs = torch.empty(b, nh, nchunks, p, n, device=q.device, dtype=q.dtype) if store_states else hf
     ieee = q.dtype == torch.float32
     BN, BPf = max(_pow2(n), 16), max(_pow2(p), 16)
     args = (q, k, v, la, beta, gamma, h0, k0, v0, y, hf, hs, l, nh, nchunks)

@@ -123,6 +123,7 @@ def bench_ssm(
     check: bool = typer.Option(True, "--check/--no-check", help="Compare against the torch reference first."),
     reference: bool = typer.Option(True, "--reference/--no-reference", help="Also time the torch reference."),
     peers: bool = typer.Option(True, "--peers/--no-peers", help="Also time SDPA / flash-attn-4 / FLA peers."),
+    io: bool = typer.Option(True, "--io/--no-io", help="Also time the fused pre/post stages (ssm_io) vs their reference."),
 ):
     """Time the ssm_scan backends (forward, forward+backward) against the peers that import."""
     import torch
@@ -135,7 +136,7 @@ def bench_ssm(
         rank_list = tuple(int(r) for r in ranks.split(","))
     except ValueError:
         raise UserError(f"--ranks: expected comma-separated integers, got {ranks!r}") from None
-    run_ssm_bench(out_dir=out, ranks=rank_list, check=check, reference=reference, peers=peers)
+    run_ssm_bench(out_dir=out, ranks=rank_list, check=check, reference=reference, peers=peers, io=io)
 
 
 @bench_app.command("decode")
@@ -173,6 +174,7 @@ def bench_train(
     ssm_backend: str = typer.Option("auto", "--ssm-backend", help="auto, torch, triton"),
     checkpointing: bool = typer.Option(False, "--activation-checkpointing"),
     json_out: Optional[str] = typer.Option(None, "--json", help="Append the result as a JSON line to this file."),
+    profile: int = typer.Option(0, "--profile", help="Print the N most expensive CUDA kernels of one step."),
     set_: Optional[List[str]] = SetOpt,
 ):
     """Training throughput of one spec here (DeepSpeed, no Ray): tokens/s, MFU, peak memory."""
@@ -196,7 +198,7 @@ def bench_train(
     if ssm_backend in ("triton", "cute") and not torch.cuda.is_available():
         raise UserError(f"--ssm-backend {ssm_backend} needs a CUDA GPU (none is visible here)")
     res = measure_training(spec, seq_len, micro_batch, steps, warmup, zero_stage, precision, ssm_backend,
-                           set_ or [], checkpointing)
+                           set_ or [], checkpointing, profile_top=max(profile, 0))
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 speaks for all
         return
     print(json.dumps(res))

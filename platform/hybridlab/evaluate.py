@@ -283,7 +283,7 @@ def evaluate(target: str, task: str, lengths, batches: int = 2, batch_size: int 
 
     import torch
 
-    from hybridlab.jobs.evals import run_evals
+    from hybridlab.jobs.evals import EVAL_METRICS, eval_table, run_evals
 
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, spec = load_model(t, dev)
@@ -296,7 +296,7 @@ def evaluate(target: str, task: str, lengths, batches: int = 2, batch_size: int 
                             + (f"  final_acc {r['final_acc']:.4f}" if "final_acc" in r else "")
                             + (f"  loss {r['loss']:.4f}" if "loss" in r else "")))
     wall = time.time() - t0
-    table = _table(metrics)
+    table = eval_table(metrics, EVAL_METRICS, layout="table") + "\n"
     if log:
         rid = _log(client, uri, t, entry, metrics, table, child)
         console.print(f"logged {len(metrics)} metrics into MLflow run {rid} ({uri})")
@@ -320,21 +320,6 @@ def _check_entry(entry: dict, t: Target) -> None:
     if vocab and task.vocab_size > vocab:
         raise UserError(f"task {entry['task']!r} needs a vocabulary of {task.vocab_size} tokens; "
                         f"the model's vocab_size is {vocab}")
-
-
-def _table(metrics: dict) -> str:
-    from .compare import EVAL_RE
-
-    rows: dict = {}
-    for k, v in metrics.items():
-        m = EVAL_RE.match(k)
-        if m:
-            rows.setdefault((m["task"], int(m["len"])), {})[m["what"]] = v
-    whats = [w for w in ("acc", "final_acc", "seq_acc", "loss") if any(w in r for r in rows.values())]
-    lines = ["task        length  " + "  ".join(f"{w:>9s}" for w in whats)]
-    for (task, L), r in sorted(rows.items()):
-        lines.append(f"{task:10s}  {L:6d}  " + "  ".join(f"{r[w]:9.4f}" if w in r else f"{'-':>9s}" for w in whats))
-    return "\n".join(lines) + "\n"
 
 
 def _log(client, uri: str, t: Target, entry: dict, metrics: dict, table: str, child: bool) -> str:

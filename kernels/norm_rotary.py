@@ -1,0 +1,30 @@
+"""RMSNorm and half-split rotary in plain PyTorch: the one home of both (layers and kernel references use them)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """Normalize the last dim in float32, return in x's dtype."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.float()
+    return y.to(x.dtype)
+
+
+def apply_rotary(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate the first ``2 * angles.shape[-1]`` dims of x's last axis by ``angles`` (half-split pairs).
+
+    ``angles`` broadcasts against ``x[..., :n_pairs]``; the rest of x passes
+    through. Computed in float32, returned in x's dtype.
+    """
+    n = angles.shape[-1]
+    if n == 0:
+        return x
+    xf = x.float()
+    x1, x2, rest = xf[..., :n], xf[..., n : 2 * n], xf[..., 2 * n :]
+    cos, sin = angles.cos(), angles.sin()
+    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest], dim=-1)
+    return out.to(x.dtype)

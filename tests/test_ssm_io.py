@@ -1,0 +1,303 @@
+"""ssm_io: the fused pre/post-processing stages of the Mamba-3 scan against their references.
+
+* the Triton kernels under TRITON_INTERPRET=1 (subprocess, as in test_ssm_scan):
+  qk_prep and gated_output, forward and every gradient (inputs and parameters),
+  over ranks 1/2/4, with and without norm / bias / rotary / MIMO / pre-gate
+  norm, non-power-of-two sizes, strided inputs (views of a projection);
+* a whole Mamba-3 layer whose stages and scan run on Triton equals the torch
+  layer, forward and all parameter gradients (interpreter);
+* bad shapes raise one clear ValueError; an unusable backend raises;
+* full-size bf16 checks on CUDA (marked gpu).
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+
+import pytest
+import torch
+from conftest import run_under_interpreter
+
+from hybridlab.kernels._deps import has_module
+
+from hybridlab.kernels.ssm_io import cumulative_phase, gated_output, io_backend, qk_prep, rank_expand, scan_coefficients
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def qk_case(b, l, h, r, n, A, norm, bias, strided_phase=False, *, dtype=torch.float32, device="cpu", seed=0):
+    """Errors of the fused q/k stage vs the float64 reference: [q, k, dB/dC (via the projection), dphase, params]."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale)  # noqa: E731
+    proj = rnd(b, l, 3 + 2 * r * n)  # B and C as strided views of one projection, as in the layer
+    phase = rnd(b, h, A, l, scale=3.0).permute(0, 3, 1, 2) if strided_phase else rnd(b, l, h, A, scale=3.0)
+    leaves = {"proj": proj, "phase": phase if A else None}
+    leaves.update(b_norm=rnd(n).abs() + 0.5 if norm else None, c_norm=rnd(n).abs() + 0.5 if norm else None)
+    leaves.update(b_bias=rnd(h, r, n) if bias else None, c_bias=rnd(h, r, n) if bias else None)
+    dq, dk = rnd(b, l, h, r, n), rnd(b, l, h, r, n)
+    out = {}
+    for backend, dt in (("triton", dtype), ("torch", torch.float64)):
+        ls = {k: (v.to(device=device, dtype=dt if k != "phase" else (torch.float32 if dt != torch.float64 else dt)).detach().requires_grad_()
+                  if v is not None else None) for k, v in leaves.items()}
+        P = ls["proj"]
+        B, C = P[..., 3 : 3 + r * n].view(b, l, r, n), P[..., 3 + r * n :].view(b, l, r, n)
+        q, k = qk_prep(B, C, ls["phase"], ls["b_norm"], ls["c_norm"], ls["b_bias"], ls["c_bias"], h, 1e-5, backend=backend)
+        live = [v for v in ls.values() if v is not None]
+        grads = torch.autograd.grad((q.double() * dq.to(q.device, torch.float64)).sum() + (k.double() * dk.to(k.device, torch.float64)).sum(), live)
+        out[backend] = [q, k, *grads]
+    names = ["q", "k"] + [k for k, v in leaves.items() if v is not None]
+    return {nm: rel(a.cpu(), b_.cpu()) for nm, a, b_ in zip(names, out["triton"], out["torch"])}
+
+
+def out_case(b, l, h, r, p, norm, mimo, *, dtype=torch.float32, device="cpu", seed=0):
+    """Errors of the fused output stage vs the float64 reference: [out, dy, dx/dz (projection), dD, params]."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale)  # noqa: E731
+    leaves = {"y": rnd(b, l, h, r, p), "proj": rnd(b, l, 2 * h * p + 5), "D": rnd(h)}
+    leaves["norm_w"] = rnd(h, p).abs() + 0.5 if norm else None
+    for name in ("mimo_x", "mimo_z", "mimo_o"):
+        leaves[name] = rnd(h, r, p) if mimo else None
+    dout = rnd(b, l, h, p)
+    out = {}
+    for backend, dt in (("triton", dtype), ("torch", torch.float64)):
+        ls = {k: (v.to(device=device, dtype=dt).requires_grad_() if v is not None else None) for k, v in leaves.items()}
+        x, z = ls["proj"][..., : h * p], ls["proj"][..., h * p : 2 * h * p]
+        o = gated_output(ls["y"], x, z, ls["D"], ls["norm_w"], ls["mimo_x"], ls["mimo_z"], ls["mimo_o"], 1e-5, backend=backend)
+        live = [v for v in ls.values() if v is not None]
+        grads = torch.autograd.grad((o.double() * dout.to(o.device, torch.float64)).sum(), live)
+        out[backend] = [o, *grads]
+    names = ["out"] + [k for k, v in leaves.items() if v is not None]
+    return {nm: rel(a.cpu(), b_.cpu()) for nm, a, b_ in zip(names, out["triton"], out["torch"])}
+
+
+def phase_case(b, l, h, A, *, device="cpu", seed=0):
+    """Errors of the fused cumulative phase vs the float64 reference: [phase, dθ, ddt]."""
+    g = torch.Generator().manual_seed(seed)
+    theta, dt = torch.randn(b, l, A, generator=g), torch.rand(b, l, h, generator=g)
+    dphase = torch.randn(b, l, h, A, generator=g)
+    out = {}
+    for backend, dtype in (("triton", torch.float32), ("torch", torch.float64)):
+        th, d = theta.to(device, dtype).requires_grad_(), dt.to(device, dtype).requires_grad_()
+        ph = cumulative_phase(th, d, backend=backend)
+        out[backend] = [ph, *torch.autograd.grad((ph.double() * dphase.to(device, torch.float64)).sum(), [th, d])]
+    return {nm: rel(a.cpu(), b_.cpu()) for nm, a, b_ in zip(["phase", "dtheta", "ddt"], out["triton"], out["torch"])}
+
+
+def expand_case(b, l, h, r, p, *, dtype=torch.float32, device="cpu", seed=0):
+    """Errors of the fused MIMO rank expansion vs the float64 reference: [v, dx (via a strided view), dw]."""
+    g = torch.Generator().manual_seed(seed)
+    proj, w, dv = torch.randn(b, l, h * p + 3, generator=g), torch.randn(h, r, p, generator=g), torch.randn(b, l, h, r, p, generator=g)
+    out = {}
+    for backend, dt in (("triton", dtype), ("torch", torch.float64)):
+        P_, W_ = proj.to(device, dt).requires_grad_(), w.to(device, dt).requires_grad_()
+        v = rank_expand(P_[..., 3:].view(b, l, h, p), W_, backend=backend)
+        out[backend] = [v, *torch.autograd.grad((v.double() * dv.to(device, torch.float64)).sum(), [P_, W_])]
+    return {nm: rel(a.cpu(), b_.cpu()) for nm, a, b_ in zip(["v", "dx", "dw"], out["triton"], out["torch"])}
+
+
+def coef_case(b, l, h, trap, with_valid, *, dtype=torch.float32, device="cpu", seed=0):
+    """Errors of the fused scan coefficients vs the float64 reference: [dt, log α, β, γ, d(projection), d biases].
+
+    a_floor 0.5 clamps part of A, so both sides of the clamp's gradient are exercised."""
+    g = torch.Generator().manual_seed(seed)
+    proj = torch.randn(b, l, 3 * h + 2, generator=g) * 2
+    biases = [torch.randn(h, generator=g), torch.randn(h, generator=g)]
+    valid = (torch.rand(b, l, generator=g) > 0.3).to(device) if with_valid else None
+    gs = [torch.randn(b, l, h, generator=g) for _ in range(4)]
+    out = {}
+    for backend, dt in (("triton", dtype), ("torch", torch.float64)):
+        P_ = proj.to(device, dt).requires_grad_()
+        bs = [t.to(device, dt).requires_grad_() for t in biases]
+        raw = [P_[..., 2 + i * h : 2 + (i + 1) * h] for i in range(3)]
+        res = scan_coefficients(raw[0], raw[1], raw[2] if trap else None, *bs, 0.5, valid, backend=backend)
+        loss = sum((r.double() * gg.to(device, torch.float64)).sum() for r, gg in zip(res, gs))
+        out[backend] = [*res, *torch.autograd.grad(loss, [P_, *bs])]
+    names = ["dt", "log_alpha", "beta", "gamma", "dproj", "ddt_bias", "da_bias"]
+    return {nm: rel(a.cpu(), b_.cpu()) for nm, a, b_ in zip(names, out["triton"], out["torch"]) if b_.abs().sum() > 0}
+
+
+COEF_CASES = [(2, 5, 3, True, False), (1, 70, 6, True, True), (2, 9, 1, False, True), (1, 300, 4, False, False)]
+
+EXPAND_CASES = [(2, 5, 3, 4, 16), (1, 70, 2, 2, 24), (1, 9, 1, 8, 16)]
+
+PHASE_CASES = [(2, 5, 3, 4), (1, 70, 6, 5), (1, 33, 1, 1)]  # sequences longer than a chunk; odd head/angle counts
+
+QK_CASES = [
+    # b, l, h, r, n, A (angles), norm, bias
+    (2, 5, 3, 1, 16, 4, True, True),
+    (1, 7, 2, 4, 32, 8, True, True),
+    (2, 3, 2, 2, 24, 5, False, True),  # non-power-of-two d_state and angle count
+    (1, 4, 3, 1, 16, 0, True, False),  # no rotary, no bias
+    (1, 9, 2, 4, 16, 8, False, False),  # every column rotated
+    (1, 70, 1, 1, 16, 2, True, True),  # more tokens than one program's block
+    (2, 33, 3, 2, 16, 4, True, True, True),  # phase as a (b, H, A, l)-major view, as the layer builds it
+]
+OUT_CASES = [
+    # b, l, h, r, p, pre-gate norm, mimo
+    (2, 5, 3, 1, 16, True, False),
+    (1, 7, 2, 4, 32, True, True),
+    (2, 3, 2, 2, 24, False, True),
+    (1, 4, 3, 1, 20, False, False),
+    (1, 70, 1, 8, 16, True, True),
+]
+
+_INTERP_SCRIPT = textwrap.dedent(
+    """
+    import os, sys
+    os.environ["TRITON_INTERPRET"] = "1"
+    sys.path.insert(0, TESTS_DIR)
+    import test_ssm_io as t
+    fails = []
+    for name, cases, check, tol in t.INTERPRETER_CHECKS:
+        for case in cases:
+            for nm, e in getattr(t, check)(*case).items():
+                print(name, case, nm, f"{e:.2e}")
+                if not e < tol:
+                    fails.append((name, case, nm, e))
+    print("FAILS", fails)
+    sys.exit(1 if fails else 0)
+    """
+)
+
+LAYER_CASES = [
+    # mode, rank, out_norm, overrides
+    ("siso", 1, "none", []),
+    ("mimo", 2, "pre_gate_grouped", []),
+    ("mimo", 4, "pre_gate_grouped", ["rope_fraction=1.0", "bc_bias=false"]),
+    ("siso", 1, "pre_gate_grouped", ["rope=false", "bc_norm=false", "trapezoid=false"]),
+]
+
+
+def layer_case(mode, rank, out_norm, overrides, *, device="cpu", dtype=torch.float32, b=2, l=24):
+    """One Mamba-3 layer on Triton (fused stages + scan) vs the same layer on torch: output and every gradient."""
+    from hybridlab.arch.layers.mamba3 import Mamba3
+    from hybridlab.arch.spec import load_model_spec
+
+    sets = [f"blocks.m3.mode={mode}", f"blocks.m3.rank={rank}", f"blocks.m3.out_norm={out_norm}", "blocks.m3.d_state=16",
+            "blocks.m3.headdim=16", f"blocks.m3.chunk_size={16 // rank}"] + [f"blocks.m3.{o}" for o in overrides]
+    spec = load_model_spec("zoo:tiny-mamba3", sets)
+    torch.manual_seed(0)
+    ref = Mamba3(spec.d_model, spec.blocks["m3"], backend="torch").to(device)
+    with torch.no_grad():  # move every parameter off its init so each gradient path is exercised
+        for prm in ref.parameters():
+            prm.add_(torch.randn_like(prm) * 0.2)
+    fused = Mamba3(spec.d_model, spec.blocks["m3"], backend="triton").to(device)
+    fused.load_state_dict(ref.state_dict())
+    u = torch.randn(b, l, spec.d_model, device=device)
+    res = {}
+    for name, layer in (("triton", fused.to(dtype)), ("torch", ref.double())):
+        uu = u.to(torch.float64 if name == "torch" else dtype).detach().requires_grad_()
+        y = layer(uu)
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(device)
+        (y.double() * dy.double()).sum().backward()
+        res[name] = {"y": y.detach(), "du": uu.grad, **{n: prm.grad for n, prm in layer.named_parameters()}}
+    return {n: rel(res["triton"][n].cpu(), res["torch"][n].cpu()) for n in res["torch"]}
+
+
+INTERPRETER_CHECKS = [  # (name, cases, check function, tolerance on every relative error)
+    ("coef", COEF_CASES, "coef_case", 1e-5),
+    ("expand", EXPAND_CASES, "expand_case", 1e-5),
+    ("phase", PHASE_CASES, "phase_case", 1e-5),
+    ("qk", QK_CASES, "qk_case", 1e-5),
+    ("out", OUT_CASES, "out_case", 1e-5),
+    ("layer", LAYER_CASES, "layer_case", 1e-4),
+]
+
+
+@pytest.mark.skipif(not has_module("triton"), reason="triton not installed")
+def test_triton_io_interpreter_matches_reference():
+    run_under_interpreter(_INTERP_SCRIPT, HYBRIDLAB_IO_BWD_PROGRAMS="2")
+
+
+# ---------------------------------------------------------------- dispatch and bad input
+
+
+def test_auto_backend_on_cpu_is_the_reference():
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("triton is usable here")
+    t = torch.zeros(1)
+    assert io_backend(t) == "torch"
+    assert io_backend(t.double(), "auto") == "torch"
+    with pytest.raises(RuntimeError, match="triton"):
+        io_backend(t, "triton")
+    with pytest.raises(ValueError, match="unknown backend"):
+        io_backend(t, "cuda")
+
+
+@pytest.mark.parametrize("bad", ["rank4d", "c_shape", "norm", "bias", "phase_heads", "phase_wide"])
+def test_qk_prep_bad_shapes(bad):
+    b, l, h, r, n = 1, 3, 2, 1, 8
+    B, C = torch.randn(b, l, r, n), torch.randn(b, l, r, n)
+    phase, w, bias = torch.randn(b, l, h, 2), torch.ones(n), torch.ones(h, r, n)
+    if bad == "rank4d":
+        B, C = B[..., 0], C[..., 0]
+    elif bad == "c_shape":
+        C = C[..., :4]
+    elif bad == "norm":
+        w = torch.ones(n + 1)
+    elif bad == "bias":
+        bias = torch.ones(h + 1, r, n)
+    elif bad == "phase_heads":
+        phase = torch.randn(b, l, h + 1, 2)
+    elif bad == "phase_wide":
+        phase = torch.randn(b, l, h, n)
+    with pytest.raises(ValueError, match="ssm_io"):
+        qk_prep(B, C, phase, w, w, bias, bias, h, 1e-5, backend="torch")
+
+
+@pytest.mark.parametrize("bad", ["y4d", "x", "D", "norm", "mimo_partial", "rank_without_mimo"])
+def test_gated_output_bad_shapes(bad):
+    b, l, h, r, p = 1, 3, 2, 2, 8
+    y, x, z = torch.randn(b, l, h, r, p), torch.randn(b, l, h, p), torch.randn(b, l, h * p)
+    D, nw, m = torch.ones(h), torch.ones(h, p), torch.ones(h, r, p)
+    mimo = [m, m, m]
+    if bad == "y4d":
+        y = y[:, :, :, 0]
+    elif bad == "x":
+        x = x[..., :4]
+    elif bad == "D":
+        D = torch.ones(h + 1)
+    elif bad == "norm":
+        nw = torch.ones(p)
+    elif bad == "mimo_partial":
+        mimo = [m, None, m]
+    elif bad == "rank_without_mimo":
+        mimo = [None, None, None]
+    with pytest.raises(ValueError, match="ssm_io"):
+        gated_output(y, x, z, D, nw, *mimo, 1e-5, backend="torch")
+
+
+# ---------------------------------------------------------------- CUDA, full size
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("r", [1, 4])
+def test_io_gpu_matches_reference(r, dtype):
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    for nm, e in qk_case(2, 1024, 32, r, 128, 32, True, True, dtype=dtype, device="cuda").items():
+        assert e < tol, f"qk {nm}: {e:.2e}"
+    for nm, e in out_case(2, 1024, 32, r, 64, True, r > 1, dtype=dtype, device="cuda").items():
+        assert e < tol, f"out {nm}: {e:.2e}"
+    for nm, e in expand_case(2, 1024, 32, r, 64, dtype=dtype, device="cuda").items():
+        assert e < tol, f"expand {nm}: {e:.2e}"
+    for nm, e in coef_case(2, 2048, 32, r > 1, r > 1, device="cuda").items():
+        assert e < 1e-5, f"coef {nm}: {e:.2e}"
+    for nm, e in phase_case(2, 2048, 32, 32, device="cuda").items():
+        assert e < 1e-5, f"phase {nm}: {e:.2e}"
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("case", LAYER_CASES)
+def test_layer_gpu_matches_torch_layer(case):
+    for nm, e in layer_case(*case, device="cuda", b=2, l=300).items():
+        assert e < 1e-4, f"{nm}: {e:.2e}"
