@@ -70,6 +70,7 @@ class TrainSpec:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     zero_stage: int = 2
     checkpoint_every: int = 0  # 0: only at the end
+    activation_checkpointing: bool = False  # recompute each sub-block in the backward: less memory, ~1/3 more compute
     log_every: int = 10
     seed: int = 0
     deepspeed: dict = field(default_factory=dict)  # merged over the generated DeepSpeed config

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from hybridlab.arch import HybridLM, count_spec, load_model_spec
-from hybridlab.jobs.train import deepspeed_config, peak_flops, peak_memory_bytes
+from hybridlab.jobs.train import checkpoint_activations, deepspeed_config, peak_flops, peak_memory_bytes
 
 
 def _init_distributed(device: torch.device) -> tuple[int, int]:
@@ -55,7 +55,7 @@ def measure_training(
     torch.manual_seed(0)
     model = HybridLM(spec, backends={"ssm": ssm_backend})
     if activation_checkpointing:
-        _checkpoint_sub_blocks(model)
+        checkpoint_activations(model)
     train = {"micro_batch": micro_batch, "grad_accum": 1, "grad_clip": 1.0, "lr": 1e-4, "betas": (0.9, 0.95),
              "weight_decay": 0.1, "zero_stage": zero_stage, "precision": precision}
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=deepspeed_config(train, world))
@@ -105,14 +105,6 @@ def _print_profile(step, top: int) -> None:
         step()
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=70), flush=True)
-
-
-def _checkpoint_sub_blocks(model: HybridLM) -> None:
-    from torch.utils.checkpoint import checkpoint
-
-    for layer in model.layers:
-        fwd = layer.forward
-        layer.forward = lambda x, cache=None, _f=fwd: checkpoint(_f, x, cache, use_reentrant=False) if cache is None else _f(x, cache)
 
 
 def _sync(device: torch.device) -> None:

@@ -45,6 +45,16 @@ def deep_merge(base: dict, extra: dict) -> dict:
     return base
 
 
+def checkpoint_activations(model) -> None:
+    """Recompute each sub-block's forward in the backward instead of keeping its activations (torch
+    non-reentrant checkpointing; decoding with a cache is left as it is)."""
+    from torch.utils.checkpoint import checkpoint
+
+    for layer in model.layers:
+        fwd = layer.forward
+        layer.forward = lambda x, cache=None, _f=fwd: checkpoint(_f, x, cache, use_reentrant=False) if cache is None else _f(x, cache)
+
+
 def deepspeed_config(train: dict, world_size: int) -> dict:
     """The DeepSpeed config of a job's ``train`` section (``train.deepspeed`` merged last)."""
     prec = train["precision"]
@@ -165,6 +175,8 @@ def train_loop_per_worker(config: dict) -> None:
     model_spec = load_model_spec(job["model"])
     torch.manual_seed(train["seed"])  # identical init on every rank
     model = HybridLM(model_spec)
+    if train.get("activation_checkpointing"):
+        checkpoint_activations(model)
     n_params = sum(p.numel() for p in model.parameters())
     counts = count_spec(model_spec, data["seq_len"])
     flops_per_token = float(counts.get("flops_per_token_train") or 6 * n_params)

@@ -13,7 +13,7 @@ import pytest
 
 from hybridlab.arch.specio import SpecError
 from hybridlab.jobs.spec import expand_sweep, flatten, from_resolved, load_job
-from hybridlab.jobs.train import deepspeed_config, lr_lambda
+from hybridlab.jobs.train import checkpoint_activations, deepspeed_config, lr_lambda
 
 GOOD = """\
 experiment: t
@@ -72,6 +72,7 @@ def test_good_job_resolves_and_round_trips(tmp_path):
     (GOOD + "sweep: {train.lr: []}\n", ":8 sweep.train.lr", "at least one value"),
     (GOOD.replace("resources: {workers: 2}", "resources: {workers: 2, backend: nccl}"), ":5 resources.backend", "nccl needs GPUs"),
     (GOOD.replace("experiment: t", "experiment: !!python/object:os.system t"), ":1", "not allowed"),
+    (GOOD.replace("checkpoint_every: 10", "activation_checkpointing: sometimes"), ":4 train.activation_checkpointing", "expected"),
 ])
 def test_spec_errors_are_located(tmp_path, text, where, words):
     msg = err(tmp_path, text)
@@ -177,3 +178,32 @@ def test_check_takes_a_job_file(tmp_path):
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
     assert rep["name"] == "quickstart-hybrid" and rep["vocab_size"] == 64 and rep["num_layers"] == 8
+
+
+def test_activation_checkpointing_is_a_train_option_and_keeps_gradients(tmp_path):
+    job = load_job(write(tmp_path, GOOD.replace("checkpoint_every: 10", "activation_checkpointing: true")))
+    assert job.resolved["train"]["activation_checkpointing"] is True
+    assert load_job(write(tmp_path, GOOD)).resolved["train"]["activation_checkpointing"] is False
+
+    import torch
+
+    from hybridlab.arch import HybridLM, load_model_spec
+
+    spec = load_model_spec("zoo:tiny-hybrid")
+    tokens = torch.randint(0, spec.vocab_size, (2, 33), generator=torch.Generator().manual_seed(0))
+    grads, mixer_calls = [], []
+    for ckpt_on in (False, True):
+        torch.manual_seed(0)
+        model = HybridLM(spec)
+        if ckpt_on:
+            checkpoint_activations(model)
+        calls = []
+        model.layers[0].mixer.register_forward_pre_hook(lambda *_: calls.append(1))
+        logits = model(tokens[:, :-1])
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        mixer_calls.append(len(calls))
+    assert mixer_calls == [1, 2]  # checkpointed: the forward runs again inside the backward
+    assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+    assert grads[0].abs().sum() > 0
+
