@@ -35,6 +35,8 @@ def layer_backends(b, device: torch.device, seq_len: int) -> tuple[str, str, str
         shape = dict(headdim=b.headdim, d_state=b.d_state, rank=b.rank, chunk_size=b.chunk_size)
         train, why = select_backend(device, seq_len, shape)
         decode, why_d = select_backend(device, 1, shape)
+        if train == "triton":  # the layer runs its pre/post stages fused whenever the scan is on Triton
+            why += " + fused ssm_io stages"
         return train, decode, why if train == decode else f"{why}; decode: {why_d}"
     if isinstance(b, AttentionBlock):
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
