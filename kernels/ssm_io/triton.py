@@ -1,21 +1,28 @@
 """Triton kernels for the Mamba-3 scan's input and output stages (forward + backward).
 
-Both stages are elementwise or row-wise around the scan, so the reference's
+The stages are elementwise or row-wise around the scan, so the reference's
 chain of PyTorch ops (each reading and writing (b, l, H, R, ·) tensors, several
 in fp32, and each saving its inputs for backward) becomes one pass each way:
 
+* ``scan_coefficients``: dt, A, log α, β, γ per (token, head) from the raw
+  projections, recomputed in the backward.
+* ``cumulative_phase``: one program per (batch, head block) walks the sequence
+  in chunks, carrying the running phase (backward: suffix sums).
 * ``qk_prep``: one program per block of BT tokens holds the block's normalized
   B (or C), (BT, R, N), in registers and walks the heads, writing each head's
   biased and rotated copy: B/C is read once, not H times, and the backward sums
-  the heads' gradients in registers (no atomics). The rotary pairs column c with
-  its partner c ± A, loaded as a second, gathered tile.
+  the heads' gradients in registers (no atomics). Columns are held as three
+  tiles — the rotation pairs' halves [0, A), [A, 2A) and the rest — so rotating
+  is elementwise and sin/cos are computed once per angle.
+* ``rank_expand`` (MIMO): v = x ⊙ W_x per (token block, head).
 * ``gated_output``: one program per (token block, head): D skip, grouped
   RMSNorm, SiLU gate and the rank sum in registers; reads y once, writes the
   rank-combined (b, l, H, P) result.
 
-Parameter gradients are per-program partial sums, added up by torch (a few MB),
-rather than atomics on a handful of addresses. Everything is fp32 inside; the
-outputs round once to the activations' dtype.
+Parameter gradients accumulate elementwise in registers over a program's token
+blocks and are reduced once, then summed over programs by torch (a few MB).
+Everything is fp32 inside; outputs round once to the activations' dtype. Tile
+sizes keep every kernel free of register spills (ptxas -v, sm_90a).
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["qk_prep_triton", "gated_output_triton"]
+__all__ = ["scan_coefficients_triton", "cumulative_phase_triton", "qk_prep_triton", "rank_expand_triton", "gated_output_triton"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
