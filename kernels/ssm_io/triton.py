@@ -42,6 +42,18 @@ def _pow2(x: int) -> int:
     return 1 << (max(int(x), 1) - 1).bit_length()
 
 
+def _token_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (b, l, ...) as the kernels address it: (b, l) flatten to one token axis with stride
+    ``t.stride(1)`` and each token's trailing dims are dense (a view of a projection's slice passes
+    as is; anything else is copied)."""
+    dense = 1
+    for dim in range(t.dim() - 1, 1, -1):
+        if t.stride(dim) != dense:
+            return t.contiguous()
+        dense *= t.shape[dim]
+    return t if t.stride(0) == t.shape[1] * t.stride(1) else t.contiguous()
+
+
 def _env_pair(name: str, default: str) -> tuple[int, int]:
     budget, warps = os.environ.get(name, default).split(",")
     return int(budget), int(warps)
@@ -231,14 +243,6 @@ def _param_grid(n_blocks: int, heads: int) -> tuple[int, int]:
     return triton.cdiv(n_blocks, iters), iters
 
 
-def _tok_stride(X: torch.Tensor) -> torch.Tensor:
-    """A (b, l, R, N) tensor whose (b, l) flatten to one token axis and whose (R, N) are dense."""
-    b, l, r, n = X.shape
-    if X.stride(3) != 1 or X.stride(2) != n or X.stride(0) != l * X.stride(1):
-        X = X.contiguous()
-    return X
-
-
 def _phase_strides(phase) -> tuple[int, int, int, int]:
     return tuple(phase.stride()) if phase is not None else (0, 0, 0, 0)
 
@@ -256,7 +260,7 @@ class QKPrepFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, B, C, phase, b_norm, c_norm, b_bias, c_bias, heads, eps):
-        B, C = _tok_stride(B), _tok_stride(C)
+        B, C = _token_rows(B), _token_rows(C)
         m = _qk_launch_meta(B, phase, _QK_FWD[0])
         ph = phase if phase is not None else torch.zeros(1, device=B.device)
         outs = []
@@ -447,14 +451,6 @@ def _out_bwd_kernel(
         tl.store(DMO_PART + ppart, tl.sum(acc_mo, axis=0), mask=pmask)
 
 
-def _head_rows(t: torch.Tensor, b, l, h, p) -> torch.Tensor:
-    """A (b, l, H, P) view (or (b, l, H*P)) whose tokens flatten with one stride and whose (H, P) are dense."""
-    t = t.reshape(b, l, h, p) if t.dim() == 3 else t
-    if t.stride(3) != 1 or t.stride(2) != p or t.stride(0) != l * t.stride(1):
-        t = t.contiguous()
-    return t
-
-
 def _out_meta(y, budget):
     b, l, h, r, p = y.shape
     RP, BP = _pow2(r), max(_pow2(p), 16)
@@ -470,7 +466,7 @@ class GatedOutputFn(torch.autograd.Function):
         b, l, h, r, p, RP, BP, BT, grid = _out_meta(y, _OUT_FWD[0])
         ctx.shapes = (x.shape, z.shape)
         y = y.contiguous()
-        x, z = _head_rows(x, b, l, h, p), _head_rows(z, b, l, h, p)
+        x, z = _token_rows(x.reshape(b, l, h, p)), _token_rows(z.reshape(b, l, h, p))
         out = torch.empty(b, l, h, p, device=y.device, dtype=y.dtype)
         mimo = mimo_x is not None
         _out_fwd_kernel[grid](
@@ -662,8 +658,7 @@ class RankExpandFn(torch.autograd.Function):
 
 
 def rank_expand_triton(x, w):
-    b, l, h, p = x.shape
-    return RankExpandFn.apply(_head_rows(x, b, l, h, p), w.contiguous())
+    return RankExpandFn.apply(_token_rows(x), w.contiguous())
 
 
 # ------------------------------------------------------------------ scan coefficients
@@ -797,8 +792,7 @@ class ScanCoefficientsFn(torch.autograd.Function):
 
 
 def scan_coefficients_triton(dt_raw, a_raw, lam_raw, dt_bias, a_bias, a_floor, valid=None):
-    b, l, h = dt_raw.shape
-    raws = [t if t is None or (t.stride(2) == 1 and t.stride(0) == l * t.stride(1)) else t.contiguous() for t in (dt_raw, a_raw, lam_raw)]
-    if len({t.stride(1) for t in raws if t is not None}) > 1:
+    raws = [_token_rows(t) if t is not None else None for t in (dt_raw, a_raw, lam_raw)]
+    if len({t.stride(1) for t in raws if t is not None}) > 1:  # the kernels take one token stride for all three
         raws = [t.contiguous() if t is not None else None for t in raws]
     return ScanCoefficientsFn.apply(*raws, dt_bias.float().contiguous(), a_bias.float().contiguous(), a_floor, valid)
