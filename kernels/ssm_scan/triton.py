@@ -91,6 +91,15 @@ def _head_program(NH, R: tl.constexpr, N: tl.constexpr, P: tl.constexpr, BN: tl.
 
 
 @triton.jit
+def _head_bases(bb, hd, L, NH, R: tl.constexpr, N: tl.constexpr, P: tl.constexpr):
+    """Strides over l of q/k and v, and where (batch bb, head hd) starts in q/k, v, the (b, l, H)
+    scalars and the per-(batch, head) states."""
+    sql = NH * R * N
+    svl = NH * R * P
+    return sql, svl, bb * L * sql + hd * R * N, bb * L * svl + hd * R * P, bb * L * NH + hd, bb * NH + hd
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, LA, BETA, GAMMA, H0, K0, V0, Y, HF, HS,
     L, NH, NCHUNKS,
@@ -102,12 +111,7 @@ def _fwd_kernel(
     T: tl.constexpr = BLOCK // R
     DT = Q.dtype.element_ty
 
-    sql = NH * R * N  # q/k stride over l
-    svl = NH * R * P
-    qk_base = bb * L * sql + hd * R * N
-    v_base = bb * L * svl + hd * R * P
-    la_base = bb * L * NH + hd
-    st_base = (bb * NH + hd)
+    sql, svl, qk_base, v_base, la_base, st_base = _head_bases(bb, hd, L, NH, R, N, P)
 
     # initial state h (BP x BN) fp32
     h = tl.load(H0 + st_base * P * N + p[:, None] * N + n[None, :], mask=pmask[:, None] & nmask[None, :], other=0.0)
@@ -179,12 +183,7 @@ def _bwd_dh_kernel(
     pn_mask = pmask[:, None] & nmask[None, :]
     pn_off = p[:, None] * N + n[None, :]
 
-    sql = NH * R * N
-    svl = NH * R * P
-    qk_base = bb * L * sql + hd * R * N
-    v_base = bb * L * svl + hd * R * P
-    la_base = bb * L * NH + hd
-    st_base = bb * NH + hd
+    sql, svl, qk_base, v_base, la_base, st_base = _head_bases(bb, hd, L, NH, R, N, P)
 
     H = tl.load(DHF + st_base * P * N + pn_off, mask=pn_mask, other=0.0)
     a_nx = tl.zeros([], dtype=tl.float32) + 1.0
@@ -220,6 +219,21 @@ def _rows_to_pos(x, t_i, T: tl.constexpr, SHIFT: tl.constexpr):
     """out[t] = sum of x over the rows of position t - SHIFT (0 where there is none)."""
     tt = tl.arange(0, T)
     return tl.sum(tl.where(t_i[:, None] + SHIFT == tt[None, :], x[:, None], 0.0), 0)
+
+
+@triton.jit
+def _state_block(Q, K, DHS, HS, qk_row, valid, p, pmask, st_off, n, nmask, N: tl.constexpr):
+    """One d_state block of the chunk kernel: q, k rows (BLOCK, BNB) and H, h' (BP, BNB), with q/k's
+    offsets and mask for the stores."""
+    qk_off = qk_row[:, None] + n[None, :]
+    qk_mask = valid[:, None] & nmask[None, :]
+    pn_off = p[:, None] * N + n[None, :]
+    pn_mask = pmask[:, None] & nmask[None, :]
+    q = tl.load(Q + qk_off, mask=qk_mask, other=0.0)
+    k = tl.load(K + qk_off, mask=qk_mask, other=0.0)
+    Hc = tl.load(DHS + st_off + pn_off, mask=pn_mask, other=0.0)
+    hp = tl.load(HS + st_off + pn_off, mask=pn_mask, other=0.0)
+    return qk_off, qk_mask, q, k, Hc, hp
 
 
 @triton.jit
@@ -268,12 +282,7 @@ def _bwd_chunk_kernel(
     rr = tl.arange(0, RP)
     pmask = p < P
 
-    sql = NH * R * N
-    svl = NH * R * P
-    qk_base = bb * L * sql + hd * R * N
-    v_base = bb * L * svl + hd * R * P
-    la_base = bb * L * NH + hd
-    st_base = bb * NH + hd
+    sql, svl, qk_base, v_base, la_base, st_base = _head_bases(bb, hd, L, NH, R, N, P)
     st_off = (st_base * NCHUNKS + c) * P * N
 
     pos0 = c * T
@@ -311,14 +320,7 @@ def _bwd_chunk_kernel(
     for n0 in range(0, BN, BNB):
         n = n0 + nb0
         nmask = n < N
-        qk_off = qk_row[:, None] + n[None, :]
-        qk_mask = valid[:, None] & nmask[None, :]
-        pn_off = p[:, None] * N + n[None, :]
-        pn_mask = pmask[:, None] & nmask[None, :]
-        q = tl.load(Q + qk_off, mask=qk_mask, other=0.0)
-        k = tl.load(K + qk_off, mask=qk_mask, other=0.0)
-        Hc = tl.load(DHS + st_off + pn_off, mask=pn_mask, other=0.0)
-        hp = tl.load(HS + st_off + pn_off, mask=pn_mask, other=0.0)
+        qk_off, qk_mask, q, k, Hc, hp = _state_block(Q, K, DHS, HS, qk_row, valid, p, pmask, st_off, n, nmask, N)
         kp = tl.load(K + prev_qk[:, None] + n[None, :], mask=rmask_prev[:, None] & nmask[None, :], other=0.0)
         kp += tl.load(K0 + st_base * R * N + rr[:, None] * N + n[None, :],
                       mask=rmask_st[:, None] & nmask[None, :], other=0.0)
@@ -366,18 +368,11 @@ def _bwd_chunk_kernel(
     for n0 in range(0, BN, BNB):
         n = n0 + nb0
         nmask = n < N
-        qk_off = qk_row[:, None] + n[None, :]
-        qk_mask = valid[:, None] & nmask[None, :]
-        pn_off = p[:, None] * N + n[None, :]
-        pn_mask = pmask[:, None] & nmask[None, :]
-        q = tl.load(Q + qk_off, mask=qk_mask, other=0.0)
-        k = tl.load(K + qk_off, mask=qk_mask, other=0.0)
-        hp = tl.load(HS + st_off + pn_off, mask=pn_mask, other=0.0)
+        qk_off, qk_mask, q, k, Hc, hp = _state_block(Q, K, DHS, HS, qk_row, valid, p, pmask, st_off, n, nmask, N)
         dqi = eL[:, None] * _dot(dy, hp.to(DT), IEEE)
         vq += tl.sum(q.to(tl.float32) * dqi, 1)
         dq = _dot(dS, k, IEEE) + dqi
         tl.store(DQ + qk_off, dq.to(DQ.dtype.element_ty), mask=qk_mask)
-        Hc = tl.load(DHS + st_off + pn_off, mask=pn_mask, other=0.0)
         dk = _dot(dST, q, IEEE) + omega[:, None] * _dot(v, Hc, IEEE)
         tl.store(DK + qk_off, dk.to(DK.dtype.element_ty), mask=qk_mask)
     vec += vq
