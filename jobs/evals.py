@@ -8,22 +8,16 @@ every run of a job scores the same sequences.
 
 from __future__ import annotations
 
-import re
 import zlib
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
 from hybridlab.jobs.data import build_task, eval_task_options
+from hybridlab.jobs.metric_names import EVAL_METRIC_RE, metric_name
 from hybridlab.jobs.tasks import batch_seed
 
-EVAL_METRICS = ("acc", "final_acc", "seq_acc", "loss")  # the per-(task, length) metrics, in table order
-EVAL_METRIC_RE = re.compile(r"^eval/(?P<task>[^/]+)/len_(?P<len>\d+)/(?P<what>[^/]+)$")  # what metric_name writes
 EVAL_SEED = 10_007  # base seed of eval batches: never a training seed stream (those use rank >= 0 with job seeds)
-
-
-def metric_name(task: str, seq_len: int, what: str = "acc") -> str:
-    return f"eval/{task}/len_{seq_len}/{what}"
 
 
 def eval_seed(task: str, seq_len: int, batch: int) -> int:

@@ -32,10 +32,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from hybridlab.jobs.metric_names import EVAL_METRIC_RE
+
 from .errors import UserError
 
 KIND_TAG = "hybridlab.kind"
-EVAL_RE = re.compile(r"^eval/(?P<task>[^/]+)/len_(?P<len>\d+)/(?P<what>[^/]+)$")
 LOSS_KEY = "train/loss"
 TOKENS_KEY = "train/tokens"
 METRIC_CHOICES = ("auto", "acc", "final_acc", "seq_acc", "loss")
@@ -170,7 +171,7 @@ def _run_info(client, run) -> RunInfo:
         parent_run_id=tags.get("mlflow.parentRunId", ""),
     )
     for key, value in metrics.items():
-        m = EVAL_RE.match(key)
+        m = EVAL_METRIC_RE.match(key)
         if m:
             info.evals.setdefault(m["task"], {}).setdefault(int(m["len"]), {})[m["what"]] = float(value)
     info.loss_history = _history(client, run.info.run_id)
@@ -254,7 +255,7 @@ def _merge_eval_children(client, exp, infos: list[RunInfo]) -> None:
         if parent is None:
             continue
         for key, value in k.data.metrics.items():
-            m = EVAL_RE.match(key)
+            m = EVAL_METRIC_RE.match(key)
             if m:
                 parent.evals.setdefault(m["task"], {}).setdefault(int(m["len"]), {})[m["what"]] = float(value)
 

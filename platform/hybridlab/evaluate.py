@@ -283,7 +283,8 @@ def evaluate(target: str, task: str, lengths, batches: int = 2, batch_size: int 
 
     import torch
 
-    from hybridlab.jobs.evals import EVAL_METRICS, eval_table, run_evals
+    from hybridlab.jobs.evals import eval_table, run_evals
+    from hybridlab.jobs.metric_names import EVAL_METRICS
 
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, spec = load_model(t, dev)
