@@ -86,6 +86,8 @@ class Mamba3(nn.Module):
         self.dt_bias = nn.Parameter(inverse_softplus(dt.clamp(min=1e-4)))
         self.a_bias = nn.Parameter(inverse_softplus(torch.empty(H).uniform_(blk.a_init_min, blk.a_init_max)))
         self.D = nn.Parameter(torch.ones(H))
+        for name in ("b_norm", "c_norm", "b_bias", "c_bias", "mimo_x", "mimo_z", "mimo_o", "out_norm"):
+            self.register_parameter(name, None)  # off unless the spec turns it on below (None: the stages skip it)
         if blk.bc_norm:
             self.b_norm = nn.Parameter(torch.ones(N))
             self.c_norm = nn.Parameter(torch.ones(N))
@@ -135,9 +137,8 @@ class Mamba3(nn.Module):
             phase = cumulative_phase(theta, dt, backend=self.io_backend)  # (b, l, H, n_angles)
             if phase0 is not None:
                 phase = phase + phase0[:, None]
-        g = lambda name: getattr(self, name, None)  # noqa: E731
         q, k = qk_prep(
-            B.view(b, l, R, N), C.view(b, l, R, N), phase, g("b_norm"), g("c_norm"), g("b_bias"), g("c_bias"),
+            B.view(b, l, R, N), C.view(b, l, R, N), phase, self.b_norm, self.c_norm, self.b_bias, self.c_bias,
             H, self.eps, backend=self.io_backend,
         )
         x = x.view(b, l, H, P)
@@ -209,10 +210,9 @@ class Mamba3(nn.Module):
         cached = self.__dict__.get("_step_params")
         if cached is not None and cached[0] == key:
             return cached[1]
-        g = lambda name: getattr(self, name, None)  # noqa: E731
         packed = pack_step_params(
-            self.step_spec(), self.dt_bias, self.a_bias, self.D, g("b_norm"), g("c_norm"), g("b_bias"), g("c_bias"),
-            g("mimo_x"), g("mimo_z"), g("mimo_o"), g("out_norm"),
+            self.step_spec(), self.dt_bias, self.a_bias, self.D, self.b_norm, self.c_norm, self.b_bias, self.c_bias,
+            self.mimo_x, self.mimo_z, self.mimo_o, self.out_norm,
         )
         self.__dict__["_step_params"] = (key, packed)
         return packed
@@ -228,7 +228,6 @@ class Mamba3(nn.Module):
 
     def output(self, y, x, z):
         """D skip, pre-gate grouped norm, SiLU gate and the rank combination: (b, l, H, R, P) -> (b, l, H, P)."""
-        g = lambda name: getattr(self, name, None)  # noqa: E731
         return gated_output(
-            y, x, z, self.D, g("out_norm"), g("mimo_x"), g("mimo_z"), g("mimo_o"), self.eps, backend=self.io_backend
+            y, x, z, self.D, self.out_norm, self.mimo_x, self.mimo_z, self.mimo_o, self.eps, backend=self.io_backend
         )
