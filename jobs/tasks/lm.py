@@ -292,31 +292,94 @@ class TokenShards:
 
 
 class LM(Task):
-    """Next-token prediction on token shards; every position is scored.
-    ``score`` with logits gives ``loss`` (mean CE, nats) and ``ppl``."""
+    """Next-token prediction on text; the scored positions are every next token of a document.
+
+    Two sources: ``path`` (token shards made by ``prepare_shards``) or ``dataset`` + ``tokenizer``
+    (text read through HF ``datasets``, tokenized on the fly; see ``hybridlab.jobs.textdata``),
+    with ``pack`` (default true: documents concatenated to ``seq_len`` and kept apart by
+    ``seq_idx``). Training reads a dataset as one sequential stream per rank
+    (``train_stream``); ``batch`` (evals) draws seeded rows from the first packed rows of the
+    source. ``score`` with logits gives ``loss`` (mean CE, nats) and ``ppl``."""
 
     name = "lm"
     OPTIONS = {
-        "path": Opt("str", None, required=True, help="folder made by prepare_shards"),
+        "path": Opt("str", None, allow_none=True, help="folder made by prepare_shards"),
+        "dataset": Opt("mapping", None, allow_none=True, help="{format: hf|json|jsonl|parquet|text, path, name, split, text_field}"),
+        "tokenizer": Opt("str", None, allow_none=True, help="tokenizer.json, a local HF tokenizer folder, an HF name, or byte"),
+        "pack": Opt("bool", True, help="concatenate documents to seq_len (kept apart); false: one document per row"),
+        "eos_token": Opt("str", None, allow_none=True, help="the end-of-document token (default: the tokenizer's)"),
         "seq_len": Opt("int", 256, min=1),
-        "split": Opt("str", "train", help="train | val"),
-        "vocab": Opt("int", None, min=1, allow_none=True, help="optional: checked to be >= the shards' vocab"),
+        "split": Opt("str", "train", help="shards: train | val"),
+        "vocab": Opt("int", None, min=1, allow_none=True, help="optional: checked to be >= the data's vocab"),
     }
+    POOL_TOKENS = 1 << 20  # eval batches are drawn from the first ~1M tokens of the source
 
     def _setup(self):
-        try:
-            self.shards = TokenShards(self.path)
-        except TaskError as e:
-            raise _err(f"lm: bad value for 'path': {self.path!r} ({e})") from None
-        if self.split not in self.index_splits():
-            raise _err(f"lm: bad value for 'split': {self.split!r} (splits here: {', '.join(self.shards.splits) or 'none'})")
-        self._vocab_size = self._check_vocab_knob(self.shards.vocab_size)
-        self._answer_tokens = torch.arange(self.shards.vocab_size)
+        self._pools = {}
+        if (self.path is None) == (self.dataset is None):
+            raise _err("lm: give one source: 'path' (token shards) or 'dataset' (+ 'tokenizer')")
+        if self.path is not None:
+            for key in ("tokenizer", "eos_token"):
+                if self.config.get(key) is not None:
+                    raise _err(f"lm: bad value for '{key}': {self.config[key]!r} (token shards carry their own tokenizer; "
+                               f"'{key}' goes with 'dataset')")
+            try:
+                self.shards = TokenShards(self.path)
+            except TaskError as e:
+                raise _err(f"lm: bad value for 'path': {self.path!r} ({e})") from None
+            if self.split not in self.index_splits():
+                raise _err(f"lm: bad value for 'split': {self.split!r} (splits here: {', '.join(self.shards.splits) or 'none'})")
+            self._vocab_size = self._check_vocab_knob(self.shards.vocab_size)
+            self._answer_tokens = torch.arange(self.shards.vocab_size)
+            return
+        from hybridlab.jobs import textdata
+
+        if self.tokenizer is None:
+            raise _err("lm: option 'tokenizer' is required with 'dataset' (a tokenizer.json, a tokenizer folder, an HF name, or byte)")
+        self.source = textdata.DatasetSpec.from_mapping(self.dataset)
+        self.text_tokenizer = textdata.load_text_tokenizer(self.tokenizer, self.eos_token)
+        textdata.peek(self.source)
+        self._vocab_size = self._check_vocab_knob(self.text_tokenizer.vocab_size)
+        self._answer_tokens = torch.arange(self.text_tokenizer.vocab_size)
+
+    @property
+    def streaming(self) -> bool:
+        """True when training reads the source as a stream (``train_stream``), not by seeded windows."""
+        return self.dataset is not None
+
+    def train_stream(self, rank: int = 0, world: int = 1, seq_len: Optional[int] = None):
+        from hybridlab.jobs.textdata import PackedStream
+
+        return PackedStream(self.source, self.text_tokenizer, seq_len or self.seq_len, self.pack, rank, world)
+
+    def tokenizer_for_text(self):
+        """The tokenizer of this data (``encode``/``decode``/``eos_id``/``vocab_size``)."""
+        return self.text_tokenizer if self.dataset is not None else load_tokenizer(self.path)
 
     def index_splits(self):
         return self.shards.splits
 
+    def _pool(self, L: int):
+        pool = self._pools.get(L)
+        if pool is None:
+            stream = self.train_stream(0, 1, L)
+            rows = max(1, self.POOL_TOKENS // (L + 1))
+            first = stream.next_batch(1)
+            batches, seen_epoch = [first], False
+            while stream.rows < rows and not seen_epoch:  # stop at the end of the source (small eval sets)
+                batches.append(stream.next_batch(1))
+                seen_epoch = stream.epoch > 0
+            pool = (torch.cat([b.inputs for b in batches]), torch.cat([b.targets for b in batches]),
+                    torch.cat([b.seq_idx for b in batches]) if self.pack else None)
+            self._pools[L] = pool
+        return pool
+
     def _generate(self, B, L, rng):
+        if self.dataset is not None:
+            inputs, targets, seq_idx = self._pool(L)
+            pick = torch.from_numpy(rng.integers(0, inputs.shape[0], B))
+            out = (inputs[pick].numpy(), targets[pick].numpy())
+            return out + ((seq_idx[pick].numpy(),) if seq_idx is not None else ())
         w = self.shards.sample(B, L + 1, rng, split=self.split)
         return w[:, :-1], w[:, 1:]
 
