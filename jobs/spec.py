@@ -107,6 +107,8 @@ class TrackingSpec:
     experiment: Optional[str] = None  # default: the job's `experiment`
     run_name: Optional[str] = None
     tags: dict[str, str] = field(default_factory=dict)
+    system_metrics: bool = True  # CPU / memory / GPU metrics, one monitor per node (jobs/sysmetrics.py)
+    system_metrics_interval: float = 10.0  # seconds between samples
 
 
 @dataclass
@@ -249,8 +251,14 @@ def _validate(data: dict, src: Source, model_overrides: list[str], check_data: b
             spec.data.seq_len = int(getattr(task, "seq_len", 0) or 0) or None
         for i, e in enumerate(spec.eval):
             from hybridlab.jobs.data import eval_task_options
+            from hybridlab.jobs.text_evals import check_text_eval, default_lengths, is_text_eval
 
             ename, eopts = eval_task_options(e.to_dict(), spec.data.to_dict())
+            if is_text_eval(ename):  # niah / ppl_by_pos / lm_eval: checked (tokenizer, corpus, task names) up front
+                _make_task(ename, eopts, src, ("eval", i), None, build=check_text_eval)
+                if not e.seq_lens:
+                    e.seq_lens = default_lengths(ename, spec.data.seq_len)
+                continue
             t = _make_task(ename, {k: v for k, v in eopts.items() if k != "seq_len"}, src, ("eval", i), eopts.get("seq_len"))
             tv = int(getattr(t, "vocab_size", 0) or 0)
             if tv > vocab:
@@ -274,6 +282,7 @@ def _check_values(spec: JobSpec, src: Source) -> None:
     pos(src, ("train", "log_every"), t.log_every)
     pos(src, ("resources", "workers"), r.workers)
     pos(src, ("storage", "keep"), spec.storage.keep)
+    pos(src, ("tracking", "system_metrics_interval"), spec.tracking.system_metrics_interval)
     if spec.data.seq_len is not None:
         pos(src, ("data", "seq_len"), spec.data.seq_len)
     if t.zero_stage not in (0, 1, 2, 3):
@@ -324,13 +333,15 @@ def _load_model(ref: Any, overrides: list[str], src: Source):
     raise src.error(("model",), f"expected zoo:NAME, a spec path or a mapping, got {specio._kind(ref)}")
 
 
-def _make_task(name: str, options: dict, src: Source, path: tuple, seq_len=None):
-    """Build a task, turning its one-line TaskError into a located SpecError."""
+def _make_task(name: str, options: dict, src: Source, path: tuple, seq_len=None, build=None):
+    """Build a task (or run ``build(name, options)``), turning its one-line TaskError into a located SpecError."""
     import re
 
     from hybridlab.jobs.data import build_task
 
     try:
+        if build is not None:
+            return build(name, options)
         return build_task(name, options, seq_len)
     except SpecError:
         raise

@@ -276,6 +276,15 @@ def load_text_tokenizer(ref: str, eos_token: Optional[str] = None, task: str = "
     return TextTokenizer(str(p) if p.is_dir() else ref, "hf", tok, max(len(tok), eos + 1), eos)
 
 
+def as_text_tokenizer(tok: Any, name: str = "") -> TextTokenizer:
+    """Wrap a token-shards tokenizer (``tasks.lm.ByteTokenizer`` / ``BPETokenizer``) or pass a TextTokenizer through."""
+    if isinstance(tok, TextTokenizer):
+        return tok
+    if getattr(tok, "kind", "") == "byte":
+        return TextTokenizer("byte", "byte", tok, tok.vocab_size, tok.eos_id)
+    return TextTokenizer(name or "bpe", "tokenizers", tok.tok, tok.vocab_size, tok.eos_id)
+
+
 # --------------------------------------------------------------------------- paths in a job
 
 
@@ -299,9 +308,9 @@ def resolve_data_paths(options: dict, base_dir: Optional[str]) -> dict:
         ds = dict(ds)
         ds["path"] = [fix(x) for x in ds["path"]] if isinstance(ds["path"], list) else fix(ds["path"])
         out["dataset"] = ds
-    for key in ("tokenizer", "path"):
+    for key in ("tokenizer", "path", "include"):  # include: lm-eval task folders
         if key in out:
-            out[key] = fix(out[key])
+            out[key] = [fix(x) for x in out[key]] if isinstance(out[key], list) else fix(out[key])
     return out
 
 

@@ -172,6 +172,9 @@ def train_loop_per_worker(config: dict) -> None:
         deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
 
     _write_worker_info(run, rank, world, device)
+    from hybridlab.jobs.sysmetrics import start_system_metrics, stop_system_metrics
+
+    sysmon = start_system_metrics(run, job.get("tracking") or {}, ctx.get_local_rank(), ctx.get_node_rank())
 
     model_spec = load_model_spec(job["model"])
     torch.manual_seed(train["seed"])  # identical init on every rank
@@ -283,6 +286,7 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             emit("eval", step=step, metrics=evals)
             final["evals"] = evals
+    stop_system_metrics(sysmon)
     emit("end", **final)
     ray.train.report({"step": step, "status": status})
     dist.barrier()
