@@ -78,3 +78,30 @@ def set_offline(monkeypatch, tmp_path: Path) -> None:
     for k, v in offline_env(tmp_path).items():
         monkeypatch.setenv(k, v)
     os.makedirs(tmp_path / "hf_home", exist_ok=True)
+
+
+def write_lm_eval_tasks(folder: Path, docs: list[str], n: int = 6) -> list[str]:
+    """Three lm-eval task YAMLs over local jsonl (one per request kind); returns the task names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / "items.jsonl"
+    with open(data, "w") as f:
+        for d in docs[:n]:
+            words = d.rstrip(".").split()
+            f.write(json.dumps({"context": " ".join(words[:-1]), "target": words[-1], "text": d,
+                                "prompt": "Doc 1:", "answer": " the"}) + "\n")
+    head = f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
+    (folder / "lastword.yaml").write_text(
+        "task: tiny_lastword\n" + head + "output_type: loglikelihood\n"
+        "doc_to_text: \"{{context}}\"\ndoc_to_target: \" {{target}}\"\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+        "  - metric: perplexity\n    aggregation: perplexity\n    higher_is_better: false\n")
+    (folder / "rolling.yaml").write_text(
+        "task: tiny_rolling\n" + head + "output_type: loglikelihood_rolling\n"
+        "doc_to_text: \"\"\ndoc_to_target: \"{{text}}\"\n"
+        "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n")
+    (folder / "gen.yaml").write_text(
+        "task: tiny_gen\n" + head + "output_type: generate_until\n"
+        "doc_to_text: \"{{prompt}}\"\ndoc_to_target: \"{{answer}}\"\n"
+        "generation_kwargs:\n  until: [\"\\n\", \".\"]\n  max_gen_toks: 4\n"
+        "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n")
+    return ["tiny_lastword", "tiny_rolling", "tiny_gen"]
