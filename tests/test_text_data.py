@@ -211,3 +211,25 @@ def test_cli_bad_dataset_exits_2_with_one_line(corpus):
     assert proc.returncode == 2, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "job.yaml:8 data.dataset.text_field" in lines[0], lines
+
+
+def test_data_prepare_reads_the_same_sources(corpus, tmp_path):
+    """`hybridlab data prepare --format jsonl --tokenizer FILE` makes shards holding every document + EOS."""
+    from conftest import run_cli
+    from text_fixtures import offline_env
+
+    from hybridlab.jobs.tasks import load_tokenizer, make_task
+
+    out = tmp_path / "shards"
+    proc = run_cli("data", "prepare", *corpus["paths"]["jsonl"], "--format", "jsonl", "--tokenizer", corpus["tok"],
+                   "--out", str(out), "--val-fraction", "0", env=offline_env(tmp_path), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    task = make_task("lm", path=str(out), seq_len=16)
+    tok = load_tokenizer(str(out))
+    want = []
+    for d in corpus["docs"]:
+        want += tok.encode(d) + [tok.eos_id]
+    assert task.shards.tokens("train").tolist() == want and task.vocab_size == 300
+    bad = run_cli("data", "prepare", "--format", "parquet", "--dataset", str(tmp_path / "none.parquet"), "--out",
+                  str(tmp_path / "x"), env=offline_env(tmp_path), timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: ") and "'dataset.path'" in bad.stderr

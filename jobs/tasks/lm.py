@@ -98,10 +98,17 @@ class BPETokenizer:
 def load_tokenizer(shards_dir: PathLike):
     """The tokenizer a shard folder was prepared with (``encode``/``decode``)."""
     index = _read_index(Path(shards_dir))
-    kind = index["tokenizer"]["kind"]
+    meta = index["tokenizer"]
+    kind = meta["kind"]
     if kind == "byte":
         return ByteTokenizer()
-    return BPETokenizer.load(Path(shards_dir) / index["tokenizer"]["file"])
+    if kind in ("tokenizers", "hf"):  # a user's tokenizer, saved beside the shards by prepare_shards_from_dataset
+        from hybridlab.jobs.textdata import load_text_tokenizer
+
+        tok = load_text_tokenizer(str(Path(shards_dir) / meta.get("file", meta.get("dir", ""))), task="token shards")
+        tok.eos_id = int(meta.get("eos_id", tok.eos_id))
+        return tok
+    return BPETokenizer.load(Path(shards_dir) / meta["file"])
 
 
 # --------------------------------------------------------------------------- prepare
@@ -157,6 +164,16 @@ def prepare_shards(text_files: Sequence[PathLike], out_dir: PathLike, tokenizer:
         tok.save(out / "tokenizer.json")
         tok_meta = {"kind": "bpe", "file": "tokenizer.json"}
 
+    def docs():
+        for f in files:
+            yield (tok.encode(chunk) for chunk in _text_chunks(f))
+
+    return _write_shards(docs(), tok, tok_meta, out, shard_tokens, val_fraction, [str(f) for f in files])
+
+
+def _write_shards(documents, tok, tok_meta: Dict, out: Path, shard_tokens: int, val_fraction: float,
+                  sources: Sequence[str]) -> "TokenShards":
+    """Write documents (each an iterable of token-id pieces) as shards + index; EOS after each document."""
     V = tok.vocab_size
     dtype = np.uint16 if V <= 1 << 16 else np.uint32
     for old in out.glob("shard_*.bin"):
@@ -177,9 +194,8 @@ def prepare_shards(text_files: Sequence[PathLike], out_dir: PathLike, tokenizer:
             pending = [rest] if len(rest) else []
             pending_n = len(rest)
 
-    for f in files:
-        for chunk in _text_chunks(f):
-            ids = tok.encode(chunk)
+    for doc in documents:  # each document: its token pieces, then EOS
+        for ids in doc:
             pending.append(np.asarray(ids, dtype=np.int64))
             pending_n += len(ids)
             flush()
@@ -203,12 +219,72 @@ def prepare_shards(text_files: Sequence[PathLike], out_dir: PathLike, tokenizer:
     index = {
         "format": FORMAT, "version": 1, "dtype": np.dtype(dtype).name, "vocab_size": int(V),
         "eos_id": int(tok.eos_id), "tokenizer": tok_meta, "shards": shards, "splits": splits,
-        "total_tokens": int(total), "sources": [str(f) for f in files],
+        "total_tokens": int(total), "sources": list(sources),
     }
     tmp = out / (INDEX + ".tmp")
     tmp.write_text(json.dumps(index, indent=1))
     tmp.replace(out / INDEX)
     return TokenShards(out)
+
+
+def prepare_shards_from_dataset(dataset: Dict, out_dir: PathLike, tokenizer: str = "byte",
+                                vocab_size: Optional[int] = None, shard_tokens: int = 1 << 26,
+                                val_fraction: float = 0.01, eos_token: Optional[str] = None) -> "TokenShards":
+    """Tokenize a ``data.dataset`` source (hf | json | jsonl | parquet | text, read with HF ``datasets``)
+    into shards. ``tokenizer``: ``byte``, ``bpe`` (trained here on the source; ``vocab_size``) or any
+    tokenizer ``data.tokenizer`` accepts (a tokenizer.json, an HF tokenizer folder or name), saved beside."""
+    from hybridlab.jobs import textdata
+
+    spec = textdata.DatasetSpec.from_mapping(dataset, task="prepare_shards")
+    textdata.peek(spec, "prepare_shards")
+    if not isinstance(shard_tokens, int) or shard_tokens <= 0:
+        raise _err(f"prepare_shards: bad value for 'shard_tokens': {shard_tokens!r} (must be a positive integer)")
+    if not isinstance(val_fraction, (int, float)) or not 0.0 <= val_fraction < 1.0:
+        raise _err(f"prepare_shards: bad value for 'val_fraction': {val_fraction!r} (must be in [0, 1))")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if tokenizer == "bpe":
+        if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 260:
+            raise _err(f"prepare_shards: bad value for 'vocab_size': {vocab_size!r} (bpe needs an integer >= 260)")
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        bpe = Tokenizer(models.BPE())
+        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        bpe.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TEXT],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        bpe.train_from_iterator(textdata.stream_documents(spec, "prepare_shards"), trainer)
+        bpe.save(str(out / "tokenizer.json"))
+        tok, meta = BPETokenizer(bpe), {"kind": "bpe", "file": "tokenizer.json"}
+    elif tokenizer == "byte":
+        tok, meta = ByteTokenizer(), {"kind": "byte"}
+    else:
+        text_tok = textdata.load_text_tokenizer(tokenizer, eos_token, task="prepare_shards")
+        if text_tok.kind == "hf":
+            text_tok.backend.save_pretrained(str(out / "tokenizer"))
+            meta = {"kind": "hf", "dir": "tokenizer", "eos_id": text_tok.eos_id}
+        else:
+            text_tok.backend.save(str(out / "tokenizer.json"))
+            meta = {"kind": "tokenizers", "file": "tokenizer.json", "eos_id": text_tok.eos_id}
+        tok = text_tok
+
+    def docs():
+        batch = []
+        for text in textdata.stream_documents(spec, "prepare_shards"):
+            batch.append(text)
+            if len(batch) == 64:
+                yield from ([ids] for ids in _encode_batch(tok, batch))
+                batch = []
+        if batch:
+            yield from ([ids] for ids in _encode_batch(tok, batch))
+
+    return _write_shards(docs(), tok, meta, out, shard_tokens, val_fraction, [str(p) for p in (
+        spec.path if isinstance(spec.path, list) else [spec.path])])
+
+
+def _encode_batch(tok, texts):
+    fn = getattr(tok, "encode_batch", None)
+    return fn(texts) if fn else [tok.encode(t) for t in texts]
 
 
 # --------------------------------------------------------------------------- reader
