@@ -37,8 +37,10 @@ class SubBlock(nn.Module):
         self.norm = RMSNorm(d_model, eps)
         self.mixer = mixer
 
-    def forward(self, x, cache=None):
-        return x + self.mixer(self.norm(x), cache)
+    def forward(self, x, cache=None, seq_idx=None):
+        if seq_idx is None:
+            return x + self.mixer(self.norm(x), cache)
+        return x + self.mixer(self.norm(x), cache, seq_idx=seq_idx)
 
 
 @dataclass
@@ -101,8 +103,19 @@ class HybridLM(nn.Module):
             elif isinstance(m, nn.Embedding):
                 nn.init.normal_(m.weight, 0.0, std)
 
-    def forward(self, tokens: torch.Tensor, cache: ModelCache | None = None) -> torch.Tensor:
-        """tokens (b, l) -> logits (b, l, vocab). With ``cache``, continues from its position."""
+    def forward(self, tokens: torch.Tensor, cache: ModelCache | None = None, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (b, l) -> logits (b, l, vocab). With ``cache``, continues from its position.
+
+        ``seq_idx`` (b, l) int, nondecreasing per row: packed documents. Every mixer sees each
+        document alone (Mamba-3 resets its state, phase and previous-token term; attention masks
+        block-diagonally and counts positions per document), so the logits of a document are
+        those it gets when run by itself."""
+        if seq_idx is not None:
+            if cache is not None:
+                raise ValueError("HybridLM: packed documents (seq_idx) are for training and scoring, not cached decoding")
+            if tuple(seq_idx.shape) != tuple(tokens.shape):
+                raise ValueError(f"HybridLM: seq_idx must be shaped like tokens {tuple(tokens.shape)}; got {tuple(seq_idx.shape)}")
+            seq_idx = seq_idx.to(device=tokens.device, dtype=torch.int32)
         x = self.embed(tokens)
         l = tokens.shape[1]
         if cache is not None:
@@ -114,7 +127,10 @@ class HybridLM(nn.Module):
                 if isinstance(c, Mamba3Cache):
                     c.valid = valid
         for i, layer in enumerate(self.layers):
-            x = layer(x, cache.layers[i] if cache is not None else None)
+            if seq_idx is None:
+                x = layer(x, cache.layers[i] if cache is not None else None)
+            else:
+                x = layer(x, None, seq_idx=seq_idx)
         if cache is not None:
             cache.seqlen += l
             if cache.pos is not None:

@@ -2,7 +2,8 @@
 
 A checkpoint directory holds DeepSpeed's files under ``ds/`` (each rank writes
 its own shards; Ray Train merges the ranks' uploads into one directory) and
-``hybridlab.json`` (step, tokens, world size, ZeRO stage), written by rank 0.
+``hybridlab.json`` (step, tokens, world size, ZeRO stage), written by rank 0, and,
+for data read as a stream, ``data_state/rank_<r>.json`` (each rank's position in it).
 
 Atomicity: nothing is written where a checkpoint lives until it is whole on the
 local disk; Ray Train registers a checkpoint (``checkpoint_manager_snapshot.json``)
@@ -133,6 +134,30 @@ def write_meta(dirpath: str, meta: dict) -> None:
 def read_meta(dirpath: str) -> dict:
     with open(os.path.join(dirpath, META)) as f:
         return json.load(f)
+
+
+DATA_STATE = "data_state"
+
+
+def write_data_state(dirpath: str, rank: int, state: Optional[dict]) -> None:
+    """One rank's position in its data stream (nothing for seeded data, whose position is the step)."""
+    if state is None:
+        return
+    d = os.path.join(dirpath, DATA_STATE)
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, f"rank_{rank}.json"), "w") as f:
+        json.dump(state, f)
+
+
+def read_data_state(dirpath: str, rank: int) -> Optional[dict]:
+    p = os.path.join(dirpath, DATA_STATE, f"rank_{rank}.json")
+    if not os.path.isfile(p):
+        return None
+    try:
+        with open(p) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def checkpoint_dir_name(step: int) -> str:

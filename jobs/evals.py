@@ -1,7 +1,8 @@
 """Evals of a trained model: each eval task at each length, one metric per (task, length).
 
 ``run_evals(model, evals, data, device)`` returns a flat dict
-``{"eval/<task>/len_<L>/acc": ..., "eval/<task>/len_<L>/seq_acc": ...}``. The
+``{"eval/<task>/len_<L>/acc": ..., "eval/<task>/len_<L>/seq_acc": ...}``; the text evals
+(``niah``, ``ppl_by_pos``, ``lm_eval``: ``jobs/text_evals.py``) add their own names. The
 batches come from ``tasks`` with their own seeds (disjoint from training's), so
 every run of a job scores the same sequences.
 """
@@ -16,6 +17,7 @@ import torch
 from hybridlab.jobs.data import build_task, eval_task_options
 from hybridlab.jobs.metric_names import EVAL_METRIC_RE, metric_name
 from hybridlab.jobs.tasks import batch_seed
+from hybridlab.jobs.text_evals import is_text_eval, run_text_eval
 
 EVAL_SEED = 10_007  # base seed of eval batches: never a training seed stream (those use rank >= 0 with job seeds)
 
@@ -42,6 +44,10 @@ def run_evals(
     try:
         for e in evals:
             name, opts = eval_task_options(e, data or {})
+            if is_text_eval(name):  # niah, ppl_by_pos, lm_eval: text evals with their own metric names
+                out.update(run_text_eval(model, name, opts, list(e.get("seq_lens") or []), int(e.get("batch_size", 32)),
+                                         int(e.get("batches", 2)), device, on_result))
+                continue
             lengths = list(e.get("seq_lens") or [opts.get("seq_len")])
             task = build_task(name, opts)
             for L in lengths:
@@ -49,7 +55,10 @@ def run_evals(
                 n = int(e.get("batches", 2))
                 for j in range(n):
                     b = task.batch(int(e.get("batch_size", 32)), eval_seed(name, int(L), j), seq_len=int(L))
-                    logits = model(b.inputs.to(device)).float().cpu()
+                    if b.seq_idx is None:
+                        logits = model(b.inputs.to(device)).float().cpu()
+                    else:  # packed documents: scored as each one alone, as in training
+                        logits = model(b.inputs.to(device), seq_idx=b.seq_idx.to(device)).float().cpu()
                     s = task.score(logits, b)
                     for k, v in s.items():
                         if isinstance(v, (int, float)):

@@ -107,6 +107,8 @@ class TrackingSpec:
     experiment: Optional[str] = None  # default: the job's `experiment`
     run_name: Optional[str] = None
     tags: dict[str, str] = field(default_factory=dict)
+    system_metrics: bool = True  # CPU / memory / GPU metrics, one monitor per node (jobs/sysmetrics.py)
+    system_metrics_interval: float = 10.0  # seconds between samples
 
 
 @dataclass
@@ -194,8 +196,12 @@ def _split_flat(cls, data: Any, src: Source, path: tuple, fixed: tuple[str, ...]
         raise src.error(path + ("options",), "put task options directly in the mapping")
     obj = specio.build(cls, known, src, path)
     for k, v in options.items():
-        if isinstance(v, (dict,)) or (isinstance(v, list) and any(isinstance(x, (dict, list)) for x in v)):
-            raise src.error(path + (k,), "task options must be scalars or lists of scalars")
+        if isinstance(v, dict):  # e.g. data.dataset: a mapping of scalars (or lists of scalars)
+            for kk, vv in v.items():
+                if isinstance(vv, dict) or (isinstance(vv, list) and any(isinstance(x, (dict, list)) for x in vv)):
+                    raise src.error(path + (k, kk), "values here must be scalars or lists of scalars")
+        elif isinstance(v, list) and any(isinstance(x, (dict, list)) for x in v):
+            raise src.error(path + (k,), "task options must be scalars, lists of scalars or mappings of them")
     obj.options = options
     return obj
 
@@ -230,16 +236,29 @@ def _validate(data: dict, src: Source, model_overrides: list[str], check_data: b
     vocab = int(getattr(model_spec, "vocab_size"))
 
     if check_data:
+        from hybridlab.jobs.textdata import resolve_data_paths
+
+        base_dir = str(Path(src.file).parent) if src.file and not src.file.startswith("<") else None
+        spec.data.options = resolve_data_paths(spec.data.options, base_dir)
+        for e in spec.eval:
+            e.options = resolve_data_paths(e.options, base_dir)
         task = _make_task(spec.data.task, spec.data.options, src, ("data",), spec.data.seq_len)
         tv = int(getattr(task, "vocab_size", 0) or 0)
         if tv > vocab:
-            raise src.error(("data",), f"task {spec.data.task!r} needs a vocabulary of {tv} tokens but the model's vocab_size is {vocab}")
+            where = ("data", "tokenizer") if "tokenizer" in spec.data.options else ("data",)
+            raise src.error(where, f"task {spec.data.task!r} needs a vocabulary of {tv} tokens but the model's vocab_size is {vocab}")
         if spec.data.seq_len is None:
             spec.data.seq_len = int(getattr(task, "seq_len", 0) or 0) or None
         for i, e in enumerate(spec.eval):
             from hybridlab.jobs.data import eval_task_options
+            from hybridlab.jobs.text_evals import check_text_eval, default_lengths, is_text_eval
 
             ename, eopts = eval_task_options(e.to_dict(), spec.data.to_dict())
+            if is_text_eval(ename):  # niah / ppl_by_pos / lm_eval: checked (tokenizer, corpus, task names) up front
+                _make_task(ename, eopts, src, ("eval", i), None, build=check_text_eval)
+                if not e.seq_lens:
+                    e.seq_lens = default_lengths(ename, spec.data.seq_len)
+                continue
             t = _make_task(ename, {k: v for k, v in eopts.items() if k != "seq_len"}, src, ("eval", i), eopts.get("seq_len"))
             tv = int(getattr(t, "vocab_size", 0) or 0)
             if tv > vocab:
@@ -263,6 +282,7 @@ def _check_values(spec: JobSpec, src: Source) -> None:
     pos(src, ("train", "log_every"), t.log_every)
     pos(src, ("resources", "workers"), r.workers)
     pos(src, ("storage", "keep"), spec.storage.keep)
+    pos(src, ("tracking", "system_metrics_interval"), spec.tracking.system_metrics_interval)
     if spec.data.seq_len is not None:
         pos(src, ("data", "seq_len"), spec.data.seq_len)
     if t.zero_stage not in (0, 1, 2, 3):
@@ -313,13 +333,15 @@ def _load_model(ref: Any, overrides: list[str], src: Source):
     raise src.error(("model",), f"expected zoo:NAME, a spec path or a mapping, got {specio._kind(ref)}")
 
 
-def _make_task(name: str, options: dict, src: Source, path: tuple, seq_len=None):
-    """Build a task, turning its one-line TaskError into a located SpecError."""
+def _make_task(name: str, options: dict, src: Source, path: tuple, seq_len=None, build=None):
+    """Build a task (or run ``build(name, options)``), turning its one-line TaskError into a located SpecError."""
     import re
 
     from hybridlab.jobs.data import build_task
 
     try:
+        if build is not None:
+            return build(name, options)
         return build_task(name, options, seq_len)
     except SpecError:
         raise
@@ -327,9 +349,10 @@ def _make_task(name: str, options: dict, src: Source, path: tuple, seq_len=None)
         msg = " ".join(str(e).strip("'\"").split())
         if msg.startswith("unknown task"):
             raise src.error(path + ("task",), msg) from None
-        m = re.search(r"(?:option|value for) '([A-Za-z_0-9]+)'", msg)
+        m = re.search(r"(?:option|value for) '([A-Za-z_0-9.]+)'", msg)
         key = m.group(1) if m else None
-        where = path + (key,) if key and (key in options or key == "seq_len") else path
+        top = key.split(".")[0] if key else None
+        where = path + tuple(key.split(".")) if top and (top in options or top == "seq_len") else path
         raise src.error(where, msg) from None
 
 

@@ -52,7 +52,8 @@ def checkpoint_activations(model) -> None:
 
     for layer in model.layers:
         fwd = layer.forward
-        layer.forward = lambda x, cache=None, _f=fwd: checkpoint(_f, x, cache, use_reentrant=False) if cache is None else _f(x, cache)
+        layer.forward = lambda x, cache=None, seq_idx=None, _f=fwd: (
+            checkpoint(_f, x, cache, seq_idx, use_reentrant=False) if cache is None else _f(x, cache))
 
 
 def deepspeed_config(train: dict, world_size: int) -> dict:
@@ -171,6 +172,9 @@ def train_loop_per_worker(config: dict) -> None:
         deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
 
     _write_worker_info(run, rank, world, device)
+    from hybridlab.jobs.sysmetrics import start_system_metrics, stop_system_metrics
+
+    sysmon = start_system_metrics(run, job.get("tracking") or {}, ctx.get_local_rank(), ctx.get_node_rank())
 
     model_spec = load_model_spec(job["model"])
     torch.manual_seed(train["seed"])  # identical init on every rank
@@ -189,11 +193,12 @@ def train_loop_per_worker(config: dict) -> None:
     # ---- resume: the run's own latest checkpoint (Ray restores it after a failure or on --resume)
     start_step, tokens_seen = 0, 0
     restored = ray.train.get_checkpoint()
-    resume_path = None
+    resume_path, data_state = None, None
     if restored is not None:
         with restored.as_directory() as d:
             resume_path = _load(engine, d, world, train)
             meta = ckpt.read_meta(d)
+            data_state = ckpt.read_data_state(d, rank)
     if resume_path is not None:
         start_step, tokens_seen = int(meta["step"]), int(meta.get("tokens", 0))
         if sched is not None and engine.lr_scheduler is not None:
@@ -201,7 +206,10 @@ def train_loop_per_worker(config: dict) -> None:
             # the schedule's shape (warmup, steps) always comes from the job
             engine.lr_scheduler.base_lrs = [train["lr"] for _ in engine.lr_scheduler.base_lrs]
 
-    stream = TrainStream(data, train["micro_batch"], train["grad_accum"], train["seed"], rank)
+    stream = TrainStream(data, train["micro_batch"], train["grad_accum"], train["seed"], rank, world)
+    if resume_path is not None:
+        stream.resume(data_state)  # a text stream continues where the checkpoint left it (else get() reads forward)
+    run["_data_state"] = stream.state_dict
     steps, log_every, ck_every = train["steps"], train["log_every"], train["checkpoint_every"]
     tokens_per_step = train["micro_batch"] * train["grad_accum"] * world * stream.seq_len
     emit("start", step=start_step, steps=steps, world=world, params=n_params, resumed_from=resume_path,
@@ -221,7 +229,7 @@ def train_loop_per_worker(config: dict) -> None:
         for micro in range(train["grad_accum"]):
             b = stream.get(step, micro)
             inputs, targets = b.inputs.to(device), b.targets.to(device)
-            logits = engine(inputs)
+            logits = engine(inputs) if b.seq_idx is None else engine(inputs, seq_idx=b.seq_idx.to(device))
             loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
             flag = torch.tensor([loss.detach().float().item(), 0.0 if torch.isfinite(loss).item() else 1.0], device=device)
             dist.all_reduce(flag)
@@ -278,6 +286,7 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             emit("eval", step=step, metrics=evals)
             final["evals"] = evals
+    stop_system_metrics(sysmon)
     emit("end", **final)
     ray.train.report({"step": step, "status": status})
     dist.barrier()
@@ -328,6 +337,7 @@ def _save(engine, step, tokens, world, train, run, stage_root, n_params, emit) -
     staging = ckpt.new_staging_dir(stage_root, step, rank)
     try:
         engine.save_checkpoint(staging, tag=ckpt.DS_TAG, client_state={"step": step, "tokens": tokens})
+        ckpt.write_data_state(staging, rank, run["_data_state"]() if run.get("_data_state") else None)
         if rank == 0:
             ckpt.write_meta(staging, {"step": step, "tokens": tokens, "world": world, "zero_stage": train["zero_stage"],
                                       "precision": train["precision"], "time": time.time()})

@@ -6,6 +6,11 @@ GQA is handled here (kv heads are shared by heads // kv_heads query heads).
 When lq < lk (decode / chunked prefill with a KV cache), queries sit at the
 last lq positions. Backends: ``flash_attn`` (FA2/FA3), ``flash_attn_cute``
 (flash-attn-4 on Hopper/Blackwell), ``sdpa`` (torch, everywhere).
+
+Packed documents: ``seq_idx`` (b, l) int, nondecreasing per row (lq == lk): a
+query sees only keys of its own document (a block-diagonal causal mask). The
+flash backends run it as varlen attention over the flattened batch
+(``cu_seqlens``); SDPA takes the mask.
 """
 
 from __future__ import annotations
@@ -35,11 +40,23 @@ def select_attention_backend(device, dtype=torch.bfloat16) -> tuple[str, str]:
     return "sdpa", "flash-attn not installed: torch SDPA (cuDNN/flash inside)"
 
 
-def attention(q, k, v, causal: bool = True, backend: str = "auto"):
+def attention(q, k, v, causal: bool = True, backend: str = "auto", seq_idx=None):
     if backend not in ATTN_BACKENDS:
         raise ValueError(f"attention: unknown backend {backend!r}; choose one of {', '.join(ATTN_BACKENDS)}")
     if backend == "auto":
         backend, _ = select_attention_backend(q.device, q.dtype)
+    if seq_idx is not None:
+        b, lq = q.shape[:2]
+        if k.shape[1] != lq or tuple(seq_idx.shape) != (b, lq):
+            raise ValueError(f"attention: seq_idx must be (batch, seqlen) = ({b}, {lq}) with as many keys as queries; "
+                             f"got seq_idx {tuple(seq_idx.shape)}, {k.shape[1]} keys")
+        if not causal:
+            raise ValueError("attention: packed documents (seq_idx) are for causal attention")
+        if backend in ("flash_attn", "flash_attn_cute"):
+            out = _varlen(q, k, v, seq_idx, backend)
+            if out is not None:
+                return out
+        return _sdpa_packed(q, k, v, seq_idx)
     if backend == "flash_attn_cute":
         fn = importlib.import_module("flash_attn.cute").flash_attn_func
         out = fn(q, k, v, causal=causal)
@@ -64,4 +81,74 @@ def _sdpa(q, k, v, causal: bool):
         i = torch.arange(lq, device=q.device)[:, None] + (lk - lq)
         j = torch.arange(lk, device=q.device)[None, :]
         o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=j <= i)
+    return o.transpose(1, 2)
+
+
+# ---------------------------------------------------------------- packed documents
+
+
+class VarlenInfo:
+    """``cu_seqlens`` (n_segments + 1,) int32 over the flattened (b * l) tokens and the longest segment."""
+
+    def __init__(self, seq_idx: torch.Tensor):
+        b, l = seq_idx.shape
+        new = torch.ones_like(seq_idx, dtype=torch.bool)
+        new[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]  # every row starts a segment too
+        starts = torch.nonzero(new.reshape(-1)).reshape(-1)
+        end = torch.full((1,), b * l, dtype=starts.dtype, device=starts.device)
+        self.cu_seqlens = torch.cat([starts, end]).to(torch.int32)
+        self.max_seqlen = int((self.cu_seqlens[1:] - self.cu_seqlens[:-1]).max())  # one host sync per batch
+
+
+_VARLEN_CACHE: list = [None, None]  # (seq_idx, VarlenInfo): the layers of one forward share one seq_idx tensor
+
+
+def varlen_info(seq_idx: torch.Tensor) -> VarlenInfo:
+    if _VARLEN_CACHE[0] is not seq_idx:
+        _VARLEN_CACHE[:] = [seq_idx, VarlenInfo(seq_idx)]
+    return _VARLEN_CACHE[1]
+
+
+_VARLEN_BROKEN: set = set()
+
+
+def _varlen(q, k, v, seq_idx, backend: str):
+    """flash-attn varlen over the flattened batch; None when this flash-attn has no usable varlen entry."""
+    if backend in _VARLEN_BROKEN:
+        return None
+    mod = importlib.import_module("flash_attn.cute" if backend == "flash_attn_cute" else "flash_attn")
+    fn = getattr(mod, "flash_attn_varlen_func", None)
+    if fn is None:
+        _VARLEN_BROKEN.add(backend)
+        return None
+    b, l, h, d = q.shape
+    info = varlen_info(seq_idx)
+    flat = [t.reshape(b * l, t.shape[2], t.shape[3]) for t in (q, k, v)]
+    try:
+        out = fn(*flat, cu_seqlens_q=info.cu_seqlens, cu_seqlens_k=info.cu_seqlens,
+                 max_seqlen_q=info.max_seqlen, max_seqlen_k=info.max_seqlen, causal=True)
+    except TypeError:  # another signature: the masked SDPA below is exact, only slower
+        import warnings
+
+        warnings.warn(f"attention: {backend} varlen call failed; packed documents use masked SDPA", stacklevel=2)
+        _VARLEN_BROKEN.add(backend)
+        return None
+    out = out[0] if isinstance(out, tuple) else out
+    return out.reshape(b, l, h, d)
+
+
+def packed_mask(seq_idx: torch.Tensor) -> torch.Tensor:
+    """(b, 1, l, l) bool: query i sees key j when j <= i and both lie in one document."""
+    l = seq_idx.shape[1]
+    causal = torch.ones(l, l, dtype=torch.bool, device=seq_idx.device).tril()
+    return ((seq_idx[:, :, None] == seq_idx[:, None, :]) & causal)[:, None]
+
+
+def _sdpa_packed(q, k, v, seq_idx):
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    groups = q.shape[2] // k.shape[2]
+    if groups > 1:
+        kt = kt.repeat_interleave(groups, dim=1)
+        vt = vt.repeat_interleave(groups, dim=1)
+    o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=packed_mask(seq_idx))
     return o.transpose(1, 2)

@@ -58,6 +58,16 @@ class KVCache:
         self.bias.copy_(torch.zeros((), device=self.k.device).masked_fill(~keep, float("-inf")).expand_as(self.bias))
 
 
+def document_positions(seq_idx: torch.Tensor) -> torch.Tensor:
+    """(b, l) long: each token's position inside its document (0 at every document start)."""
+    l = seq_idx.shape[1]
+    pos = torch.arange(l, device=seq_idx.device).expand_as(seq_idx)
+    new = torch.ones_like(seq_idx, dtype=torch.bool)
+    new[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    start = torch.cummax(torch.where(new, pos, torch.zeros_like(pos)), dim=1).values
+    return pos - start
+
+
 DECODE_CHUNK = 512  # keys per split of the decode step's P @ V (parallelism for small batches)
 
 
@@ -78,15 +88,23 @@ class Attention(nn.Module):
         shape = (batch, self.kv_heads, cap, self.head_dim)
         return KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
 
-    def forward(self, x, cache: KVCache | None = None):
+    def forward(self, x, cache: KVCache | None = None, seq_idx: torch.Tensor | None = None):
+        """``seq_idx`` (b, l) int, nondecreasing per row: packed documents. Each attends only within
+        itself (block-diagonal causal mask) and its positions count from 0, as if run alone."""
         b, l, _ = x.shape
+        if seq_idx is not None and cache is not None:
+            raise ValueError("attention: packed documents (seq_idx) cannot be decoded with a KV cache")
         if cache is not None and cache.pos is not None and l == 1:
             return self._static_step(x, cache)
         start = cache.length if cache is not None else 0
         q = self.q_proj(x).view(b, l, self.heads, self.head_dim)
         k, v = self.kv_proj(x).view(b, l, 2, self.kv_heads, self.head_dim).unbind(2)
-        ang = position_angles(torch.arange(start, start + l, device=x.device), self.head_dim, self.rope_theta)
-        ang = ang[None, :, None, :]
+        if seq_idx is None:
+            ang = position_angles(torch.arange(start, start + l, device=x.device), self.head_dim, self.rope_theta)
+            ang = ang[None, :, None, :]
+        else:
+            ang = position_angles(document_positions(seq_idx).reshape(-1), self.head_dim, self.rope_theta)
+            ang = ang.view(b, l, 1, -1)
         q, k = apply_rotary(q, ang), apply_rotary(k, ang)
         if cache is not None:
             if start + l > cache.capacity:
@@ -101,7 +119,7 @@ class Attention(nn.Module):
         if cache is not None and cache.pad is not None:
             o = _masked_attention(q, k, v, start, cache.pad)
         else:
-            o = attention(q, k, v, causal=True, backend=self.backend)
+            o = attention(q, k, v, causal=True, backend=self.backend, seq_idx=seq_idx)
         return self.o_proj(o.reshape(b, l, self.heads * self.head_dim))
 
     def _static_step(self, x, cache: KVCache):

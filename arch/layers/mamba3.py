@@ -115,10 +115,13 @@ class Mamba3(nn.Module):
         """The pre/post-processing stages follow the scan: the reference with a torch scan, fused otherwise."""
         return "torch" if self.backend.startswith("torch") else "auto"
 
-    def scan_inputs(self, u: torch.Tensor, phase0: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> ScanInputs:
+    def scan_inputs(self, u: torch.Tensor, phase0: torch.Tensor | None = None, valid: torch.Tensor | None = None,
+                    seq_idx: torch.Tensor | None = None) -> ScanInputs:
         """Project u and build the scan's (q, k, v, log α, β, γ), plus x, z and the phase.
 
         ``valid`` (b, l) bool: positions to skip get dt = 0 and x = 0 (left padding).
+        ``seq_idx`` (b, l) int: packed documents; the phase restarts at each document start
+        (``phase0``, a cache's running phase, belongs to the first document only).
         """
         b, l, _ = u.shape
         H, P, N, R = self.H, self.P, self.N, self.R
@@ -134,9 +137,13 @@ class Mamba3(nn.Module):
         phase = None
         if self.n_angles:
             theta = math.pi * torch.tanh(theta_raw.float())  # (b, l, n_angles)
-            phase = cumulative_phase(theta, dt, backend=self.io_backend)  # (b, l, H, n_angles)
+            phase = cumulative_phase(theta, dt, seq_idx=seq_idx, backend=self.io_backend)  # (b, l, H, n_angles)
             if phase0 is not None:
-                phase = phase + phase0[:, None]
+                if seq_idx is None:
+                    phase = phase + phase0[:, None]
+                else:
+                    first = (seq_idx == seq_idx[:, :1]).to(phase.dtype)  # (b, l): the cache's document
+                    phase = phase + phase0[:, None] * first[:, :, None, None]
         q, k = qk_prep(
             B.view(b, l, R, N), C.view(b, l, R, N), phase, self.b_norm, self.c_norm, self.b_bias, self.c_bias,
             H, self.eps, backend=self.io_backend,
@@ -145,16 +152,20 @@ class Mamba3(nn.Module):
         v = rank_expand(x, self.mimo_x, backend=self.io_backend) if blk.mode == "mimo" else x[:, :, :, None].contiguous()
         return ScanInputs(q, k, v, log_alpha, beta, gamma, x, z, phase)
 
-    def forward(self, u: torch.Tensor, cache: Mamba3Cache | None = None):
+    def forward(self, u: torch.Tensor, cache: Mamba3Cache | None = None, seq_idx: torch.Tensor | None = None):
+        """``seq_idx`` (b, l) int, nondecreasing per row: packed documents, each seen alone (state,
+        phase and the trapezoid's previous-token term reset where it changes)."""
         b, l, _ = u.shape
         H, P = self.H, self.P
+        if l == 1:
+            seq_idx = None  # one token is one document
         if cache is not None and l == 1 and cache.valid is None and self.fused_step_ok(u, cache):
             return self.fused_step(u, cache)
         valid = cache.valid if cache is not None else None
-        ins = self.scan_inputs(u, cache.phase if cache is not None else None, valid)
+        ins = self.scan_inputs(u, cache.phase if cache is not None else None, valid, seq_idx)
         y, final = ssm_scan(
             *ins[:6], cache.scan if cache is not None else None,
-            backend=self.backend, chunk_size=self.blk.chunk_size,
+            backend=self.backend, chunk_size=self.blk.chunk_size, seq_idx=seq_idx,
         )
         if cache is not None:  # in place: the cache's buffers stay put (CUDA graphs replay on them)
             for dst, src in zip(cache.scan, final):

@@ -13,6 +13,6 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(hidden, d_model, bias=False)
         self.down.is_output_proj = True
 
-    def forward(self, x, cache=None):
+    def forward(self, x, cache=None, seq_idx=None):  # token-wise: packed documents change nothing
         gate, up = self.gate_up(x).chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)

@@ -68,7 +68,7 @@ def batch_seed(base_seed: int, step: int, rank: int = 0) -> int:
 
 @dataclass(frozen=True)
 class Opt:
-    """One knob of a task. ``kind``: int | float | bool | choice | str."""
+    """One knob of a task. ``kind``: int | float | bool | choice | str | mapping (checked by the task)."""
 
     kind: str
     default: Any = None
@@ -121,6 +121,10 @@ def parse_options(task: str, spec: Mapping[str, Opt], kwargs: Mapping[str, Any])
         elif opt.kind == "str":
             if not isinstance(value, str) or not value:
                 raise _err(f"{bad} (must be a non-empty string)")
+        elif opt.kind == "mapping":
+            if not isinstance(value, Mapping):
+                raise _err(f"{bad} (must be a mapping)")
+            value = dict(value)
         if opt.min is not None and value < opt.min:
             raise _err(f"{bad} (must be >= {opt.min:g})")
         if opt.max is not None and value > opt.max:
@@ -137,6 +141,7 @@ class Batch:
     inputs: torch.Tensor  # (B, L) int64
     targets: torch.Tensor  # (B, L) int64, -100 where not scored
     meta: Dict[str, Any] = field(default_factory=dict)
+    seq_idx: Optional[torch.Tensor] = None  # (B, L) int32: packed documents (HybridLM.forward(..., seq_idx=))
 
     @property
     def mask(self) -> torch.Tensor:
@@ -150,6 +155,7 @@ class Batch:
             self.inputs.to(device, non_blocking=non_blocking),
             self.targets.to(device, non_blocking=non_blocking),
             dict(self.meta),
+            None if self.seq_idx is None else self.seq_idx.to(device, non_blocking=non_blocking),
         )
 
 
@@ -237,10 +243,13 @@ class Task:
         L = self.resolve_len(seq_len)
         ss = np.random.SeedSequence([int(seed) % (1 << 64), zlib.crc32(self.name.encode()), L])
         rng = np.random.default_rng(ss)
-        inputs, targets = self._generate(int(batch_size), L, rng)
+        out = self._generate(int(batch_size), L, rng)
+        inputs, targets = out[0], out[1]
+        seq_idx = out[2] if len(out) > 2 else None  # tasks that pack documents say where they are
         b = Batch(torch.from_numpy(np.asarray(inputs, dtype=np.int64)),
                   torch.from_numpy(np.asarray(targets, dtype=np.int64)),
-                  {"task": self.name, "seq_len": L, "seed": int(seed)})
+                  {"task": self.name, "seq_len": L, "seed": int(seed)},
+                  None if seq_idx is None else torch.from_numpy(np.asarray(seq_idx, dtype=np.int32)))
         assert b.inputs.shape == (batch_size, L) and b.targets.shape == (batch_size, L)
         return b
 

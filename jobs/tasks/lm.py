@@ -98,10 +98,17 @@ class BPETokenizer:
 def load_tokenizer(shards_dir: PathLike):
     """The tokenizer a shard folder was prepared with (``encode``/``decode``)."""
     index = _read_index(Path(shards_dir))
-    kind = index["tokenizer"]["kind"]
+    meta = index["tokenizer"]
+    kind = meta["kind"]
     if kind == "byte":
         return ByteTokenizer()
-    return BPETokenizer.load(Path(shards_dir) / index["tokenizer"]["file"])
+    if kind in ("tokenizers", "hf"):  # a user's tokenizer, saved beside the shards by prepare_shards_from_dataset
+        from hybridlab.jobs.textdata import load_text_tokenizer
+
+        tok = load_text_tokenizer(str(Path(shards_dir) / meta.get("file", meta.get("dir", ""))), task="token shards")
+        tok.eos_id = int(meta.get("eos_id", tok.eos_id))
+        return tok
+    return BPETokenizer.load(Path(shards_dir) / meta["file"])
 
 
 # --------------------------------------------------------------------------- prepare
@@ -157,6 +164,16 @@ def prepare_shards(text_files: Sequence[PathLike], out_dir: PathLike, tokenizer:
         tok.save(out / "tokenizer.json")
         tok_meta = {"kind": "bpe", "file": "tokenizer.json"}
 
+    def docs():
+        for f in files:
+            yield (tok.encode(chunk) for chunk in _text_chunks(f))
+
+    return _write_shards(docs(), tok, tok_meta, out, shard_tokens, val_fraction, [str(f) for f in files])
+
+
+def _write_shards(documents, tok, tok_meta: Dict, out: Path, shard_tokens: int, val_fraction: float,
+                  sources: Sequence[str]) -> "TokenShards":
+    """Write documents (each an iterable of token-id pieces) as shards + index; EOS after each document."""
     V = tok.vocab_size
     dtype = np.uint16 if V <= 1 << 16 else np.uint32
     for old in out.glob("shard_*.bin"):
@@ -177,9 +194,8 @@ def prepare_shards(text_files: Sequence[PathLike], out_dir: PathLike, tokenizer:
             pending = [rest] if len(rest) else []
             pending_n = len(rest)
 
-    for f in files:
-        for chunk in _text_chunks(f):
-            ids = tok.encode(chunk)
+    for doc in documents:  # each document: its token pieces, then EOS
+        for ids in doc:
             pending.append(np.asarray(ids, dtype=np.int64))
             pending_n += len(ids)
             flush()
@@ -203,12 +219,72 @@ def prepare_shards(text_files: Sequence[PathLike], out_dir: PathLike, tokenizer:
     index = {
         "format": FORMAT, "version": 1, "dtype": np.dtype(dtype).name, "vocab_size": int(V),
         "eos_id": int(tok.eos_id), "tokenizer": tok_meta, "shards": shards, "splits": splits,
-        "total_tokens": int(total), "sources": [str(f) for f in files],
+        "total_tokens": int(total), "sources": list(sources),
     }
     tmp = out / (INDEX + ".tmp")
     tmp.write_text(json.dumps(index, indent=1))
     tmp.replace(out / INDEX)
     return TokenShards(out)
+
+
+def prepare_shards_from_dataset(dataset: Dict, out_dir: PathLike, tokenizer: str = "byte",
+                                vocab_size: Optional[int] = None, shard_tokens: int = 1 << 26,
+                                val_fraction: float = 0.01, eos_token: Optional[str] = None) -> "TokenShards":
+    """Tokenize a ``data.dataset`` source (hf | json | jsonl | parquet | text, read with HF ``datasets``)
+    into shards. ``tokenizer``: ``byte``, ``bpe`` (trained here on the source; ``vocab_size``) or any
+    tokenizer ``data.tokenizer`` accepts (a tokenizer.json, an HF tokenizer folder or name), saved beside."""
+    from hybridlab.jobs import textdata
+
+    spec = textdata.DatasetSpec.from_mapping(dataset, task="prepare_shards")
+    textdata.peek(spec, "prepare_shards")
+    if not isinstance(shard_tokens, int) or shard_tokens <= 0:
+        raise _err(f"prepare_shards: bad value for 'shard_tokens': {shard_tokens!r} (must be a positive integer)")
+    if not isinstance(val_fraction, (int, float)) or not 0.0 <= val_fraction < 1.0:
+        raise _err(f"prepare_shards: bad value for 'val_fraction': {val_fraction!r} (must be in [0, 1))")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if tokenizer == "bpe":
+        if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 260:
+            raise _err(f"prepare_shards: bad value for 'vocab_size': {vocab_size!r} (bpe needs an integer >= 260)")
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        bpe = Tokenizer(models.BPE())
+        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        bpe.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TEXT],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        bpe.train_from_iterator(textdata.stream_documents(spec, "prepare_shards"), trainer)
+        bpe.save(str(out / "tokenizer.json"))
+        tok, meta = BPETokenizer(bpe), {"kind": "bpe", "file": "tokenizer.json"}
+    elif tokenizer == "byte":
+        tok, meta = ByteTokenizer(), {"kind": "byte"}
+    else:
+        text_tok = textdata.load_text_tokenizer(tokenizer, eos_token, task="prepare_shards")
+        if text_tok.kind == "hf":
+            text_tok.backend.save_pretrained(str(out / "tokenizer"))
+            meta = {"kind": "hf", "dir": "tokenizer", "eos_id": text_tok.eos_id}
+        else:
+            text_tok.backend.save(str(out / "tokenizer.json"))
+            meta = {"kind": "tokenizers", "file": "tokenizer.json", "eos_id": text_tok.eos_id}
+        tok = text_tok
+
+    def docs():
+        batch = []
+        for text in textdata.stream_documents(spec, "prepare_shards"):
+            batch.append(text)
+            if len(batch) == 64:
+                yield from ([ids] for ids in _encode_batch(tok, batch))
+                batch = []
+        if batch:
+            yield from ([ids] for ids in _encode_batch(tok, batch))
+
+    return _write_shards(docs(), tok, meta, out, shard_tokens, val_fraction, [str(p) for p in (
+        spec.path if isinstance(spec.path, list) else [spec.path])])
+
+
+def _encode_batch(tok, texts):
+    fn = getattr(tok, "encode_batch", None)
+    return fn(texts) if fn else [tok.encode(t) for t in texts]
 
 
 # --------------------------------------------------------------------------- reader
@@ -292,31 +368,94 @@ class TokenShards:
 
 
 class LM(Task):
-    """Next-token prediction on token shards; every position is scored.
-    ``score`` with logits gives ``loss`` (mean CE, nats) and ``ppl``."""
+    """Next-token prediction on text; the scored positions are every next token of a document.
+
+    Two sources: ``path`` (token shards made by ``prepare_shards``) or ``dataset`` + ``tokenizer``
+    (text read through HF ``datasets``, tokenized on the fly; see ``hybridlab.jobs.textdata``),
+    with ``pack`` (default true: documents concatenated to ``seq_len`` and kept apart by
+    ``seq_idx``). Training reads a dataset as one sequential stream per rank
+    (``train_stream``); ``batch`` (evals) draws seeded rows from the first packed rows of the
+    source. ``score`` with logits gives ``loss`` (mean CE, nats) and ``ppl``."""
 
     name = "lm"
     OPTIONS = {
-        "path": Opt("str", None, required=True, help="folder made by prepare_shards"),
+        "path": Opt("str", None, allow_none=True, help="folder made by prepare_shards"),
+        "dataset": Opt("mapping", None, allow_none=True, help="{format: hf|json|jsonl|parquet|text, path, name, split, text_field}"),
+        "tokenizer": Opt("str", None, allow_none=True, help="tokenizer.json, a local HF tokenizer folder, an HF name, or byte"),
+        "pack": Opt("bool", True, help="concatenate documents to seq_len (kept apart); false: one document per row"),
+        "eos_token": Opt("str", None, allow_none=True, help="the end-of-document token (default: the tokenizer's)"),
         "seq_len": Opt("int", 256, min=1),
-        "split": Opt("str", "train", help="train | val"),
-        "vocab": Opt("int", None, min=1, allow_none=True, help="optional: checked to be >= the shards' vocab"),
+        "split": Opt("str", "train", help="shards: train | val"),
+        "vocab": Opt("int", None, min=1, allow_none=True, help="optional: checked to be >= the data's vocab"),
     }
+    POOL_TOKENS = 1 << 20  # eval batches are drawn from the first ~1M tokens of the source
 
     def _setup(self):
-        try:
-            self.shards = TokenShards(self.path)
-        except TaskError as e:
-            raise _err(f"lm: bad value for 'path': {self.path!r} ({e})") from None
-        if self.split not in self.index_splits():
-            raise _err(f"lm: bad value for 'split': {self.split!r} (splits here: {', '.join(self.shards.splits) or 'none'})")
-        self._vocab_size = self._check_vocab_knob(self.shards.vocab_size)
-        self._answer_tokens = torch.arange(self.shards.vocab_size)
+        self._pools = {}
+        if (self.path is None) == (self.dataset is None):
+            raise _err("lm: give one source: 'path' (token shards) or 'dataset' (+ 'tokenizer')")
+        if self.path is not None:
+            for key in ("tokenizer", "eos_token"):
+                if self.config.get(key) is not None:
+                    raise _err(f"lm: bad value for '{key}': {self.config[key]!r} (token shards carry their own tokenizer; "
+                               f"'{key}' goes with 'dataset')")
+            try:
+                self.shards = TokenShards(self.path)
+            except TaskError as e:
+                raise _err(f"lm: bad value for 'path': {self.path!r} ({e})") from None
+            if self.split not in self.index_splits():
+                raise _err(f"lm: bad value for 'split': {self.split!r} (splits here: {', '.join(self.shards.splits) or 'none'})")
+            self._vocab_size = self._check_vocab_knob(self.shards.vocab_size)
+            self._answer_tokens = torch.arange(self.shards.vocab_size)
+            return
+        from hybridlab.jobs import textdata
+
+        if self.tokenizer is None:
+            raise _err("lm: option 'tokenizer' is required with 'dataset' (a tokenizer.json, a tokenizer folder, an HF name, or byte)")
+        self.source = textdata.DatasetSpec.from_mapping(self.dataset)
+        self.text_tokenizer = textdata.load_text_tokenizer(self.tokenizer, self.eos_token)
+        textdata.peek(self.source)
+        self._vocab_size = self._check_vocab_knob(self.text_tokenizer.vocab_size)
+        self._answer_tokens = torch.arange(self.text_tokenizer.vocab_size)
+
+    @property
+    def streaming(self) -> bool:
+        """True when training reads the source as a stream (``train_stream``), not by seeded windows."""
+        return self.dataset is not None
+
+    def train_stream(self, rank: int = 0, world: int = 1, seq_len: Optional[int] = None):
+        from hybridlab.jobs.textdata import PackedStream
+
+        return PackedStream(self.source, self.text_tokenizer, seq_len or self.seq_len, self.pack, rank, world)
+
+    def tokenizer_for_text(self):
+        """The tokenizer of this data (``encode``/``decode``/``eos_id``/``vocab_size``)."""
+        return self.text_tokenizer if self.dataset is not None else load_tokenizer(self.path)
 
     def index_splits(self):
         return self.shards.splits
 
+    def _pool(self, L: int):
+        pool = self._pools.get(L)
+        if pool is None:
+            stream = self.train_stream(0, 1, L)
+            rows = max(1, self.POOL_TOKENS // (L + 1))
+            first = stream.next_batch(1)
+            batches, seen_epoch = [first], False
+            while stream.rows < rows and not seen_epoch:  # stop at the end of the source (small eval sets)
+                batches.append(stream.next_batch(1))
+                seen_epoch = stream.epoch > 0
+            pool = (torch.cat([b.inputs for b in batches]), torch.cat([b.targets for b in batches]),
+                    torch.cat([b.seq_idx for b in batches]) if self.pack else None)
+            self._pools[L] = pool
+        return pool
+
     def _generate(self, B, L, rng):
+        if self.dataset is not None:
+            inputs, targets, seq_idx = self._pool(L)
+            pick = torch.from_numpy(rng.integers(0, inputs.shape[0], B))
+            out = (inputs[pick].numpy(), targets[pick].numpy())
+            return out + ((seq_idx[pick].numpy(),) if seq_idx is not None else ())
         w = self.shards.sample(B, L + 1, rng, split=self.split)
         return w[:, :-1], w[:, 1:]
 

@@ -5,8 +5,9 @@
         rotate dims (i, i + A) by phase (b, l, H, A) -> q, k (b, l, H, R, N)
     scan_coefficients(dt_raw, a_raw, lam_raw, dt_bias, a_bias, a_floor, valid) -> (dt, log_alpha, beta, gamma)
         the scan's per-(token, head) scalars from the raw projections (b, l, H); lam_raw None: Euler
-    cumulative_phase(theta, dt) -> phase
-        θ (b, l, A) shared by the heads, dt (b, l, H) -> φ (b, l, H, A) = Σ_{s<=t} θ_s·dt_s (fp32)
+    cumulative_phase(theta, dt, seq_idx=None) -> phase
+        θ (b, l, A) shared by the heads, dt (b, l, H) -> φ (b, l, H, A) = Σ_{s<=t} θ_s·dt_s (fp32);
+        with seq_idx (b, l) (packed documents) the sum restarts at 0 at every document start
     rank_expand(x, mimo_x) -> v
         x (b, l, H, P), mimo_x (H, R, P) -> the scan's value v = x ⊙ mimo_x (b, l, H, R, P)
     gated_output(y, x, z, D, norm_w, mimo_x, mimo_z, mimo_o, eps) -> (b, l, H, P)
@@ -80,13 +81,19 @@ def scan_coefficients(dt_raw, a_raw, lam_raw, dt_bias, a_bias, a_floor: float, v
     return scan_coefficients_reference(dt_raw, a_raw, lam_raw, dt_bias, a_bias, a_floor, valid)
 
 
-def cumulative_phase(theta, dt, *, backend: str = "auto"):
-    """The data-dependent rotary's phase, φ (b, l, H, A) float32 (any strides; qk_prep takes it as is)."""
+def cumulative_phase(theta, dt, *, seq_idx=None, backend: str = "auto"):
+    """The data-dependent rotary's phase, φ (b, l, H, A) float32 (any strides; qk_prep takes it as is).
+
+    ``seq_idx`` (b, l) int, nondecreasing per row: the phase restarts at 0 at each document start."""
     _check(theta.dim() == 3 and dt.dim() == 3 and theta.shape[:2] == dt.shape[:2],
            f"theta must be (batch, seqlen, A) and dt (batch, seqlen, heads); got {tuple(theta.shape)} and {tuple(dt.shape)}")
+    _check(seq_idx is None or (isinstance(seq_idx, torch.Tensor) and seq_idx.shape == theta.shape[:2]
+                               and not seq_idx.dtype.is_floating_point),
+           f"seq_idx must be a (batch, seqlen) = {tuple(theta.shape[:2])} integer tensor")
     if io_backend(theta, backend) == "triton":
-        return _kernels().cumulative_phase_triton(theta, dt)
-    return cumulative_phase_reference(theta, dt)
+        packed = {"seq_idx": seq_idx} if seq_idx is not None else {}  # the Triton kernel takes it as a keyword
+        return _kernels().cumulative_phase_triton(theta, dt, **packed)
+    return cumulative_phase_reference(theta, dt, seq_idx)
 
 
 def qk_prep(B, C, phase, b_norm, c_norm, b_bias, c_bias, heads: int, eps: float, *, backend: str = "auto"):

@@ -8,7 +8,8 @@
   a_raw + a_bias), a_floor), log α = A·dt, and the trapezoid's β = (1-λ)·dt·α,
   γ = λ·dt with λ = sigmoid(lam_raw) (Euler, lam_raw None: β = 0, γ = dt).
 * ``cumulative_phase_reference`` — the rotary phase φ_t = Σ_{s<=t} θ_s·dt_s,
-  per head (dt is per head, θ is shared).
+  per head (dt is per head, θ is shared); with ``seq_idx`` (packed documents)
+  the sum restarts at 0 at every document start.
 * ``rank_expand_reference`` — the MIMO rank projection of the scan's value,
   v_r = x ⊙ W_x[h, r].
 * ``gated_output_reference`` — the scan's y to the output projection's input:
@@ -42,12 +43,27 @@ def scan_coefficients_reference(dt_raw, a_raw, lam_raw, dt_bias, a_bias, a_floor
     return dt, log_alpha, (1 - lam) * dt * torch.exp(log_alpha), lam * dt
 
 
-def cumulative_phase_reference(theta: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
-    """θ (b, l, A) and dt (b, l, H), float32 -> φ (b, l, H, A) float32."""
+def cumulative_phase_reference(theta: torch.Tensor, dt: torch.Tensor, seq_idx=None) -> torch.Tensor:
+    """θ (b, l, A) and dt (b, l, H), float32 -> φ (b, l, H, A) float32.
+
+    ``seq_idx`` (b, l) int, nondecreasing per row: φ restarts at 0 where it changes."""
     # Built (b, H, A, l)-major so that the cumsum runs along memory (torch's fast inner scan); the
     # returned view is (b, l, H, A), which qk_prep reads with its strides.
     steps = dt.transpose(1, 2)[:, :, None, :] * theta.transpose(1, 2)[:, None, :, :]
-    return torch.cumsum(steps, dim=-1).permute(0, 3, 1, 2)
+    if seq_idx is None:
+        return torch.cumsum(steps, dim=-1).permute(0, 3, 1, 2)
+    # Segmented sum: the running total minus its value just before the document began. In float64,
+    # so that subtracting a long prefix loses nothing a document alone would keep.
+    b, l = seq_idx.shape
+    total = torch.cumsum(steps.double(), dim=-1)
+    pos = torch.arange(l, device=seq_idx.device)
+    new = torch.ones_like(seq_idx, dtype=torch.bool)
+    new[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    start = torch.cummax(torch.where(new, pos, torch.zeros_like(pos)), dim=1).values  # (b, l) first position of t's document
+    before = torch.where(start > 0, start - 1, torch.zeros_like(start))
+    offset = torch.gather(total, -1, before[:, None, None, :].expand_as(total))
+    offset = torch.where((start > 0)[:, None, None, :], offset, torch.zeros_like(offset))
+    return (total - offset).to(steps.dtype).permute(0, 3, 1, 2)
 
 
 def qk_prep_reference(B, C, phase, b_norm, c_norm, b_bias, c_bias, heads: int, eps: float):

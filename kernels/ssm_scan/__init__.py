@@ -1,8 +1,13 @@
 """The trapezoidal SSM scan: one contract, several backends, one dispatcher.
 
-    ssm_scan(q, k, v, log_alpha, beta, gamma, state=None) -> (y, final_state)
+    ssm_scan(q, k, v, log_alpha, beta, gamma, state=None, *, backend="auto", chunk_size=None,
+             seq_idx=None, cu_seqlens=None) -> (y, final_state)
 
-See DESIGN.md §3 and ``reference.py`` for the math. Backends:
+See DESIGN.md §3 and ``reference.py`` for the math. Packed documents: ``seq_idx``
+(batch, seqlen) int32, nondecreasing per row; wherever it changes h is reset and
+the previous-token (beta) term dropped; ``cu_seqlens`` (n_docs + 1,) for a
+single-row batch is converted to it; a passed-in state applies to the first
+document only. Backends:
 
 * ``torch``  — the reference; chunked for seqlen > 1, recurrent for seqlen == 1.
 * ``torch_chunked`` / ``torch_recurrent`` — force one reference form.
@@ -22,7 +27,7 @@ import os
 import torch
 
 from .._deps import has_module
-from .reference import ScanState, scan_chunked, scan_recurrent
+from .reference import ScanState, check_seq_idx, scan_chunked, scan_recurrent, seq_idx_from_cu_seqlens
 
 __all__ = ["ssm_scan", "ScanState", "select_backend", "default_chunk_size", "triton_supports", "BACKENDS"]
 
@@ -98,24 +103,36 @@ def _cute_available(device: torch.device) -> bool:
     return _kernel_file_exists("cute") and _cute_backend().cute_available(device)
 
 
-def ssm_scan(q, k, v, log_alpha, beta, gamma, state=None, *, backend: str = "auto", chunk_size: int | None = None):
+def ssm_scan(q, k, v, log_alpha, beta, gamma, state=None, *, backend: str = "auto", chunk_size: int | None = None,
+             seq_idx=None, cu_seqlens=None):
     """Run the scan; returns ``(y, ScanState(h, k_last, v_last))``."""
     if backend not in BACKENDS:
         raise ValueError(f"ssm_scan: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     seqlen = q.shape[1] if q.dim() == 5 else None
+    if cu_seqlens is not None:
+        if seq_idx is not None:
+            raise ValueError("ssm_scan: give seq_idx or cu_seqlens, not both")
+        if q.dim() != 5:
+            raise ValueError(f"ssm_scan: q must be (batch, seqlen, heads, rank, d_state); got {tuple(q.shape)}")
+        seq_idx = seq_idx_from_cu_seqlens(cu_seqlens.to(q.device), q.shape[0], q.shape[1])
+    if seq_idx is not None and q.dim() == 5:
+        seq_idx = check_seq_idx(seq_idx, q.shape[0], q.shape[1], q.device)
+    if seqlen == 1:
+        seq_idx = None  # one position is one document: the state applies to it
     if backend == "auto":
         shape = dict(headdim=v.shape[-1], d_state=q.shape[-1], rank=q.shape[3], chunk_size=chunk_size) if q.dim() == 5 else None
         backend, _ = select_backend(q.device, seqlen, shape)
     if backend == "torch":
         backend = "torch_recurrent" if seqlen == 1 else "torch_chunked"
     if backend == "torch_recurrent":
-        return scan_recurrent(q, k, v, log_alpha, beta, gamma, state)
+        return scan_recurrent(q, k, v, log_alpha, beta, gamma, state, seq_idx=seq_idx)
     if backend == "torch_chunked":
-        return scan_chunked(q, k, v, log_alpha, beta, gamma, state, chunk_size=chunk_size or 64)
+        return scan_chunked(q, k, v, log_alpha, beta, gamma, state, chunk_size=chunk_size or 64, seq_idx=seq_idx)
     if backend == "triton":
         if not _triton_usable(q.device):
             raise RuntimeError("ssm_scan: backend 'triton' needs CUDA (or TRITON_INTERPRET=1) and the triton package")
-        return _triton_backend().ssm_scan_triton(q, k, v, log_alpha, beta, gamma, state, chunk_size=chunk_size)
+        packed = {"seq_idx": seq_idx} if seq_idx is not None else {}  # the Triton kernels take it as a keyword
+        return _triton_backend().ssm_scan_triton(q, k, v, log_alpha, beta, gamma, state, chunk_size=chunk_size, **packed)
     if not _cute_available(q.device) if q.device.type == "cuda" else True:
         raise RuntimeError("ssm_scan: backend 'cute' needs a CUDA sm90+ GPU and nvidia-cutlass-dsl")
     return _cute_backend().ssm_scan_cute(q, k, v, log_alpha, beta, gamma, state)

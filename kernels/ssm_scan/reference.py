@@ -16,6 +16,15 @@ Two forms that must agree:
 
 Both accumulate in float32 (float64 for float64 inputs, so gradcheck works) and
 return y in v's dtype.
+
+Packed documents: ``seq_idx`` (batch, seqlen) int, nondecreasing along each row,
+names the document of every position. Where it changes, the new document starts
+from nothing: h is reset (no carry from the previous document) and the
+trapezoid's previous-token (beta) term is dropped, so each document gives what
+it gives alone. A passed-in ``state`` belongs to the row's first document only;
+the returned state is that of the row's last document. ``cu_seqlens``
+(n_docs + 1,) for a single-row batch says the same thing as offsets
+(``seq_idx_from_cu_seqlens``).
 """
 
 from __future__ import annotations
@@ -56,6 +65,41 @@ def check_inputs(q, k, v, log_alpha, beta, gamma, state=None) -> ScanState:
     return normalize_state(state, b, h, r, n, p, q.device, k.dtype, v.dtype)
 
 
+def check_seq_idx(seq_idx, b: int, l: int, device=None):
+    """Validate a (batch, seqlen) integer ``seq_idx`` (None passes); returns it as int32.
+
+    Monotonicity is the caller's promise (checking it would cost a device sync per call)."""
+    if seq_idx is None:
+        return None
+    if not isinstance(seq_idx, torch.Tensor) or seq_idx.shape != (b, l):
+        shape = tuple(seq_idx.shape) if isinstance(seq_idx, torch.Tensor) else type(seq_idx).__name__
+        raise ValueError(f"ssm_scan: seq_idx must be a (batch, seqlen) = ({b}, {l}) integer tensor; got {shape}")
+    if seq_idx.dtype.is_floating_point or seq_idx.dtype == torch.bool or seq_idx.is_complex():
+        raise ValueError(f"ssm_scan: seq_idx must hold integers; got {seq_idx.dtype}")
+    if device is not None and seq_idx.device != torch.device(device):
+        raise ValueError(f"ssm_scan: seq_idx is on {seq_idx.device}, the inputs on {device}")
+    return seq_idx.to(torch.int32)
+
+
+def seq_idx_from_cu_seqlens(cu_seqlens, b: int, l: int) -> torch.Tensor:
+    """``cu_seqlens`` (n_docs + 1,) offsets [0, ..., l] of a single-row batch -> seq_idx (1, l) int32."""
+    if b != 1:
+        raise ValueError(f"ssm_scan: cu_seqlens describes a single-row batch; got batch {b} (pass seq_idx instead)")
+    cu = torch.as_tensor(cu_seqlens)
+    if cu.dim() != 1 or cu.numel() < 2 or cu.dtype.is_floating_point:
+        raise ValueError(f"ssm_scan: cu_seqlens must be a 1-D integer tensor of n_docs + 1 >= 2 offsets; got {tuple(cu.shape)} {cu.dtype}")
+    pos = torch.arange(l, device=cu.device)
+    # the document of position t: how many document starts after the first lie at or before t
+    return torch.bucketize(pos, cu[1:-1].to(pos.dtype), right=True).to(torch.int32)[None]
+
+
+def doc_starts(seq_idx: torch.Tensor) -> torch.Tensor:
+    """(b, l) bool: True where a new document starts (never at t = 0, whose document the state belongs to)."""
+    new = torch.zeros(seq_idx.shape, dtype=torch.bool, device=seq_idx.device)
+    new[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    return new
+
+
 def normalize_state(state, b, h, r, n, p, device, k_dtype, v_dtype) -> ScanState:
     """Accept None, a bare h tensor, or an (h, k, v) tuple; return a ScanState."""
     if state is None:
@@ -84,19 +128,24 @@ def accum_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def scan_recurrent(q, k, v, log_alpha, beta, gamma, state=None):
+def scan_recurrent(q, k, v, log_alpha, beta, gamma, state=None, seq_idx=None):
     """The contract, one position at a time. Returns (y, ScanState)."""
     st = check_inputs(q, k, v, log_alpha, beta, gamma, state)
+    seq_idx = check_seq_idx(seq_idx, q.shape[0], q.shape[1], q.device)
     acc = accum_dtype(q)
     h, k_prev, v_prev = st.h.to(acc), st.k.to(acc), st.v.to(acc)
     qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
     beta, gamma = beta.to(acc), gamma.to(acc)
     alpha = log_alpha.to(acc).exp()
+    keep = None if seq_idx is None else (~doc_starts(seq_idx)).to(acc)  # (b, l): 0 where a document starts
     ys = []
     for t in range(q.shape[1]):
         k_t, v_t = kf[:, t], vf[:, t]  # (b, h, r, n), (b, h, r, p)
         prev = torch.einsum("bhrp,bhrn->bhpn", v_prev, k_prev)
         cur = torch.einsum("bhrp,bhrn->bhpn", v_t, k_t)
+        if keep is not None:  # a new document: nothing carried, no previous-token term
+            h = h * keep[:, t, None, None, None]
+            prev = prev * keep[:, t, None, None, None]
         h = (
             alpha[:, t, :, None, None] * h
             + beta[:, t, :, None, None] * prev
@@ -108,10 +157,13 @@ def scan_recurrent(q, k, v, log_alpha, beta, gamma, state=None):
     return y, ScanState(h, k[:, -1], v[:, -1])
 
 
-def scan_chunked(q, k, v, log_alpha, beta, gamma, state=None, chunk_size: int = 64):
+def scan_chunked(q, k, v, log_alpha, beta, gamma, state=None, chunk_size: int = 64, seq_idx=None):
     """The same scan in chunks of ``chunk_size`` positions, as dense matmuls."""
     st = check_inputs(q, k, v, log_alpha, beta, gamma, state)
     b, l, nh, r, n = q.shape
+    seq_idx = check_seq_idx(seq_idx, b, l, q.device)
+    if seq_idx is not None:  # the previous-token term does not cross into a new document
+        beta = beta * (~doc_starts(seq_idx)).to(beta.dtype)[..., None]
     acc = accum_dtype(q)
     qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
     # The previous position's (k, v): shift right by one, the state's (k, v) first.
@@ -131,16 +183,33 @@ def scan_chunked(q, k, v, log_alpha, beta, gamma, state=None, chunk_size: int = 
         # decay[t, s] = e^{L_t - L_s} for s <= t, else 0 (mask before exp: no inf*0).
         diff = L[..., :, None] - L[..., None, :]
         causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-        decay = torch.exp(diff.masked_fill(~causal, float("-inf")))  # (b, h, T, T)
+        if seq_idx is None:
+            decay = torch.exp(diff.masked_fill(~causal, float("-inf")))  # (b, h, T, T)
+            carry_in = carry_out = None
+        else:
+            # s feeds t only inside one document; h_in reaches the positions of the document that was
+            # running when the chunk began (the state's, for the first chunk); the chunk hands on
+            # only what its last document wrote.
+            sid = seq_idx[:, c0:c1]
+            same = (sid[:, :, None] == sid[:, None, :]) & causal  # (b, T, T)
+            decay = torch.exp(diff.masked_fill(~same[:, None], float("-inf")))
+            run_id = seq_idx[:, c0 - 1 : c0] if c0 > 0 else seq_idx[:, :1]
+            carry_in = (sid == run_id).to(acc)  # (b, T)
+            carry_out = (sid == sid[:, -1:]).to(acc)  # (b, T)
         qc = qf[:, c0:c1].permute(0, 2, 1, 3, 4)  # (b, h, T, r, n)
         kc = keys[:, c0:c1].permute(0, 2, 1, 3, 4)  # (b, h, T, 2r, n)
         vc = vals[:, c0:c1].permute(0, 2, 1, 3, 4)  # (b, h, T, 2r, p)
         scores = torch.einsum("bhtrn,bhsjn->bhtrsj", qc, kc) * decay[:, :, :, None, :, None]
         y_intra = torch.einsum("bhtrsj,bhsjp->bhtrp", scores, vc)
-        y_inter = torch.einsum("bhtrn,bhpn->bhtrp", qc, h) * L.exp()[..., None, None]
+        in_w = L.exp() if carry_in is None else L.exp() * carry_in[:, None]  # (b, h, T)
+        y_inter = torch.einsum("bhtrn,bhpn->bhtrp", qc, h) * in_w[..., None, None]
         ys.append((y_intra + y_inter).permute(0, 2, 1, 3, 4))
         # Carry the state to the chunk's end.
         to_end = torch.exp(L[..., -1:] - L)  # (b, h, T)
-        h = L[..., -1].exp()[..., None, None] * h + torch.einsum("bhs,bhsjp,bhsjn->bhpn", to_end, vc, kc)
+        h_w = L[..., -1].exp()
+        if carry_out is not None:
+            to_end = to_end * carry_out[:, None]
+            h_w = h_w * carry_in[:, None, -1]  # h_in survives only if the last position is still its document
+        h = h_w[..., None, None] * h + torch.einsum("bhs,bhsjp,bhsjn->bhpn", to_end, vc, kc)
     y = torch.cat(ys, dim=1).to(v.dtype)
     return y, ScanState(h, k[:, -1], v[:, -1])

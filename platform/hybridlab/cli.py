@@ -79,9 +79,17 @@ def generate(
 
 @app.command("eval")
 def eval_(
-    target: str = typer.Argument(..., help="MLflow run id, a run folder, or a checkpoint folder (step_N/)."),
-    task: str = typer.Option(..., "--task", help="Eval task: mqar, passkey (needle), parity, modarith, copy, lm."),
-    lengths: str = typer.Option(..., "--lengths", help="Comma-separated eval lengths, e.g. 256,512,1024."),
+    target: str = typer.Argument(..., help="MLflow run id, a run folder, a checkpoint folder (step_N/), or a model folder."),
+    task: Optional[str] = typer.Option(None, "--task", help="Eval task: mqar, passkey (needle), parity, modarith, copy, lm; "
+                                       "on text: niah, ppl_by_pos."),
+    lengths: Optional[str] = typer.Option(None, "--lengths", help="Comma-separated eval lengths, e.g. 256,512,1024 "
+                                          "(niah / ppl_by_pos default: multiples of the training length)."),
+    lm_eval: Optional[str] = typer.Option(None, "--lm-eval", help="lm-evaluation-harness tasks, comma-separated; "
+                                          "metrics eval/lm_eval/<task>/<metric>."),
+    lm_eval_include: Optional[List[str]] = typer.Option(None, "--lm-eval-include", help="Folder of lm-eval task YAMLs (repeatable)."),
+    limit: Optional[float] = typer.Option(None, "--limit", help="lm-eval: examples per task (< 1: a fraction)."),
+    num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="lm-eval: few-shot examples."),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer for text evals (default: the run's data.tokenizer or the model folder's)."),
     batches: int = typer.Option(2, "--batches", help="Batches per length."),
     batch_size: int = typer.Option(32, "--batch-size", help="Sequences per batch."),
     option: Optional[List[str]] = typer.Option(None, "--option", help="Task option key=value (repeatable), e.g. depth=0.5."),
@@ -89,11 +97,12 @@ def eval_(
     no_log: bool = typer.Option(False, "--no-log", help="Print only; log nothing to MLflow."),
     uri: Optional[str] = typer.Option(None, "--uri", help="Tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db)."),
 ):
-    """Evaluate a trained run's checkpoint at chosen lengths; log eval/<task>/len_<L>/* into the run."""
+    """Evaluate a run, checkpoint or model folder: tasks at chosen lengths, NIAH / per-position perplexity, lm-eval."""
     from .evaluate import evaluate
 
     evaluate(target, task, lengths, batches=batches, batch_size=batch_size, options=option or [], child=child,
-             log=not no_log, uri=uri)
+             log=not no_log, uri=uri, lm_eval=lm_eval, lm_eval_include=lm_eval_include or [], limit=limit,
+             num_fewshot=num_fewshot, tokenizer=tokenizer)
 
 
 @app.command()

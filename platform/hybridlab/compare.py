@@ -10,6 +10,8 @@ comparisons), and writes into one folder:
 ``comparison.json``    all of the above
 ``accuracy_vs_length.png``   one subplot per eval task, one line per run
 ``loss_vs_tokens.png``       training loss of every run
+``text_evals.csv``, ``niah_<run>.png``, ``ppl_by_position.png``   the text evals (lm-eval, NIAH
+                       heatmaps, loss by position: ``text_report.py``), when the runs have them
 
 prints the summary as a rich table, and logs the folder as the artifacts of a
 new ``comparison`` run in the same experiment (tag ``hybridlab.kind=comparison``).
@@ -32,9 +34,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from hybridlab.jobs.metric_names import EVAL_METRIC_RE
+from hybridlab.jobs.metric_names import EVAL_METRIC_RE, lm_eval_metric
 
 from .errors import UserError
+from .text_report import is_text_metric, lm_eval_columns, write_comparison_text_evals
 
 KIND_TAG = "hybridlab.kind"
 LOSS_KEY = "train/loss"
@@ -62,6 +65,7 @@ class RunInfo:
     evals: dict = field(default_factory=dict)  # {task: {length: {what: value}}}
     loss_history: list = field(default_factory=list)  # [(step, tokens or None, loss)]
     chance: dict = field(default_factory=dict)  # {task: chance accuracy}
+    text_metrics: dict = field(default_factory=dict)  # eval/lm_eval/*, eval/niah/*/depth_*, eval/ppl_by_pos/*/pos_* (text_report.py)
 
 
 @dataclass
@@ -72,6 +76,7 @@ class Comparison:
     metric: str
     runs: list[RunInfo]
     columns: list[tuple[str, int, str]]  # (task, length, what) of the table
+    text_columns: list[tuple[str, str]] = field(default_factory=list)  # (lm-eval task, metric) of the table
     out_dir: str = ""
     comparison_run_id: str = ""
     files: list[str] = field(default_factory=list)
@@ -174,6 +179,8 @@ def _run_info(client, run) -> RunInfo:
         m = EVAL_METRIC_RE.match(key)
         if m:
             info.evals.setdefault(m["task"], {}).setdefault(int(m["len"]), {})[m["what"]] = float(value)
+        elif is_text_metric(key):
+            info.text_metrics[key] = float(value)
     info.loss_history = _history(client, run.info.run_id)
     if info.loss_history:
         info.steps = info.loss_history[-1][0]
@@ -258,6 +265,8 @@ def _merge_eval_children(client, exp, infos: list[RunInfo]) -> None:
             m = EVAL_METRIC_RE.match(key)
             if m:
                 parent.evals.setdefault(m["task"], {}).setdefault(int(m["len"]), {})[m["what"]] = float(value)
+            elif is_text_metric(key):
+                parent.text_metrics[key] = float(value)
 
 
 def _unique_labels(infos: list[RunInfo]) -> None:
@@ -278,6 +287,8 @@ def pick_what(info_evals: dict, task: str, metric: str) -> Optional[str]:
     if metric != "auto":
         return metric
     whats = {w for by_len in info_evals.get(task, {}).values() for w in by_len}
+    if "acc" not in whats and "final_acc" not in whats and "loss" in whats:  # ppl_by_pos: a loss only
+        return "loss"
     return "final_acc" if "final_acc" in whats else "acc"
 
 
@@ -315,7 +326,7 @@ def build(experiment: str, runs: Sequence[str] = (), metric: str = "auto", uri: 
         have = sorted({w for t in merged.values() for ws in t.values() for w in ws})
         raise UserError(f"no eval metric {metric!r} in these runs; they have: {', '.join(have)}")
     return Comparison(experiment=experiment, experiment_id=exp.experiment_id, tracking_uri=uri, metric=metric,
-                      runs=infos, columns=columns)
+                      runs=infos, columns=columns, text_columns=lm_eval_columns(infos))
 
 
 # ---------------------------------------------------------------- outputs
@@ -347,6 +358,8 @@ def rows(c: Comparison) -> list[dict]:
                "train_seq_len": r.train_seq_len, "steps": r.steps, "tokens": r.tokens, "final_loss": r.final_loss}
         for task, L, what in c.columns:
             row[col_name(task, L, what)] = r.evals.get(task, {}).get(L, {}).get(what)
+        for task, metric in c.text_columns:
+            row[f"lm_eval {task} {metric}"] = r.text_metrics.get(lm_eval_metric(task, metric))
         out.append(row)
     return out
 
@@ -373,6 +386,8 @@ def render_table(c: Comparison, console=None) -> None:
         t.add_column(name, justify="right", no_wrap=True)
     for task, L, what in c.columns:
         t.add_column(f"{task}\n{L}\n{SHORT_WHAT.get(what, what)}", justify="right", no_wrap=True)
+    for task, metric in c.text_columns:
+        t.add_column(f"lm_eval\n{task}\n{metric}", justify="right", no_wrap=True)
     for r in c.runs:
         cells = [f"{escape(r.label)}\n[dim]{r.run_id[:8]}[/dim]"]
         if show_layout:
@@ -389,9 +404,10 @@ def render_table(c: Comparison, console=None) -> None:
                 elif ch is not None and v <= ch + 0.05:
                     s = f"[dim]{s}[/dim]"
             cells.append(s)
+        cells += [_fmt(r.text_metrics.get(lm_eval_metric(task, metric))) for task, metric in c.text_columns]
         t.add_row(*cells)
     console.print(t)
-    if not c.columns:
+    if not c.columns and not c.text_columns:
         console.print("[dim]no eval metrics in these runs[/dim]")
 
 
@@ -557,6 +573,7 @@ def write_outputs(c: Comparison, out_dir: str | Path) -> list[str]:
         files.append("accuracy_vs_length.png")
     if plot_loss(c, out / "loss_vs_tokens.png"):
         files.append("loss_vs_tokens.png")
+    files += write_comparison_text_evals(c, out)  # text_evals.csv, niah_<run>.png, ppl_by_position.png
     from rich.console import Console
 
     with open(out / "table.txt", "w") as f:

@@ -81,7 +81,10 @@ def parse_options(items: Sequence[str]) -> dict:
 
 def check_task(task: str) -> str:
     from hybridlab.jobs.tasks import TaskError, canonical_name
+    from hybridlab.jobs.text_evals import is_text_eval
 
+    if is_text_eval(task):
+        return task
     try:
         canonical_name(task)
     except TaskError as e:
@@ -141,6 +144,10 @@ def resolve_target(target: str, client=None, uri: str = "") -> Target:
         else:
             ckpt, run_dir = _latest_in_run_dir(path), path
             if ckpt is None:
+                from .pretrained import folder_job, is_model_folder
+
+                if is_model_folder(path):  # spec + safetensors: hybridlab.arch.load_pretrained reads it
+                    return Target(checkpoint=str(path), job=folder_job(path, None, None), meta={"kind": "model_folder"})
                 raise UserError(f"{target}: no checkpoint in this folder (expected step_N/ with {DS_TAG}/ and {META})")
         run_id = None
         rid_file = run_dir / "mlflow_run_id"
@@ -239,6 +246,14 @@ def load_state_dict(checkpoint: str, meta: Optional[dict] = None) -> dict:
 def load_model(target: Target, device: str = "cpu"):
     from hybridlab.arch import HybridLM, load_model_spec
 
+    if target.meta.get("kind") == "model_folder":
+        from .pretrained import _spec_dict, load_folder
+
+        model, spec = load_folder(Path(target.checkpoint), device)
+        if spec is not None:
+            target.job["model"] = _spec_dict(spec)
+        return model, spec
+
     spec = load_model_spec(target.job["model"])
     model = HybridLM(spec)
     sd = load_state_dict(target.checkpoint, target.meta)
@@ -254,22 +269,32 @@ def load_model(target: Target, device: str = "cpu"):
 # ---------------------------------------------------------------- the command
 
 
-def evaluate(target: str, task: str, lengths, batches: int = 2, batch_size: int = 32, options: Sequence[str] = (),
+def evaluate(target: str, task: Optional[str], lengths, batches: int = 2, batch_size: int = 32, options: Sequence[str] = (),
              child: bool = False, log: bool = True, uri: Optional[str] = None, device: Optional[str] = None,
-             console=None) -> dict:
-    """Evaluate ``target`` on ``task`` at ``lengths``; log and return the metrics."""
+             console=None, lm_eval: Optional[str] = None, lm_eval_include: Sequence[str] = (),
+             limit: Optional[float] = None, num_fewshot: Optional[int] = None, tokenizer: Optional[str] = None) -> dict:
+    """Evaluate ``target`` on ``task`` at ``lengths`` and/or on lm-eval tasks; log and return the metrics."""
     from rich.console import Console
+
+    from hybridlab.jobs.text_evals import is_text_eval
 
     from .tracking import tracking_uri
 
     console = console or Console()
-    check_task(task)
-    Ls = parse_lengths(lengths)
+    if not task and not lm_eval:
+        raise UserError("give --task (with --lengths) or --lm-eval TASKS")
+    if task:
+        check_task(task)
+    if task and not is_text_eval(task) and not lengths:
+        raise UserError(f"--lengths: required for --task {task}, e.g. --lengths 256,512")
+    Ls = parse_lengths(lengths) if lengths else []
     if batches <= 0:
         raise UserError(f"--batches: {batches} is not a positive number")
     if batch_size <= 0:
         raise UserError(f"--batch-size: {batch_size} is not a positive number")
     opts = parse_options(options)
+    if tokenizer:
+        opts["tokenizer"] = tokenizer
     uri = tracking_uri(uri)
 
     client = None
@@ -278,8 +303,41 @@ def evaluate(target: str, task: str, lengths, batches: int = 2, batch_size: int 
 
         client = mlflow_client(uri)
     t = resolve_target(target, client, uri)
-    entry = {"task": task, "seq_lens": Ls, "batch_size": int(batch_size), "batches": int(batches), **opts}
-    _check_entry(entry, t)
+    entries = []
+    if task:
+        entries.append({"task": task, "seq_lens": Ls, "batch_size": int(batch_size), "batches": int(batches), **opts})
+    if lm_eval:
+        entries.append(_lm_eval_entry(lm_eval, lm_eval_include, limit, num_fewshot, batch_size, tokenizer))
+    for entry in entries:
+        _check_entry(entry, t)
+    if len(entries) == 1:
+        return _evaluate_entry(t, entries[0], child, log, uri, client, device, console)
+    out = {}
+    for entry in entries:
+        out.update(_evaluate_entry(t, entry, child, log, uri, client, device, console))
+    return out
+
+
+def _lm_eval_entry(tasks: str, include: Sequence[str], limit, num_fewshot, batch_size: int, tokenizer) -> dict:
+    """The ``lm_eval`` eval entry of ``--lm-eval TASKS`` (comma-separated) and its options."""
+    names = [x.strip() for x in str(tasks).split(",") if x.strip()]
+    if not names:
+        raise UserError("--lm-eval: give task names, e.g. --lm-eval lambada_openai,hellaswag")
+    if limit is not None and limit <= 0:
+        raise UserError(f"--limit: {limit} is not a positive number")
+    entry = {"task": "lm_eval", "seq_lens": [], "batch_size": int(batch_size), "batches": 1, "tasks": names,
+             "include": [str(Path(p).expanduser().resolve()) for p in include or ()]}
+    if limit is not None:
+        entry["limit"] = float(limit)
+    if num_fewshot is not None:
+        entry["num_fewshot"] = int(num_fewshot)
+    if tokenizer:
+        entry["tokenizer"] = tokenizer
+    return entry
+
+
+def _evaluate_entry(t: Target, entry: dict, child: bool, log: bool, uri: str, client, device, console) -> dict:
+    task, Ls = entry["task"], entry["seq_lens"]
 
     import torch
 
@@ -287,9 +345,13 @@ def evaluate(target: str, task: str, lengths, batches: int = 2, batch_size: int 
     from hybridlab.jobs.metric_names import EVAL_METRICS
 
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, spec = load_model(t, dev)
-    console.print(f"evaluating {t.checkpoint} (step {t.step}, {spec.name}: {spec.layout_str}) on {task} at "
-                  f"{', '.join(map(str, Ls))} on {dev}")
+    if getattr(t, "_loaded", None) is None:  # several entries (--task and --lm-eval) share one load
+        t._loaded = load_model(t, dev)
+    model, spec = t._loaded
+    what = f"at {', '.join(map(str, Ls))}" if Ls else ("(" + ", ".join(entry["tasks"]) + ")" if entry.get("tasks") else "")
+    console.print(f"evaluating {t.checkpoint} (step {t.step}, "
+                  + (f"{spec.name}: {spec.layout_str}" if spec is not None else "model folder")
+                  + f") on {task} {what} on {dev}")
     t0 = time.time()
     metrics = run_evals(model, [entry], t.job.get("data") or {}, dev,
                         on_result=lambda name, L, r: console.print(
@@ -298,8 +360,15 @@ def evaluate(target: str, task: str, lengths, batches: int = 2, batch_size: int 
                             + (f"  loss {r['loss']:.4f}" if "loss" in r else "")))
     wall = time.time() - t0
     table = eval_table(metrics, EVAL_METRICS, layout="table") + "\n"
+    from .text_report import has_text_evals, log_text_eval_artifacts, text_table
+
+    if has_text_evals(metrics):
+        table += text_table(metrics) + "\n"
+        console.print(text_table(metrics), markup=False, highlight=False)
     if log:
         rid = _log(client, uri, t, entry, metrics, table, child)
+        log_text_eval_artifacts(client, rid, metrics, spec.name if spec is not None else "model",
+                                (t.job.get("data") or {}).get("seq_len"))
         console.print(f"logged {len(metrics)} metrics into MLflow run {rid} ({uri})")
     console.print(f"done in {wall:.1f}s")
     return metrics
@@ -309,7 +378,15 @@ def _check_entry(entry: dict, t: Target) -> None:
     """Build the eval task at every length before loading anything heavy: one-line errors."""
     from hybridlab.jobs.data import build_task, eval_task_options
     from hybridlab.jobs.tasks import TaskError
+    from hybridlab.jobs.text_evals import check_text_eval, is_text_eval
 
+    if is_text_eval(entry["task"]):
+        try:
+            name, opts = eval_task_options(entry, t.job.get("data") or {})
+            check_text_eval(name, opts)
+        except TaskError as e:
+            raise UserError(str(e)) from None
+        return
     try:
         name, opts = eval_task_options(entry, t.job.get("data") or {})
         task = build_task(name, opts)
@@ -342,8 +419,8 @@ def _log(client, uri: str, t: Target, entry: dict, metrics: dict, table: str, ch
             if t.run_id:
                 tags["mlflow.parentRunId"] = t.run_id
             rid = client.create_run(exp_id, run_name=f"eval-{entry['task']}-{stamp}", tags=tags).info.run_id
-            params = [Param("eval.task", entry["task"]), Param("eval.seq_lens", json.dumps(entry["seq_lens"])),
-                      Param("eval.batches", str(entry["batches"])), Param("eval.batch_size", str(entry["batch_size"])),
+            params = [Param("eval.task", entry["task"]), Param("eval.seq_lens", json.dumps(entry.get("seq_lens", []))),
+                      Param("eval.batches", str(entry.get("batches", 1))), Param("eval.batch_size", str(entry.get("batch_size", 1))),
                       Param("checkpoint", t.checkpoint), Param("checkpoint.step", str(t.step))]
             params += [Param(f"eval.{k}", json.dumps(v)) for k, v in entry.items()
                        if k not in ("task", "seq_lens", "batches", "batch_size")]

@@ -251,6 +251,7 @@ def _run_one(job, tracker, experiment, parent_id, index, resume_info, progress) 
 
     from hybridlab.arch import count_spec
     from hybridlab.jobs.spec import flatten
+    from hybridlab.jobs.sysmetrics import absolute_uri
     from hybridlab.jobs.train import train_loop_per_worker
 
     spec, res = job.spec, job.spec.resources
@@ -294,7 +295,9 @@ def _run_one(job, tracker, experiment, parent_id, index, resume_info, progress) 
     use_gpu, backend, per_worker = worker_resources(res)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": job.resolved, "run": {"name": run_name, "storage": storage}, "sink": sink},
+        train_loop_config={"job": job.resolved, "sink": sink,
+                           "run": {"name": run_name, "storage": storage, "mlflow_run_id": run_id,
+                                   "tracking_uri": absolute_uri(tracker.uri)}},  # system metrics, logged by each node
         scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=use_gpu, resources_per_worker=per_worker,
                                      placement_strategy=res.placement),
         torch_config=TorchConfig(backend=backend),
@@ -395,6 +398,9 @@ def _run_one(job, tracker, experiment, parent_id, index, resume_info, progress) 
         from hybridlab.jobs.evals import eval_table
 
         tracker.log_text(run_id, eval_table(out.evals) + "\n", "evals.txt")
+        from .text_report import log_text_eval_artifacts
+
+        log_text_eval_artifacts(tracker.client, run_id, out.evals, label, job.seq_len)  # NIAH heatmap, loss-by-position PNGs
     tracker.set_tags(run_id, {"hybridlab.status": out.status, **({"hybridlab.error": out.message[:5000]} if out.message else {})})
     tracker.terminate(run_id, "FINISHED" if out.status == "finished" else "FAILED")
     return out
