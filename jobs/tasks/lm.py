@@ -296,6 +296,7 @@ class LM(Task):
     ``score`` with logits gives ``loss`` (mean CE, nats) and ``ppl``."""
 
     name = "lm"
+    VARIABLE_LENGTH = False  # windows of one token stream: no length curriculum
     OPTIONS = {
         "path": Opt("str", None, required=True, help="folder made by prepare_shards"),
         "seq_len": Opt("int", 256, min=1),
