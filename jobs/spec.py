@@ -17,7 +17,8 @@ sweep: {model.layout: ["(m3 mlp) * 4", "(m3 mlp attn mlp) * 2"]}
 A sweep is one product (the mapping above: every combination of its keys'
 values) or a union of products (a list of such mappings, run one after
 another); inside a product, ``zip: {key: [...], key2: [...]}`` pairs values
-up instead of crossing them (:class:`Sweep`).
+up instead of crossing them (a list of such mappings: several zipped axes)
+(:class:`Sweep`). An eval entry without ``task`` evaluates the training task.
 
 ``load_job`` returns a :class:`Job` (the typed spec, the resolved model spec and
 the *resolved* plain dict, which is self-contained: the model is inlined, every
@@ -115,8 +116,9 @@ class Sweep(dict):
 
     ``products``: the list of products ``expand_sweep`` runs, one per entry of the
     list form (the mapping form is one product). A product maps job paths to
-    lists of values (a single value is a list of one) and may hold one ``zip``
-    mapping whose lists are taken element by element, as one axis of the product.
+    lists of values (a single value is a list of one) and may hold ``zip``: a
+    mapping (or a list of mappings) whose lists are taken element by element, each
+    mapping one axis of the product (stored as a list of mappings).
     As a mapping, a ``Sweep`` is every swept key -> every value it takes across
     the products (what a sweep's parent run records); it dumps to YAML as written.
     """
@@ -157,8 +159,9 @@ def _axes(product: dict) -> list[list[dict]]:
     axes = []
     for key, values in product.items():
         if key == ZIP_KEY:
-            keys = list(values)
-            axes.append([dict(zip(keys, row)) for row in zip(*(values[k] for k in keys))])
+            for group in values:
+                keys = list(group)
+                axes.append([dict(zip(keys, row)) for row in zip(*(group[k] for k in keys))])
         else:
             axes.append([{key: v} for v in values])
     return axes
@@ -285,6 +288,9 @@ def _validate(data: dict, src: Source, model_overrides: list[str], check_data: b
         raise src.error(("eval",), f"expected a list of evals, got {specio._kind(eval_raw)}")
     evals = []
     for i, e in enumerate(eval_raw):
+        if isinstance(e, dict) and "task" not in e and isinstance(data_raw, dict):
+            e = {"task": data_raw.get("task", "mqar"), **e}  # the training task (its data options are inherited)
+            src.lines[("eval", i, "task")] = src.line_of(("eval", i))
         if isinstance(e, dict) and "lengths" in e:
             if "seq_lens" in e:
                 raise src.error(("eval", i, "lengths"), "give seq_lens or lengths, not both")
@@ -427,21 +433,12 @@ def _parse_product(p: dict, src: Source, path: tuple) -> dict:
     """One product: key -> list of values (a lone value is a list of one), plus an optional zip group."""
     out: dict = {}
     for key, values in p.items():
-        if key == ZIP_KEY:
-            if not isinstance(values, dict) or not values:
-                raise src.error(path + (key,), f"expected a mapping of job paths to equal-length lists, got {specio._kind(values)}")
-            group, n = {}, None
-            for k, vs in values.items():
-                _check_sweep_key(k, src, path + (key, k))
-                if not isinstance(vs, list) or not vs:
-                    raise src.error(path + (key, k), "a zipped key needs a non-empty list of values")
-                if n is not None and len(vs) != n:
-                    first = next(iter(group))
-                    raise src.error(path + (key, k), f"has {len(vs)} values but {first} has {n}: zipped lists pair up, "
-                                    f"so they must be equally long")
-                n = len(vs)
-                group[k] = list(vs)
-            out[ZIP_KEY] = group
+        if key == ZIP_KEY:  # one group (a mapping) or several (a list of mappings), each one axis
+            groups = values if isinstance(values, list) else [values]
+            out[ZIP_KEY] = [_parse_zip(g, src, path + ((key, j) if isinstance(values, list) else (key,)))
+                            for j, g in enumerate(groups)]
+            if not groups:
+                raise src.error(path + (key,), "expected a mapping of job paths to equal-length lists, or a list of them")
             continue
         _check_sweep_key(key, src, path + (key,))
         if isinstance(values, list):
@@ -450,10 +447,27 @@ def _parse_product(p: dict, src: Source, path: tuple) -> dict:
             out[key] = list(values)
         else:
             out[key] = [values]  # a single value (to sweep over lists, give a list of lists)
-    twice = set(out.get(ZIP_KEY, {})) & set(out)
+    zipped: list = [k for g in out.get(ZIP_KEY, []) for k in g]
+    twice = sorted({k for k in zipped if k in out or zipped.count(k) > 1})
     if twice:
-        k = sorted(twice)[0]
-        raise src.error(path + (k,), f"{k!r} is both a product key and in {ZIP_KEY}; give it once")
+        raise src.error(path + (twice[0],), f"{twice[0]!r} is swept twice in one product (a key and in {ZIP_KEY}, "
+                        f"or in two {ZIP_KEY} groups); give it once")
+    return out
+
+
+def _parse_zip(group: Any, src: Source, path: tuple) -> dict:
+    if not isinstance(group, dict) or not group:
+        raise src.error(path, f"expected a mapping of job paths to equal-length lists, got {specio._kind(group)}")
+    out, n = {}, None
+    for k, vs in group.items():
+        _check_sweep_key(k, src, path + (k,))
+        if not isinstance(vs, list) or not vs:
+            raise src.error(path + (k,), "a zipped key needs a non-empty list of values")
+        if n is not None and len(vs) != n:
+            raise src.error(path + (k,), f"has {len(vs)} values but {next(iter(out))} has {n}: zipped lists pair up, "
+                            f"so they must be equally long")
+        n = len(vs)
+        out[k] = list(vs)
     return out
 
 

@@ -211,3 +211,25 @@ def test_curriculum_errors_are_located(tmp_path, data, where, words):
     msg = str(ei.value)
     assert where in msg and words in msg and "\n" not in msg, msg
     assert "job.yaml:" in msg  # file:line
+
+
+def test_evals_log_scaled_acc_and_the_summary_shows_it():
+    from hybridlab.jobs.evals import eval_table, run_evals
+    from hybridlab.jobs.metric_names import EVAL_METRIC_RE, EVAL_METRICS
+
+    assert "scaled_acc" in EVAL_METRICS and EVAL_METRIC_RE.match("eval/parity/len_256/scaled_acc")["what"] == "scaled_acc"
+    task = make_task("parity", target="end")
+
+    def oracle(tokens):  # the whole-string parity at every position (only the last is scored)
+        bits = (tokens == 2).long().cumsum(1) % 2 + 1
+        return F.one_hot(bits, 4).float() * 10
+
+    out = run_evals(oracle, [{"task": "parity", "seq_lens": [16, 32], "batch_size": 8, "batches": 2}], {"task": "parity", "target": "end"})
+    assert out["eval/parity/len_32/scaled_acc"] == 1.0 and out["eval/parity/len_16/final_acc"] == 1.0
+    flipped = run_evals(lambda t: oracle(t).flip(-1).roll(-1, -1), [{"task": "parity", "seq_lens": [16]}], {"task": "parity", "target": "end"})
+    assert flipped["eval/parity/len_16/scaled_acc"] == pytest.approx(2 * flipped["eval/parity/len_16/final_acc"] - 1)
+    line = eval_table(out)
+    assert "len 16: acc 1.000 scaled_acc 1.000" in line
+    assert eval_table({"eval/mqar/len_8/acc": 0.5}) == "mqar       len 8: 0.500"  # a task with one metric: bare values
+    assert "scaled_acc" in eval_table(out, EVAL_METRICS, layout="table").splitlines()[0]
+    assert task.chance == 0.5
