@@ -199,18 +199,19 @@ class ModArith(Task):
         (entries at operator positions are meaningless). Precedence-aware:
         keep the sum of finished terms and the signed current product term."""
         m = self.modulus
-        B, E = expr.shape
-        out = torch.zeros(B, E, dtype=torch.long)
-        acc = torch.zeros(B, dtype=torch.long)
-        term = expr[:, 0] - NUM0
+        x = expr.numpy() if torch.is_tensor(expr) else np.asarray(expr)  # numpy: ~5x less per-step overhead
+        B, E = x.shape
+        out = np.zeros((B, E), dtype=np.int64)
+        acc = np.zeros(B, dtype=np.int64)
+        term = x[:, 0] - NUM0
         out[:, 0] = term % m
         for i in range(1, E - 1, 2):
-            op, n = expr[:, i], expr[:, i + 1] - NUM0
+            op, n = x[:, i], x[:, i + 1] - NUM0
             is_mul = op == self.TIMES
-            acc = torch.where(is_mul, acc, (acc + term) % m)
-            term = torch.where(is_mul, term * n, torch.where(op == self.PLUS, n, -n)) % m
+            acc = np.where(is_mul, acc, (acc + term) % m)
+            term = np.where(is_mul, term * n, np.where(op == self.PLUS, n, -n)) % m
             out[:, i + 1] = (acc + term) % m
-        return out
+        return torch.from_numpy(out)
 
     def evaluate(self, tokens: Sequence[int]) -> int:
         """Value mod m of one expression (token ids, no pad / "="): recursive descent; a "-" where a
