@@ -232,3 +232,44 @@ def test_evals_log_scaled_acc_and_the_summary_shows_it():
     assert eval_table({"eval/mqar/len_8/acc": 0.5}) == "mqar       len 8: 0.500"  # a task with one metric: bare values
     assert "scaled_acc" in eval_table(out, EVAL_METRICS, layout="table").splitlines()[0]
     assert task.chance == 0.5
+
+
+@pytest.mark.slow
+def test_a_curriculum_run_trains_through_its_stages_and_logs_scaled_acc(tmp_path):
+    """End to end through `hybridlab run` (Ray Train worker, DeepSpeed, MLflow): the worker's batches
+    follow the stages (train/tokens grows by batch x the stage's max_len) and the evals log scaled_acc."""
+    import os
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+
+    job = tmp_path / "cur.yaml"
+    job.write_text(f"""experiment: cur-e2e
+model:
+  name: t
+  d_model: 16
+  vocab_size: 16
+  blocks: {{m: {{mixer: mamba3, d_state: 8, headdim: 8, rope: standard}}}}
+  layout: m
+data:
+  task: modarith
+  target: final
+  curriculum: {{min_len: 3, max_len: [8, 16, 24], steps_per_stage: 2}}
+train: {{steps: 5, micro_batch: 4, warmup: 1, zero_stage: 0, log_every: 1}}
+resources: {{workers: 1}}
+eval:
+  - {{seq_lens: [32], batch_size: 8, batches: 1}}
+storage: {{path: {tmp_path / "runs"}}}
+""")
+    env = dict(os.environ, CI="1", MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlruns.db")
+    r = subprocess.run([sys.executable, "-m", "hybridlab", "run", str(job)], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "scaled_acc" in r.stdout  # the run's eval summary
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    (run,) = client.search_runs([client.get_experiment_by_name("cur-e2e").experiment_id])
+    tokens = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train/tokens"), key=lambda m: m.step)]
+    assert tokens == [32, 64, 128, 192, 288]  # 4 x (8, 8, 16, 16, 24)
+    assert "eval/modarith/len_32/scaled_acc" in run.data.metrics
+    assert run.data.params["data.curriculum.max_len"] == "[8, 16, 24]"
