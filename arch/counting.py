@@ -42,7 +42,7 @@ def count_block(d_model: int, b, seq_len: int) -> BlockCount:
     if isinstance(b, Mamba3Block):
         m = mamba3_dims(D, b)
         E, H, P, N, R, A, C = (m[k] for k in "EHPNRAC")
-        proj_out = 2 * E + 2 * R * N + 2 * H + (H if b.trapezoid else 0) + A
+        proj_out = 2 * E + 2 * R * N + 2 * H + (H if b.trapezoid else 0) + (A if b.rope is True else 0)  # θ: data-dependent only
         matmul = D * proj_out + E * D
         extra = 3 * H  # dt_bias, a_bias, D
         extra += 2 * N if b.bc_norm else 0

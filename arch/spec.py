@@ -29,8 +29,11 @@ class Mamba3Block:
     headdim: int = 64
     expand: int = 2
     rank: Optional[int] = None  # 1 for siso; 4 by default for mimo
-    rope: bool = True  # complex-valued state via data-dependent RoPE on B/C
+    # true: complex-valued state via data-dependent RoPE on B/C (phase sum_s theta_s dt_s, theta from the input);
+    # "standard": the paper's ablation, data-independent RoPE (fixed frequencies x position); false: real-valued
+    rope: Union[bool, Literal["standard"]] = True
     rope_fraction: float = 0.5  # share of d_state that is rotated
+    rope_theta: float = 10000.0  # rope: standard only: base of the fixed frequencies, as in a Transformer's RoPE
     trapezoid: bool = True  # exponential-trapezoidal (False: exponential-Euler)
     bc_norm: bool = True
     bc_bias: bool = True
@@ -234,6 +237,7 @@ def _validate_mamba3(b: Mamba3Block, d: int, src: Source, path: tuple) -> None:
         raise src.error(path + ("rank",), f"rank {b.rank} needs mode: mimo (siso has rank 1)")
     if b.d_inner(d) % b.headdim:
         raise src.error(path + ("headdim",), f"{b.headdim} does not divide d_inner = expand * d_model = {b.d_inner(d)}")
+    positive(src, path + ("rope_theta",), b.rope_theta)
     if not 0.0 <= b.rope_fraction <= 1.0:
         raise src.error(path + ("rope_fraction",), f"must be between 0 and 1, got {b.rope_fraction}")
     if b.rope and b.rope_dims == 0:

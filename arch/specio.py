@@ -255,8 +255,18 @@ def _kind(value) -> str:
 
 
 def _type_name(tp) -> str:
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    return " or ".join(getattr(a, "__name__", str(a)) for a in args)
+    """A union's members as a user writes them: bool as true or false, a Literal as its values."""
+    names = []
+    for a in typing.get_args(tp):
+        if a is type(None):
+            continue
+        if a is bool:
+            names.append("true or false")
+        elif typing.get_origin(a) is Literal:
+            names.extend(repr(v) for v in typing.get_args(a))
+        else:
+            names.append(getattr(a, "__name__", str(a)))
+    return " or ".join(names)
 
 
 def positive(src: Source, path: Path_, value, what: str = "") -> None:

@@ -3,9 +3,11 @@
 Every batch of a synthetic task (and of token shards) is a pure function of
 ``(task config, seed, step, micro-step, rank)`` (``tasks.batch_seed``), so each rank
 sees its own shard of the stream and a run resumed at step ``s`` sees exactly the
-batches it would have seen. Text read through a dataset (``lm`` with ``dataset``) is a
-sequential stream per rank instead; its position is ``state_dict()``, saved with every
-checkpoint and restored on resume (``resume``), so the same holds for it.
+batches it would have seen. With a ``data.curriculum`` (``jobs/curriculum.py``) the
+step also fixes the stage, so the same holds for variable-length batches. Text read
+through a dataset (``lm`` with ``dataset``) is a sequential stream per rank instead;
+its position is ``state_dict()``, saved with every checkpoint and restored on resume
+(``resume``), so the same holds for it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from hybridlab.jobs import tasks as _tasks
+from hybridlab.jobs.curriculum import Curriculum
 
 
 def task_options(name: str, options: dict, seq_len: Optional[int]) -> dict:
@@ -37,7 +40,7 @@ def eval_task_options(eval_entry: dict, data: dict) -> tuple[str, dict]:
     name = eval_entry["task"]
     own = {k: v for k, v in eval_entry.items() if k not in ("task", "seq_lens", "batch_size", "batches")}
     if _canonical(name) == _canonical(data.get("task", "")):
-        base = {k: v for k, v in data.items() if k != "task"}
+        base = {k: v for k, v in data.items() if k not in ("task", "curriculum")}  # evals run at fixed lengths
         return name, {**base, **own}
     from hybridlab.jobs.text_evals import TEXT_EVALS
 
@@ -64,18 +67,25 @@ class TrainStream:
     slower: ``resume`` with the checkpoint's ``state_dict()`` is the fast way back)."""
 
     def __init__(self, data: dict, micro_batch: int, grad_accum: int, seed: int, rank: int, world: int = 1):
-        opts = {k: v for k, v in data.items() if k not in ("task",)}
+        opts = {k: v for k, v in data.items() if k not in ("task", "curriculum")}
         self.seq_len = int(opts.pop("seq_len"))
         self.task = build_task(data["task"], opts, self.seq_len)
+        self.curriculum = Curriculum.from_dict(data["curriculum"]) if data.get("curriculum") else None
         self.micro_batch, self.grad_accum, self.seed, self.rank, self.world = micro_batch, grad_accum, seed, rank, world
         self.packed = self.task.train_stream(rank, world, self.seq_len) if getattr(self.task, "streaming", False) else None
         self.fast_forwarded = 0  # micro-batches read and dropped to reach a position (0 after an exact resume)
+
+    def seq_len_at(self, step: int) -> int:
+        """The (padded) length of step ``step``'s batches: the curriculum stage's max_len, else seq_len."""
+        return self.curriculum.max_len_at(step) if self.curriculum else self.seq_len
 
     def get(self, step: int, micro: int = 0) -> Any:
         index = (step - 1) * self.grad_accum + micro
         if self.packed is None:
             seed = _tasks.batch_seed(self.seed, index, self.rank)
-            return self.task.batch(self.micro_batch, seed, seq_len=self.seq_len)
+            if self.curriculum is None:
+                return self.task.batch(self.micro_batch, seed, seq_len=self.seq_len)
+            return self.task.batch(self.micro_batch, seed, seq_len=self.seq_len_at(step), min_len=self.curriculum.min_len)
         done = self.packed.rows // self.micro_batch
         if index < done:
             self.packed.reset()

@@ -1,8 +1,9 @@
 """Evals of a trained model: each eval task at each length, one metric per (task, length).
 
 ``run_evals(model, evals, data, device)`` returns a flat dict
-``{"eval/<task>/len_<L>/acc": ..., "eval/<task>/len_<L>/seq_acc": ...}``; the text evals
-(``niah``, ``ppl_by_pos``, ``lm_eval``: ``jobs/text_evals.py``) add their own names. The
+``{"eval/<task>/len_<L>/acc": ..., "eval/<task>/len_<L>/seq_acc": ...}`` with every
+metric of ``metric_names.EVAL_METRICS`` the task reports (``scaled_acc`` included); the
+text evals (``niah``, ``ppl_by_pos``, ``lm_eval``: ``jobs/text_evals.py``) add their own names. The
 batches come from ``tasks`` with their own seeds (disjoint from training's), so
 every run of a job scores the same sequences.
 """
@@ -15,7 +16,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 
 from hybridlab.jobs.data import build_task, eval_task_options
-from hybridlab.jobs.metric_names import EVAL_METRIC_RE, metric_name
+from hybridlab.jobs.metric_names import EVAL_METRIC_RE, EVAL_METRICS, metric_name
 from hybridlab.jobs.tasks import batch_seed
 from hybridlab.jobs.text_evals import is_text_eval, run_text_eval
 
@@ -63,7 +64,7 @@ def run_evals(
                     for k, v in s.items():
                         if isinstance(v, (int, float)):
                             totals[k] = totals.get(k, 0.0) + float(v) / n
-                for k in ("acc", "seq_acc", "final_acc", "loss"):
+                for k in EVAL_METRICS:
                     if k in totals:
                         out[metric_name(name, int(L), k)] = totals[k]
                 if on_result:
@@ -74,11 +75,15 @@ def run_evals(
     return out
 
 
-def eval_table(metrics: dict[str, float], whats: Sequence[str] = ("acc",), layout: str = "summary") -> str:
+SUMMARY_METRICS = ("acc", "scaled_acc")  # what a run's end-of-training summary shows per (task, length)
+
+
+def eval_table(metrics: dict[str, float], whats: Sequence[str] = SUMMARY_METRICS, layout: str = "summary") -> str:
     """A text table of the ``eval/<task>/len_<L>/<what>`` metrics for the ``what``s in ``whats``.
 
     ``layout="summary"`` (the training summary): one line per task, in the order first seen,
-    ``len <L>: <value>`` cells in length order. ``layout="table"`` (``hybridlab eval``): a header,
+    ``len <L>: <value>`` cells in length order (``len <L>: acc <v> scaled_acc <v>`` when the task
+    has more than one of ``whats``). ``layout="table"`` (``hybridlab eval``): a header,
     then one line per (task, length), sorted, with one column per ``what`` that any row has
     (``-`` where a row lacks it). Keys not of that form are ignored; no trailing newline.
     """
@@ -98,10 +103,10 @@ def eval_table(metrics: dict[str, float], whats: Sequence[str] = ("acc",), layou
         for (task, L), r in sorted(rows.items()):
             lines.append(f"{task:10s}  {L:6d}  " + "  ".join(f"{r[w]:9.4f}" if w in r else f"{'-':>9s}" for w in cols))
         return "\n".join(lines)
-    one = len(whats) == 1
     lines = []
     for task in tasks:
         by_len = sorted((L, r) for (t, L), r in rows.items() if t == task and any(w in r for w in whats))
+        one = sum(any(w in r for _, r in by_len) for w in whats) == 1  # a single metric: bare values
         cells = "  ".join(f"len {L}: " + " ".join(f"{r[w]:.3f}" if one else f"{w} {r[w]:.3f}" for w in whats if w in r)
                           for L, r in by_len)
         lines.append(f"{task:10s} {cells}")

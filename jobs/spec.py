@@ -14,6 +14,12 @@ eval:
 sweep: {model.layout: ["(m3 mlp) * 4", "(m3 mlp attn mlp) * 2"]}
 ```
 
+A sweep is one product (the mapping above: every combination of its keys'
+values) or a union of products (a list of such mappings, run one after
+another); inside a product, ``zip: {key: [...], key2: [...]}`` pairs values
+up instead of crossing them (a list of such mappings: several zipped axes)
+(:class:`Sweep`). An eval entry without ``task`` evaluates the training task.
+
 ``load_job`` returns a :class:`Job` (the typed spec, the resolved model spec and
 the *resolved* plain dict, which is self-contained: the model is inlined, every
 default filled in, so it can be saved with a run and re-loaded anywhere).
@@ -34,6 +40,7 @@ import yaml
 
 from hybridlab.arch import specio
 from hybridlab.arch.specio import SpecError, Source
+from hybridlab.jobs.curriculum import Curriculum
 
 DEFAULT_STORAGE = "./hybridlab_runs"
 TOP_KEYS = ("experiment", "name", "model", "data", "train", "resources", "eval", "tracking", "storage", "sweep")
@@ -44,13 +51,16 @@ class DataSpec:
     """Training data: a task name plus the task's own options (passed to ``make_task``)."""
 
     task: str = "mqar"
-    seq_len: Optional[int] = None  # None: the task's default length
+    seq_len: Optional[int] = None  # None: the task's default length (with a curriculum: its longest)
+    curriculum: Optional[Curriculum] = None  # variable-length training batches (jobs/curriculum.py)
     options: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = {"task": self.task}
         if self.seq_len is not None:
             d["seq_len"] = self.seq_len
+        if self.curriculum is not None:
+            d["curriculum"] = self.curriculum.to_dict()
         d.update(self.options)
         return d
 
@@ -101,6 +111,66 @@ class EvalSpec:
         return d
 
 
+class Sweep(dict):
+    """The validated ``sweep:`` of a job.
+
+    ``products``: the list of products ``expand_sweep`` runs, one per entry of the
+    list form (the mapping form is one product). A product maps job paths to
+    lists of values (a single value is a list of one) and may hold ``zip``: a
+    mapping (or a list of mappings) whose lists are taken element by element, each
+    mapping one axis of the product (stored as a list of mappings).
+    As a mapping, a ``Sweep`` is every swept key -> every value it takes across
+    the products (what a sweep's parent run records); it dumps to YAML as written.
+    """
+
+    def __init__(self, products: list | tuple = (), form: str = "mapping"):
+        super().__init__()
+        self.products = [dict(p) for p in products]
+        self.form = form
+        for product in self.products:
+            for axis in _axes(product):
+                for combo in axis:
+                    for k, v in combo.items():
+                        seen = self.setdefault(k, [])
+                        if v not in seen:
+                            seen.append(v)
+
+    def raw(self):
+        """The sweep as written (normalised): one mapping, or a list of mappings."""
+        if not self.products:
+            return {}
+        return self.products[0] if self.form == "mapping" else list(self.products)
+
+    def combinations(self, with_product: bool = False) -> list:
+        """Every run's sweep values ({job path: value}), in order: products in turn, the last key
+        fastest; with ``with_product``, (product index, values) pairs."""
+        out = []
+        for i, product in enumerate(self.products):
+            for pick in itertools.product(*_axes(product)):
+                combo: dict = {}
+                for part in pick:
+                    combo.update(part)
+                out.append((i, combo) if with_product else combo)
+        return out
+
+
+def _axes(product: dict) -> list[list[dict]]:
+    """A product's axes, each a list of {key: value} choices (a zip group is one axis of several keys)."""
+    axes = []
+    for key, values in product.items():
+        if key == ZIP_KEY:
+            for group in values:
+                keys = list(group)
+                axes.append([dict(zip(keys, row)) for row in zip(*(group[k] for k in keys))])
+        else:
+            axes.append([{key: v} for v in values])
+    return axes
+
+
+ZIP_KEY = "zip"
+yaml.add_representer(Sweep, lambda dumper, sweep: dumper.represent_data(sweep.raw()), Dumper=yaml.SafeDumper)
+
+
 @dataclass
 class TrackingSpec:
     uri: Optional[str] = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db
@@ -128,7 +198,7 @@ class JobSpec:
     eval: list[EvalSpec] = field(default_factory=list)
     tracking: TrackingSpec = field(default_factory=TrackingSpec)
     storage: StorageSpec = field(default_factory=StorageSpec)
-    sweep: dict[str, list] = field(default_factory=dict)
+    sweep: Sweep = field(default_factory=Sweep)
 
 
 @dataclass
@@ -216,12 +286,17 @@ def _validate(data: dict, src: Source, model_overrides: list[str], check_data: b
     # data and eval have free-form task options; build them by hand
     data_raw = raw.pop("data", {"task": "mqar"})
     eval_raw = raw.pop("eval", []) or []
+    sweep_raw = raw.pop("sweep", None)
     spec = specio.build(JobSpec, raw, src, ())
-    spec.data = _split_flat(DataSpec, data_raw, src, ("data",), ("task", "seq_len"))
+    spec.sweep = _parse_sweep(sweep_raw, src)
+    spec.data = _split_flat(DataSpec, data_raw, src, ("data",), ("task", "seq_len", "curriculum"))
     if not isinstance(eval_raw, list):
         raise src.error(("eval",), f"expected a list of evals, got {specio._kind(eval_raw)}")
     evals = []
     for i, e in enumerate(eval_raw):
+        if isinstance(e, dict) and "task" not in e and isinstance(data_raw, dict):
+            e = {"task": data_raw.get("task", "mqar"), **e}  # the training task (its data options are inherited)
+            src.lines[("eval", i, "task")] = src.line_of(("eval", i))
         if isinstance(e, dict) and "lengths" in e:
             if "seq_lens" in e:
                 raise src.error(("eval", i, "lengths"), "give seq_lens or lengths, not both")
@@ -235,6 +310,8 @@ def _validate(data: dict, src: Source, model_overrides: list[str], check_data: b
     model_spec = _load_model(spec.model, model_overrides, src)
     vocab = int(getattr(model_spec, "vocab_size"))
 
+    if spec.data.curriculum is not None:
+        _check_curriculum(spec.data, src)
     if check_data:
         from hybridlab.jobs.textdata import resolve_data_paths
 
@@ -243,6 +320,8 @@ def _validate(data: dict, src: Source, model_overrides: list[str], check_data: b
         for e in spec.eval:
             e.options = resolve_data_paths(e.options, base_dir)
         task = _make_task(spec.data.task, spec.data.options, src, ("data",), spec.data.seq_len)
+        if spec.data.curriculum is not None:
+            _check_curriculum_task(task, spec.data.curriculum, src)
         tv = int(getattr(task, "vocab_size", 0) or 0)
         if tv > vocab:
             where = ("data", "tokenizer") if "tokenizer" in spec.data.options else ("data",)
@@ -270,6 +349,32 @@ def _validate(data: dict, src: Source, model_overrides: list[str], check_data: b
 
     resolved = _resolved_dict(spec, model_spec, model_overrides)
     return Job(spec=spec, model_spec=model_spec, resolved=resolved, src=src)
+
+
+def _check_curriculum(data: DataSpec, src: Source) -> None:
+    cur, path = data.curriculum, ("data", "curriculum")
+    cur.check(src, path)
+    if data.seq_len is None:
+        data.seq_len = cur.longest
+    elif data.seq_len != cur.longest:
+        raise src.error(("data", "seq_len"), f"{data.seq_len} is not the curriculum's longest max_len ({cur.longest}); "
+                        f"with a curriculum, drop seq_len or set it to {cur.longest}")
+
+
+def _check_curriculum_task(task, cur: Curriculum, src: Source) -> None:
+    """The task must take variable lengths from min_len to every stage's max_len."""
+    path = ("data", "curriculum")
+    try:
+        task.resolve_min_len(cur.min_len, cur.longest)
+    except ValueError as e:
+        key = "min_len" if "'min_len'" in str(e) else None
+        raise src.error(path + ((key,) if key else ()), " ".join(str(e).split())) from None
+    for i, m in enumerate(cur.stages):
+        try:
+            task.resolve_len(m)
+        except ValueError as e:
+            where = ("max_len", i) if isinstance(cur.max_len, list) else ("max_len",)
+            raise src.error(path + where, " ".join(str(e).split()).replace("'seq_len'", "'max_len'")) from None
 
 
 def _check_values(spec: JobSpec, src: Source) -> None:
@@ -304,11 +409,86 @@ def _check_values(spec: JobSpec, src: Source) -> None:
             pos(src, ("eval", i, "seq_lens", j), L)
         pos(src, ("eval", i, "batch_size"), e.batch_size)
         pos(src, ("eval", i, "batches"), e.batches)
-    for key, values in spec.sweep.items():
-        if not values:
-            raise src.error(("sweep", key), "a sweep needs at least one value")
-        if key.split(".")[0] not in TOP_KEYS or key.split(".")[0] in ("sweep", "experiment"):
-            raise src.error(("sweep", key), f"cannot sweep {key!r}: sweep keys are job paths such as train.lr or model.layout")
+
+
+def _parse_sweep(raw: Any, src: Source) -> Sweep:
+    """``sweep:`` -> :class:`Sweep`, with errors located at the offending entry, key or value."""
+    if raw is None or raw == {}:
+        return Sweep()
+    if isinstance(raw, dict):
+        return _no_repeats(Sweep([_parse_product(raw, src, ("sweep",))], "mapping"), src)
+    if not isinstance(raw, list):
+        raise src.error(("sweep",), f"expected a mapping of job paths to values, or a list of such mappings, "
+                        f"got {specio._kind(raw)}")
+    if not raw:
+        raise src.error(("sweep",), "a sweep list needs at least one product (a mapping of job paths to values)")
+    products = []
+    for i, p in enumerate(raw):
+        if not isinstance(p, dict) or not p:
+            raise src.error(("sweep", i), f"expected a non-empty mapping of job paths to values, got {specio._kind(p)}")
+        products.append(_parse_product(p, src, ("sweep", i)))
+    return _no_repeats(Sweep(products, "list"), src)
+
+
+def _no_repeats(sweep: Sweep, src: Source) -> Sweep:
+    """One run per combination: the same settings twice would silently train twice."""
+    seen: dict = {}
+    for i, combo in sweep.combinations(with_product=True):
+        key = json.dumps(sorted((k, json.dumps(v, sort_keys=True)) for k, v in combo.items()))
+        if key in seen:
+            label = ", ".join(f"{k}={v}" for k, v in combo.items())
+            where = ("sweep",) if sweep.form == "mapping" else ("sweep", i)
+            other = "" if sweep.form == "mapping" else f" (first in sweep entry {seen[key]})"
+            raise src.error(where, f"combination {label} comes twice{other}")
+        seen[key] = i
+    return sweep
+
+
+def _check_sweep_key(key: Any, src: Source, path: tuple) -> None:
+    if not isinstance(key, str) or key.split(".")[0] not in TOP_KEYS or key.split(".")[0] in ("sweep", "experiment"):
+        raise src.error(path, f"cannot sweep {key!r}: sweep keys are job paths such as train.lr or model.layout")
+
+
+def _parse_product(p: dict, src: Source, path: tuple) -> dict:
+    """One product: key -> list of values (a lone value is a list of one), plus an optional zip group."""
+    out: dict = {}
+    for key, values in p.items():
+        if key == ZIP_KEY:  # one group (a mapping) or several (a list of mappings), each one axis
+            groups = values if isinstance(values, list) else [values]
+            out[ZIP_KEY] = [_parse_zip(g, src, path + ((key, j) if isinstance(values, list) else (key,)))
+                            for j, g in enumerate(groups)]
+            if not groups:
+                raise src.error(path + (key,), "expected a mapping of job paths to equal-length lists, or a list of them")
+            continue
+        _check_sweep_key(key, src, path + (key,))
+        if isinstance(values, list):
+            if not values:
+                raise src.error(path + (key,), "a sweep needs at least one value")
+            out[key] = list(values)
+        else:
+            out[key] = [values]  # a single value (to sweep over lists, give a list of lists)
+    zipped: list = [k for g in out.get(ZIP_KEY, []) for k in g]
+    twice = sorted({k for k in zipped if k in out or zipped.count(k) > 1})
+    if twice:
+        raise src.error(path + (twice[0],), f"{twice[0]!r} is swept twice in one product (a key and in {ZIP_KEY}, "
+                        f"or in two {ZIP_KEY} groups); give it once")
+    return out
+
+
+def _parse_zip(group: Any, src: Source, path: tuple) -> dict:
+    if not isinstance(group, dict) or not group:
+        raise src.error(path, f"expected a mapping of job paths to equal-length lists, got {specio._kind(group)}")
+    out, n = {}, None
+    for k, vs in group.items():
+        _check_sweep_key(k, src, path + (k,))
+        if not isinstance(vs, list) or not vs:
+            raise src.error(path + (k,), "a zipped key needs a non-empty list of values")
+        if n is not None and len(vs) != n:
+            raise src.error(path + (k,), f"has {len(vs)} values but {next(iter(out))} has {n}: zipped lists pair up, "
+                            f"so they must be equally long")
+        n = len(vs)
+        out[k] = list(vs)
+    return out
 
 
 def _load_model(ref: Any, overrides: list[str], src: Source):
@@ -405,20 +585,20 @@ def from_resolved(resolved: dict) -> Job:
 
 
 def expand_sweep(job_file: str | Path | dict, overrides=(), job: Job | None = None) -> list[Job]:
-    """One job per combination of the ``sweep`` values (the job itself if no sweep)."""
+    """One job per combination of the ``sweep`` (the job itself if no sweep): for each
+    product in turn, every combination of its axes (the last key varies fastest)."""
     job = job or load_job(job_file, overrides)
     sweep = job.spec.sweep
     if not sweep:
         return [job]
-    keys = list(sweep)
     out = []
-    for combo in itertools.product(*(sweep[k] for k in keys)):
-        extra = [f"{k}={json.dumps(v)}" for k, v in zip(keys, combo)]
+    for combo in sweep.combinations():
+        extra = [f"{k}={json.dumps(v)}" for k, v in combo.items()]
         j = load_job(job_file, list(overrides or ()) + extra)
         j.resolved.pop("sweep", None)
-        j.spec.sweep = {}
-        j.sweep_values = dict(zip(keys, combo))
-        j.label = ", ".join(f"{k}={v}" for k, v in zip(keys, combo))
+        j.spec.sweep = Sweep()
+        j.sweep_values = dict(combo)
+        j.label = ", ".join(f"{k}={v}" for k, v in combo.items())
         out.append(j)
     return out
 

@@ -211,7 +211,7 @@ def train_loop_per_worker(config: dict) -> None:
         stream.resume(data_state)  # a text stream continues where the checkpoint left it (else get() reads forward)
     run["_data_state"] = stream.state_dict
     steps, log_every, ck_every = train["steps"], train["log_every"], train["checkpoint_every"]
-    tokens_per_step = train["micro_batch"] * train["grad_accum"] * world * stream.seq_len
+    seqs_per_step = train["micro_batch"] * train["grad_accum"] * world  # x the step's (padded) length = tokens
     emit("start", step=start_step, steps=steps, world=world, params=n_params, resumed_from=resume_path,
          device=str(device), flops_per_token=flops_per_token)
 
@@ -247,6 +247,7 @@ def train_loop_per_worker(config: dict) -> None:
             message = f"loss became non-finite (nan/inf) at step {step}; training stopped; last good checkpoint: {good}"
             break
         loss_val = loss_sum / train["grad_accum"]
+        tokens_per_step = seqs_per_step * stream.seq_len_at(step)  # a curriculum's stages differ in length
         tokens_seen += tokens_per_step
         tok_window += tokens_per_step
         if step % log_every == 0 or step == steps:

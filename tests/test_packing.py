@@ -127,11 +127,13 @@ HYBRID = {
 }
 
 
-def test_model_packed_batch_equals_documents_alone_values_and_gradients():
+@pytest.mark.parametrize("rope", [True, "standard"])
+def test_model_packed_batch_equals_documents_alone_values_and_gradients(rope):
     from hybridlab.arch import HybridLM, load_model_spec
 
     torch.manual_seed(0)
-    model = HybridLM(load_model_spec(HYBRID), backends={"ssm": "torch", "attention": "sdpa"}).double()
+    spec = {**HYBRID, "blocks": {name: ({**b, "rope": rope} if b["mixer"] == "mamba3" else b) for name, b in HYBRID["blocks"].items()}}
+    model = HybridLM(load_model_spec(spec), backends={"ssm": "torch", "attention": "sdpa"}).double()
     tokens = torch.randint(0, 50, (2, 32))
     seq_idx = torch.stack([_ids(L) for L in ROWS])
     targets = torch.randint(0, 50, (2, 32))

@@ -44,9 +44,9 @@ def mqar_expected(task, row):
             assert row[p] in kv and row[p] not in [row[q] for q in exp]  # each key queried once
             exp[p] = kv[row[p]]
             if p + 1 < len(row):
-                assert row[p + 1] == kv[row[p]]
+                assert row[p + 1] == (kv[row[p]] if task.echo_values else 0)
         elif row[p] != 0:
-            assert p > 2 * n and key_lo <= row[p - 1] < val_lo  # a value right after its key
+            assert task.echo_values and p > 2 * n and key_lo <= row[p - 1] < val_lo  # a value right after its key
     return exp
 
 
@@ -79,6 +79,8 @@ def parity_expected(task, row):
             acc ^= t - 1
             if task.target == "running":
                 exp[p] = acc + 1
+    if task.target == "end":  # whole-string parity read right after the last bit
+        exp[len(row) - 1] = acc + 1
     return exp
 
 
@@ -120,6 +122,12 @@ CASES = [
     ("modarith", dict(seq_len=30, target="final", modulus=7)),
     ("modarith", dict(seq_len=40, brackets=True)),
     ("copy", dict(seq_len=41, vocab=16)),
+    # the paper protocol's formats (docs/paper-protocol.md)
+    ("parity", dict(seq_len=30, target="end")),
+    ("modarith", dict(seq_len=41, brackets=True, bracket_style="full")),
+    ("modarith", dict(seq_len=30, brackets=True, bracket_style="full", ops="+-*", modulus=7)),
+    ("modarith", dict(seq_len=26, target="final", ops="+-")),
+    ("mqar", dict(vocab=256, seq_len=64, num_kv_pairs=8, query_gaps="power", echo_values=False)),
 ]
 IDS = [f"{n}-{i}" for i, (n, _) in enumerate(CASES)]
 

@@ -9,6 +9,10 @@ rotation angles θ. Then, per head h (P = headdim, N = d_state, R = rank):
     k,q = RMSNorm(B), RMSNorm(C), + head-specific biases (init 1)
     φ_t = Σ_{s<=t} θ_s dt_s,  θ = π tanh(θ_raw)       cumulative phase (complex state)
     k,q = rotate the first rope_dims of d_state by φ_t
+
+(``rope: standard``, the paper's ablation: φ_t = t ω with the fixed frequencies
+ω_i = rope_theta^(-2i/rope_dims) of a Transformer's RoPE, t the position
+counted from 1; no θ projection.)
     v_r = x ⊙ W_x[h, r]   (MIMO rank-R input projection; SISO: v = x)
 
 and the scan (``hybridlab.kernels.ssm_scan``) runs with log α = A dt,
@@ -35,6 +39,7 @@ from hybridlab.kernels import ScanState, select_backend, ssm_scan
 from hybridlab.kernels.ssm_io import cumulative_phase, gated_output, qk_prep, rank_expand, scan_coefficients
 
 from ..spec import Mamba3Block
+from .rotary import position_angles
 
 
 class ScanInputs(NamedTuple):
@@ -76,8 +81,10 @@ class Mamba3(nn.Module):
         self.d_inner = blk.d_inner(d_model)
         self.H, self.P, self.N, self.R = blk.heads(d_model), blk.headdim, blk.d_state, blk.rank
         self.n_angles = blk.rope_dims // 2
+        self.standard_rope = blk.rope == "standard"  # data-independent angles: nothing to project
         H, P, N, R = self.H, self.P, self.N, self.R
-        self.split = [self.d_inner, self.d_inner, R * N, R * N, H, H, H if blk.trapezoid else 0, self.n_angles]
+        self.split = [self.d_inner, self.d_inner, R * N, R * N, H, H, H if blk.trapezoid else 0,
+                      0 if self.standard_rope else self.n_angles]
         self.in_proj = nn.Linear(d_model, sum(self.split), bias=False)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
         self.out_proj.is_output_proj = True
@@ -135,7 +142,9 @@ class Mamba3(nn.Module):
             x = torch.where(valid[..., None], x, torch.zeros_like(x))
 
         phase = None
-        if self.n_angles:
+        if self.standard_rope:
+            phase = self.standard_phase(b, l, u.device, phase0, valid, seq_idx)
+        elif self.n_angles:
             theta = math.pi * torch.tanh(theta_raw.float())  # (b, l, n_angles)
             phase = cumulative_phase(theta, dt, seq_idx=seq_idx, backend=self.io_backend)  # (b, l, H, n_angles)
             if phase0 is not None:
@@ -151,6 +160,30 @@ class Mamba3(nn.Module):
         x = x.view(b, l, H, P)
         v = rank_expand(x, self.mimo_x, backend=self.io_backend) if blk.mode == "mimo" else x[:, :, :, None].contiguous()
         return ScanInputs(q, k, v, log_alpha, beta, gamma, x, z, phase)
+
+    def standard_phase(self, b: int, l: int, device, phase0=None, valid=None, seq_idx=None) -> torch.Tensor:
+        """``rope: standard``: φ (b, l, H, n_angles) fp32 = position x the fixed RoPE frequencies, the
+        position counting this chunk's (valid) tokens from 1 on top of ``phase0`` (the cache's running φ,
+        so prefill + steps equal the full forward). With ``seq_idx`` the position restarts at every
+        document and ``phase0`` applies to the first document only."""
+        if seq_idx is not None:
+            idx = torch.arange(l, device=device).expand(b, l)
+            new_doc = torch.ones_like(seq_idx, dtype=torch.bool)
+            new_doc[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+            start = torch.cummax(torch.where(new_doc, idx, torch.zeros_like(idx)), dim=1).values
+            pos = (idx - start + 1).to(torch.float32)
+        elif valid is None:
+            pos = torch.arange(1, l + 1, device=device, dtype=torch.float32).expand(b, l)
+        else:  # a skipped (left-padding) position does not advance the position, as dt = 0 there
+            pos = torch.cumsum(valid.to(torch.float32), dim=1)
+        ang = position_angles(pos.reshape(-1), 2 * self.n_angles, self.blk.rope_theta).view(b, l, 1, self.n_angles)
+        phase = ang.expand(b, l, self.H, self.n_angles)
+        if phase0 is None:
+            return phase
+        if seq_idx is None:
+            return phase + phase0[:, None]
+        first = (seq_idx == seq_idx[:, :1]).to(phase.dtype)  # (b, l): the cache's document
+        return phase + phase0[:, None] * first[:, :, None, None]
 
     def forward(self, u: torch.Tensor, cache: Mamba3Cache | None = None, seq_idx: torch.Tensor | None = None):
         """``seq_idx`` (b, l) int, nondecreasing per row: packed documents, each seen alone (state,
@@ -181,6 +214,8 @@ class Mamba3(nn.Module):
     def fused_step_ok(self, u: torch.Tensor, cache: Mamba3Cache) -> bool:
         """The CuTe fused step runs for seqlen 1 on CUDA sm90+ with nvidia-cutlass-dsl (backend auto/cute)."""
         if not (self.use_fused_step and u.is_cuda and self.backend in ("auto", "cute")):
+            return False
+        if self.standard_rope:  # the CuTe step computes the data-dependent phase in-kernel: unfused path
             return False
         if u.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             return False

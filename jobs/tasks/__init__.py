@@ -4,9 +4,10 @@
     task = make_task("mqar", vocab=8192, seq_len=256, num_kv_pairs=32)
     b = task.batch(batch_size=16, seed=batch_seed(base_seed, step, rank))
     b.inputs, b.targets            # (B, L) int64; targets -100 where not scored
-    task.score(logits, b)          # {"acc", "seq_acc", "n_scored", "loss", "ppl"[, "final_acc"]}
+    task.score(logits, b)          # {"acc", "seq_acc", "n_scored", "loss", "ppl", "scaled_acc"[, "final_acc"]}
     task.solve(b)                  # (B, L) exact answers at scored positions, 0 elsewhere
     task.batch(16, seed, seq_len=4 * task.seq_len)   # length generalization
+    task.batch(16, seed, seq_len=160, min_len=3)     # lengths uniform in [3, 160], right-padded (a curriculum)
 
 Tasks (see each module's docstring for its token layout and length rule):
 ``mqar``, ``passkey`` (alias ``needle``), ``parity``, ``modarith``, ``copy``,

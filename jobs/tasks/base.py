@@ -11,6 +11,14 @@ Conventions every task follows
 * Randomness comes from ``numpy.random.Generator`` seeded by
   ``(seed, task name, seq_len)``, so a batch is a pure function of
   ``(task config, batch_size, seed, seq_len)`` on every platform and process.
+* Variable-length batches (``batch(..., min_len=m)``, a length curriculum):
+  each sequence gets its own length, drawn uniformly in ``[m, seq_len]``
+  (then shortened to the task's nearest natural length, :meth:`Task._fit_len`,
+  so a sequence never starts with the task's own padding). Sequences are
+  *right*-padded with token 0 to ``seq_len`` and their targets there are
+  ``-100``: a causal model never reads padding before a real token, and each
+  sequence's answers sit at its own end. ``meta["lengths"]`` holds the real
+  lengths. The seed stream is keyed by ``(seed, task, seq_len, min_len)``.
 * ``solve(batch)`` recomputes the answers from ``batch.inputs`` alone (the
   language-model task is the exception: its answers are the data) and returns
   a ``(B, L)`` LongTensor holding the answer at every scored position and ``0``
@@ -178,6 +186,10 @@ class Task:
     OPTIONS: Dict[str, Opt] = {}
     #: also report the accuracy of the last scored token of every sequence
     REPORT_FINAL: bool = False
+    #: the token that right-pads variable-length batches (every task keeps 0 for padding / filler)
+    PAD_ID: int = 0
+    #: whether ``batch(..., min_len=...)`` (variable lengths, a length curriculum) is supported
+    VARIABLE_LENGTH: bool = True
 
     def __init__(self, **kwargs: Any):
         self.config: Dict[str, Any] = parse_options(self.name, self.OPTIONS, kwargs)
@@ -197,6 +209,25 @@ class Task:
 
     def _check_len(self, seq_len: int) -> None:
         """Raise TaskError when ``seq_len`` is too short for this task."""
+
+    def _fit_len(self, seq_len: int) -> int:
+        """The longest length <= ``seq_len`` whose sequences carry none of the task's own padding
+        (a variable-length batch draws a length, then uses this one, so no sequence starts with padding)."""
+        return seq_len
+
+    def _generate_varlen(self, lengths: np.ndarray, L: int, rng: np.random.Generator):
+        """(inputs, targets), each (B, L): row i holds a sequence of length ``lengths[i]`` (a
+        ``_fit_len`` value), then padding (token ``PAD_ID``, target -100). This default makes one
+        ``_generate`` call per distinct length; tasks with a vectorised form override it."""
+        B = len(lengths)
+        inputs = np.full((B, L), self.PAD_ID, dtype=np.int64)
+        targets = np.full((B, L), IGNORE, dtype=np.int64)
+        for c in np.unique(lengths):
+            rows = np.nonzero(lengths == c)[0]
+            x, y = self._generate(len(rows), int(c), rng)
+            inputs[rows, :c] = x
+            targets[rows, :c] = y
+        return inputs, targets
 
     # -- properties
     @property
@@ -235,26 +266,61 @@ class Task:
         self._check_len(L)
         return L
 
-    def batch(self, batch_size: int, seed: int, seq_len: Optional[int] = None) -> Batch:
+    def resolve_min_len(self, min_len: Any, seq_len: int) -> int:
+        """Check the shortest length of a variable-length batch against the task and ``seq_len``."""
+        if not self.VARIABLE_LENGTH:
+            raise _err(f"{self.name}: variable-length batches (min_len, a length curriculum) are for the synthetic tasks")
+        if not _is_int(min_len) or min_len <= 0:
+            raise _err(f"{self.name}: bad value for 'min_len': {min_len!r} (must be a positive integer)")
+        if min_len > seq_len:
+            raise _err(f"{self.name}: bad value for 'min_len': {min_len} (above the longest length {seq_len})")
+        try:
+            self._check_len(self._fit_len(int(min_len)))
+        except TaskError as e:  # the task words it for seq_len; here the user's key is min_len
+            raise _err(str(e).replace("'seq_len'", "'min_len'")) from None
+        return int(min_len)
+
+    def batch(self, batch_size: int, seed: int, seq_len: Optional[int] = None, min_len: Optional[int] = None) -> Batch:
+        """``batch_size`` sequences of length ``seq_len`` (default: the task's); with ``min_len``,
+        of lengths drawn uniformly in ``[min_len, seq_len]``, right-padded (module docstring)."""
         if not _is_int(batch_size) or batch_size <= 0:
             raise _err(f"{self.name}: bad value for 'batch_size': {batch_size!r} (must be a positive integer)")
         if not _is_int(seed):
             raise _err(f"{self.name}: bad value for 'seed': {seed!r} (must be an integer)")
         L = self.resolve_len(seq_len)
-        ss = np.random.SeedSequence([int(seed) % (1 << 64), zlib.crc32(self.name.encode()), L])
-        rng = np.random.default_rng(ss)
-        out = self._generate(int(batch_size), L, rng)
-        inputs, targets = out[0], out[1]
-        seq_idx = out[2] if len(out) > 2 else None  # tasks that pack documents say where they are
+        meta: Dict[str, Any] = {"task": self.name, "seq_len": L, "seed": int(seed)}
+        seq_idx = None
+        if min_len is None:
+            ss = np.random.SeedSequence([int(seed) % (1 << 64), zlib.crc32(self.name.encode()), L])
+            rng = np.random.default_rng(ss)
+            out = self._generate(int(batch_size), L, rng)
+            inputs, targets = out[0], out[1]
+            seq_idx = out[2] if len(out) > 2 else None  # tasks that pack documents say where they are
+        else:
+            lo = self.resolve_min_len(min_len, L)
+            ss = np.random.SeedSequence([int(seed) % (1 << 64), zlib.crc32(self.name.encode()), L, lo])
+            rng = np.random.default_rng(ss)
+            drawn = rng.integers(lo, L + 1, size=int(batch_size))
+            fit = {int(n): self._fit_len(int(n)) for n in np.unique(drawn)}
+            lengths = np.array([fit[int(n)] for n in drawn], dtype=np.int64)
+            inputs, targets = self._generate_varlen(lengths, L, rng)
+            meta.update(min_len=lo, lengths=torch.from_numpy(lengths))
         b = Batch(torch.from_numpy(np.asarray(inputs, dtype=np.int64)),
-                  torch.from_numpy(np.asarray(targets, dtype=np.int64)),
-                  {"task": self.name, "seq_len": L, "seed": int(seed)},
+                  torch.from_numpy(np.asarray(targets, dtype=np.int64)), meta,
                   None if seq_idx is None else torch.from_numpy(np.asarray(seq_idx, dtype=np.int32)))
         assert b.inputs.shape == (batch_size, L) and b.targets.shape == (batch_size, L)
         return b
 
     def solve(self, b: Batch) -> torch.Tensor:
-        return self._solve(b.inputs.cpu()).to(torch.long)
+        inputs = b.inputs.cpu()
+        lengths = b.meta.get("lengths")
+        if lengths is None:
+            return self._solve(inputs).to(torch.long)
+        out = torch.zeros_like(inputs, dtype=torch.long)  # a variable-length batch: solve each length's rows alone
+        for c in torch.unique(lengths).tolist():
+            rows = torch.nonzero(lengths == c).squeeze(1)
+            out[rows, :c] = self._solve(inputs[rows, :c]).to(torch.long)
+        return out
 
     def score(self, out: Any, b: Batch) -> Dict[str, float]:
         """Score logits ``(B, L, V)`` (float) or predictions ``(B, L)`` (int).
@@ -262,7 +328,11 @@ class Task:
         Returns ``acc`` (over scored tokens), ``seq_acc`` (sequences whose scored
         tokens are all right), ``n_scored``; with logits also ``loss`` (mean CE
         over scored tokens) and ``ppl``; tasks with a final answer add
-        ``final_acc`` (last scored token of each sequence)."""
+        ``final_acc`` (last scored token of each sequence). ``scaled_acc`` is the
+        headline accuracy (``final_acc`` where reported, else ``acc``) rescaled so
+        that a uniform guess over ``answer_tokens`` scores 0 and a perfect model 1:
+        ``(acc - chance) / (1 - chance)`` (Grazzi et al. 2025; x100 is the Mamba-3
+        paper's state-tracking table)."""
         targets = b.targets
         logits = None
         if isinstance(out, np.ndarray):
@@ -307,4 +377,7 @@ class Task:
             rows = torch.nonzero(has).squeeze(1)
             fin = correct[rows, last[rows]]
             res["final_acc"] = float(fin.float().mean()) if len(rows) else float("nan")
+        head = res["final_acc"] if self.REPORT_FINAL else res["acc"]
+        p = self.chance
+        res["scaled_acc"] = (head - p) / (1.0 - p) if p < 1.0 else float("nan")
         return res

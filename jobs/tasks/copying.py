@@ -32,6 +32,9 @@ class Copy(Task):
         if L < 2:
             raise _err(f"copy: bad value for 'seq_len': {L} (needs >= 2)")
 
+    def _fit_len(self, L):
+        return L - L % 2  # an odd length starts with a pad
+
     def _generate(self, B, L, rng):
         n = L // 2
         pad = L + 1 - (2 * n + 1)

@@ -378,6 +378,7 @@ class LM(Task):
     source. ``score`` with logits gives ``loss`` (mean CE, nats) and ``ppl``."""
 
     name = "lm"
+    VARIABLE_LENGTH = False  # windows of one token stream: no length curriculum
     OPTIONS = {
         "path": Opt("str", None, allow_none=True, help="folder made by prepare_shards"),
         "dataset": Opt("mapping", None, allow_none=True, help="{format: hf|json|jsonl|parquet|text, path, name, split, text_field}"),

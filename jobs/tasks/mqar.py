@@ -13,6 +13,14 @@ uniformly chosen even offsets (slots) of the region; every other position is
 filler 0. The value after each query key is scored (target at the key's position),
 so accuracy is over the N value tokens of the query region.
 
+Zoology's generator (Arora et al. 2023, ``zoology/data/multiquery_ar.py``, its
+Figure 2 settings) differs in two ways, both options here:
+``query_gaps: power`` draws the N slots without replacement with probability
+proportional to ``i ** (power_a - 1)`` for slot i = 1, 2, ... (``power_a`` 0.01:
+most queries come soon after the key-value context), and ``echo_values: false``
+leaves filler after each query key instead of its value. Its key/value split
+(keys below V/2, values from V/2) is this one for an even ``vocab`` (8192).
+
 Length rule: the region has ``(L + 1 - 2N) // 2`` slots and must fit N queries,
 so ``seq_len >= 4N - 1``. With ``kv_rule: fixed`` (default) N = ``num_kv_pairs``
 at every length: a longer ``seq_len`` (length generalization) only adds filler,
@@ -36,6 +44,10 @@ class MQAR(Task):
         "num_kv_pairs": Opt("int", 32, min=1, help="key-value pairs per sequence"),
         "kv_rule": Opt("choice", "fixed", choices=("fixed", "scale"),
                        help="pairs at other lengths: fixed count, or scale with length"),
+        "query_gaps": Opt("choice", "uniform", choices=("uniform", "power"),
+                          help="query slots: uniform, or Zoology's power law (power_a)"),
+        "power_a": Opt("float", 0.01, min=1e-6, max=1.0, help="Zoology's power-law exponent (query_gaps: power)"),
+        "echo_values": Opt("bool", True, help="the value follows each query key in the input (Zoology: false)"),
     }
 
     def _setup(self):
@@ -70,17 +82,24 @@ class MQAR(Task):
         seq = np.zeros((B, L + 1), dtype=np.int64)
         scored = np.zeros((B, L + 1), dtype=bool)
         slots = (L + 1 - 2 * N) // 2
+        p = None
+        if self.query_gaps == "power":
+            p = self.power_a * np.arange(1, slots + 1, dtype=np.float64) ** (self.power_a - 1)
+            p /= p.sum()
         for b in range(B):
             keys = rng.choice(self.num_keys, N, replace=False) + self.key_lo
             vals = rng.choice(self.num_values, N, replace=False) + self.val_lo
             seq[b, 0:2 * N:2] = keys
             seq[b, 1:2 * N:2] = vals
-            pos = 2 * N + 2 * rng.choice(slots, N, replace=False)
+            pos = 2 * N + 2 * rng.choice(slots, N, replace=False, p=p)
             order = rng.permutation(N)
             seq[b, pos] = keys[order]
             seq[b, pos + 1] = vals[order]
             scored[b, pos + 1] = True
-        return shift(seq, scored)
+        inputs, targets = shift(seq, scored)
+        if not self.echo_values:  # Zoology: filler where the model would read each answer
+            inputs[scored[:, :L]] = 0
+        return inputs, targets
 
     def _solve(self, inputs):
         B, L = inputs.shape

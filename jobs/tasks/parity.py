@@ -3,14 +3,19 @@
 Token layout: 0 pad | 1 bit 0 | 2 bit 1 | 3 "=". Answers are bit tokens
 (1 = even, 2 = odd), so ``vocab_size`` is 4 and chance is 50%.
 
-``target: running`` (default, used for training): inputs are L random bits;
-the target at position i is the parity of bits 0..i, so every position gives a
-training signal and the last position is the parity of the whole string.
+``target: running`` (default): inputs are L random bits; the target at
+position i is the parity of bits 0..i, so every position gives a training
+signal and the last position is the parity of the whole string.
+``target: end``: inputs are L random bits and only the last position is
+scored, with the parity of the whole string (no "=" token; the format of
+Delétang et al. 2023 / Beck et al. 2024 / Grazzi et al. 2025, where the
+answer is read right after the last bit).
 ``target: final``: inputs are L-1 bits then "="; only the "=" position is scored.
 
 Eval should report ``final_acc`` (``score`` always returns it): the accuracy of
 the whole-string parity, i.e. the last scored token of each sequence, which is
-the paper's state-tracking number in either mode.
+the paper's state-tracking number in every mode (``scaled_acc`` rescales it so
+that chance is 0).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ class Parity(Task):
     REPORT_FINAL = True
     OPTIONS = {
         "seq_len": Opt("int", 64, min=1),
-        "target": Opt("choice", "running", choices=("running", "final")),
+        "target": Opt("choice", "running", choices=("running", "end", "final")),
         "vocab": Opt("int", None, min=1, allow_none=True, help="optional: checked to be >= 4"),
     }
 
@@ -42,13 +47,28 @@ class Parity(Task):
             raise _err(f"parity: bad value for 'seq_len': {L} (target=final needs >= 2)")
 
     def _generate(self, B, L, rng):
-        if self.target == "running":
-            bits = rng.integers(0, 2, (B, L))
-            return bits + ZERO, np.cumsum(bits, 1) % 2 + ZERO
-        bits = rng.integers(0, 2, (B, L - 1))
-        inputs = np.concatenate([bits + ZERO, np.full((B, 1), EQ)], 1)
+        return self._generate_varlen(np.full(B, L), L, rng)
+
+    def _generate_varlen(self, lengths, L, rng):
+        # one vectorised pass for every row length: bits, their running parity, then the mode's mask
+        B = len(lengths)
+        pos = np.arange(L)[None, :]
+        n_bits = lengths - (self.target == "final")
+        is_bit = pos < n_bits[:, None]
+        bits = np.zeros((B, L), dtype=np.int64)
+        n_max = int(n_bits.max())
+        bits[:, :n_max] = rng.integers(0, 2, (B, n_max))  # (B, L-1) draws for a fixed-length "final" batch, as before
+        bits *= is_bit
+        running = np.cumsum(bits, 1) % 2 + ZERO  # at the "=" (no bit) it repeats the last bit's value
+        inputs = np.where(is_bit, bits + ZERO, PAD)
+        rows, last = np.arange(B), lengths - 1
         targets = np.full((B, L), IGNORE, dtype=np.int64)
-        targets[:, -1] = bits.sum(1) % 2 + ZERO
+        if self.target == "running":
+            targets = np.where(is_bit, running, IGNORE)
+        else:
+            targets[rows, last] = running[rows, last]
+            if self.target == "final":
+                inputs[rows, last] = EQ
         return inputs, targets
 
     def _solve(self, inputs):
@@ -56,4 +76,6 @@ class Parity(Task):
         running = torch.cumsum(bits, 1) % 2 + ZERO
         if self.target == "running":
             return running
-        return torch.where(inputs == EQ, running, torch.zeros_like(inputs))
+        out = torch.zeros_like(inputs)
+        out[:, -1] = running[:, -1]  # "end" and "final" both answer at the last position
+        return out

@@ -13,7 +13,7 @@ with DeepSpeed's ``zero_to_fp32`` (fp32 master weights).
 
 The evaluation itself is ``hybridlab.jobs.evals.run_evals`` (the code the
 training job runs after training), so the metric names are the same:
-``eval/<task>/len_<L>/{acc,seq_acc,final_acc,loss}``, logged at the
+``eval/<task>/len_<L>/{acc,seq_acc,final_acc,scaled_acc,loss}``, logged at the
 checkpoint's step into the run (``--child``: into a nested child run tagged
 ``hybridlab.kind=eval``) together with a text table artifact.
 """
@@ -357,6 +357,7 @@ def _evaluate_entry(t: Target, entry: dict, child: bool, log: bool, uri: str, cl
                         on_result=lambda name, L, r: console.print(
                             f"  {name} len {L}: acc {r.get('acc', float('nan')):.4f}"
                             + (f"  final_acc {r['final_acc']:.4f}" if "final_acc" in r else "")
+                            + (f"  scaled_acc {r['scaled_acc']:.4f}" if "scaled_acc" in r else "")
                             + (f"  loss {r['loss']:.4f}" if "loss" in r else "")))
     wall = time.time() - t0
     table = eval_table(metrics, EVAL_METRICS, layout="table") + "\n"
