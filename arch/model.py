@@ -38,7 +38,12 @@ class SubBlock(nn.Module):
         self.mixer = mixer
 
     def forward(self, x, cache=None):
-        return x + self.mixer(self.norm(x), cache)
+        # an fp32 residual (residual_in_fp32) under 16-bit weights: the mixer sees the norm in the weights' dtype
+        return x + self.mixer(_like_weights(self.norm(x), self.norm.weight), cache)
+
+
+def _like_weights(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return h if h.dtype == w.dtype or not w.is_floating_point() else h.to(w.dtype)
 
 
 @dataclass
@@ -104,6 +109,8 @@ class HybridLM(nn.Module):
     def forward(self, tokens: torch.Tensor, cache: ModelCache | None = None) -> torch.Tensor:
         """tokens (b, l) -> logits (b, l, vocab). With ``cache``, continues from its position."""
         x = self.embed(tokens)
+        if self.spec.residual_in_fp32:
+            x = x.float()
         l = tokens.shape[1]
         if cache is not None:
             valid = None
@@ -119,7 +126,7 @@ class HybridLM(nn.Module):
             cache.seqlen += l
             if cache.pos is not None:
                 cache.pos += l
-        return self.lm_head(self.norm_f(x))
+        return self.lm_head(_like_weights(self.norm_f(x), self.norm_f.weight))
 
     def allocate_cache(self, batch: int, max_len: int, device=None, dtype=None, pad: torch.Tensor | None = None) -> ModelCache:
         """Caches for ``batch`` rows of up to ``max_len`` positions; ``pad`` (b,): left-padding per row."""
