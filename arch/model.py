@@ -109,7 +109,7 @@ class HybridLM(nn.Module):
     def forward(self, tokens: torch.Tensor, cache: ModelCache | None = None) -> torch.Tensor:
         """tokens (b, l) -> logits (b, l, vocab). With ``cache``, continues from its position."""
         x = self.embed(tokens)
-        if self.spec.residual_in_fp32:
+        if self.spec.residual_in_fp32 and x.dtype in (torch.bfloat16, torch.float16):
             x = x.float()
         l = tokens.shape[1]
         if cache is not None:

@@ -146,7 +146,7 @@ class ModelSpec:
 
 
 def resolve_ref(ref: str) -> Path:
-    """``zoo:NAME`` -> the zoo file; anything else is a path."""
+    """``zoo:NAME`` -> the zoo file; a model folder -> its ``model.yaml``; anything else is a path."""
     if ref.startswith("zoo:"):
         name = ref[4:]
         path = ZOO_DIR / f"{name}.yaml"
@@ -154,7 +154,10 @@ def resolve_ref(ref: str) -> Path:
             names = sorted(p.stem for p in ZOO_DIR.glob("*.yaml"))
             raise SpecError(f"no zoo spec {name!r}{did_you_mean(name, names)}; `hybridlab zoo` lists them", ref)
         return path
-    return Path(ref)
+    path = Path(ref).expanduser()
+    if path.is_dir() and (path / "model.yaml").is_file():  # a model folder (hybridlab.arch.pretrained)
+        return path / "model.yaml"
+    return path
 
 
 def zoo_names() -> list[str]:

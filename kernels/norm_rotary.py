@@ -5,12 +5,17 @@ from __future__ import annotations
 import torch
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """x in float32, or in its own dtype when that is wider (float64 runs stay float64)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """Normalize the last dim in float32, return in x's dtype."""
-    xf = x.float()
+    """Normalize the last dim in float32 (float64 for float64 x), return in x's dtype."""
+    xf = at_least_fp32(x)
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     if weight is not None:
-        y = y * weight.float()
+        y = y * weight.to(xf.dtype)
     return y.to(x.dtype)
 
 
@@ -19,12 +24,13 @@ def apply_rotary(x: torch.Tensor, angles: torch.Tensor, interleaved: bool = Fals
 
     Pair i is dims (i, i + n) of the rotated part (half-split, n = angles.shape[-1]), or
     (2i, 2i + 1) with ``interleaved``. ``angles`` broadcasts against ``x[..., :n]``;
-    the rest of x passes through. Computed in float32, returned in x's dtype.
+    the rest of x passes through. Computed in float32 (float64 for float64 x), returned in x's dtype.
     """
     n = angles.shape[-1]
     if n == 0:
         return x
-    xf = x.float()
+    xf = at_least_fp32(x)
+    angles = angles.to(xf.dtype) if angles.dtype != xf.dtype and xf.dtype == torch.float64 else angles
     cos, sin = angles.cos(), angles.sin()
     if interleaved:
         pairs = xf[..., : 2 * n].unflatten(-1, (n, 2))

@@ -88,7 +88,8 @@ class Attention(nn.Module):
     def _rotate(self, q, k, positions):
         """RoPE on the first rope_dim dims of each head; q scaled when the softmax scale is not the default."""
         if self.rope_dim:
-            ang = position_angles(positions, self.rope_dim, self.rope_theta)[None, :, None, :]
+            dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+            ang = position_angles(positions, self.rope_dim, self.rope_theta, dtype)[None, :, None, :]
             q, k = apply_rotary(q, ang, self.rope_interleaved), apply_rotary(k, ang, self.rope_interleaved)
         if self.q_scale is not None:
             q = q * self.q_scale

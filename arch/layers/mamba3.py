@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from hybridlab.kernels import ScanState, ssm_scan
+from hybridlab.kernels.norm_rotary import at_least_fp32
 from hybridlab.kernels.ssm_io import cumulative_phase, gated_output, qk_prep, rank_expand, scan_coefficients
 from hybridlab.kernels.ssm_scan.cute import STEP_PARAMS, FusedStep, StepSpec
 
@@ -152,7 +153,7 @@ class Mamba3(nn.Module):
 
         phase = None
         if self.n_angles:
-            theta = math.pi * torch.tanh(theta_raw.float())  # (b, l, n_angles)
+            theta = math.pi * torch.tanh(at_least_fp32(theta_raw))  # (b, l, n_angles)
             phase = cumulative_phase(theta, dt, backend=self.io_backend)  # (b, l, H, n_angles)
             if phase0 is not None:
                 phase = phase + phase0[:, None]

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..norm_rotary import apply_rotary, rms_norm
+from ..norm_rotary import apply_rotary, at_least_fp32, rms_norm
 
 
 A_ACTIVATIONS = ("heavy_tail", "softplus")
@@ -46,16 +46,18 @@ def a_magnitude(u: torch.Tensor, activation: str) -> torch.Tensor:
 
 def scan_coefficients_reference(dt_raw, a_raw, lam_raw, dt_bias, a_bias, a_floor: float, valid=None,
                                 activation: str = "heavy_tail"):
-    """(b, l, H) raw projections -> (dt, log_alpha, beta, gamma), float32 (b, l, H); ``a_bias`` may be None."""
-    dt = F.softplus(dt_raw.float() + dt_bias.float())
+    """(b, l, H) raw projections -> (dt, log_alpha, beta, gamma), float32 (float64 for float64 inputs) (b, l, H);
+    ``a_bias`` may be None."""
+    f32 = at_least_fp32
+    dt = F.softplus(f32(dt_raw) + f32(dt_bias))
     if valid is not None:
         dt = torch.where(valid[..., None], dt, torch.zeros_like(dt))
-    u = a_raw.float() + a_bias.float() if a_bias is not None else a_raw.float()
+    u = f32(a_raw) + f32(a_bias) if a_bias is not None else f32(a_raw)
     A = -a_magnitude(u, activation).clamp(min=a_floor)
     log_alpha = A * dt
     if lam_raw is None:
         return dt, log_alpha, torch.zeros_like(dt), dt
-    lam = torch.sigmoid(lam_raw.float())
+    lam = torch.sigmoid(f32(lam_raw))
     return dt, log_alpha, (1 - lam) * dt * torch.exp(log_alpha), lam * dt
 
 

@@ -103,8 +103,11 @@ def render(rep: dict, console: Console) -> None:
 
 
 def _model_of(ref: str, overrides: list[str]) -> ModelSpec:
-    """The model spec of ``ref``: a spec (file or zoo:NAME), or a job file's model (its --set applies to the job)."""
-    if not ref.startswith("zoo:"):
+    """The model spec of ``ref``: a spec (file, zoo:NAME or a model folder), or a job file's model (its --set applies
+    to the job)."""
+    from pathlib import Path
+
+    if not ref.startswith("zoo:") and not Path(ref).expanduser().is_dir():
         from hybridlab.arch.specio import load_yaml_file
 
         data, _ = load_yaml_file(ref)

@@ -212,7 +212,7 @@ def bench_train(
 
 def _register_optional_commands() -> None:
     """Commands whose modules import heavy optional deps lazily register here."""
-    from . import commands  # noqa: F401  (adds run/submit/status/... to `app`)
+    from . import commands, interop  # noqa: F401  (add run/submit/status/..., import/export to `app`)
 
 
 def main(argv: list[str] | None = None) -> None:
