@@ -29,6 +29,7 @@ from .specio import SpecError
 __all__ = [
     "MODEL_SPEC", "MODEL_WEIGHTS", "ModelFolderError", "is_model_dir", "read_spec", "read_safetensors",
     "write_safetensors", "model_state", "save_pretrained", "load_pretrained", "load_weights", "check_state",
+    "stored_shapes", "check_stored_shapes",
 ]
 
 MODEL_SPEC = "model.yaml"
@@ -114,6 +115,25 @@ def check_state(spec: ModelSpec, state: Mapping[str, torch.Tensor], where) -> No
     if extra:
         raise ModelFolderError(where, f"weights {', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''} have no place "
                                       f"in model {spec.name}")
+
+
+def stored_shapes(path) -> dict[str, tuple]:
+    """Names and shapes in a model folder's weights, from the file's header (no tensor is read)."""
+    from safetensors import SafetensorError, safe_open
+
+    file = _require_dir(path) / MODEL_WEIGHTS
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ModelFolderError(file, f"not a readable safetensors file (truncated or corrupt?): "
+                                     f"{' '.join(str(e).split())[:160]}") from None
+
+
+def check_stored_shapes(spec: ModelSpec, path) -> None:
+    """The folder's weights fit a model of ``spec`` (a fine-tune may change the spec, not the shapes)."""
+    check_state(spec, {k: torch.empty(s, device="meta") for k, s in stored_shapes(path).items()},
+                Path(path) / MODEL_WEIGHTS)
 
 
 def save_pretrained(path, spec: ModelSpec, state: Mapping[str, torch.Tensor], extra_files: Mapping[str, bytes] = (),
