@@ -290,6 +290,9 @@ def test_import_maps_the_config(tmp_path):
     assert mlp.hidden == 128  # d_intermediate 100 rounded up to 128 as GatedMLP does
     assert spec.layers == ["m3", "mlp", "attn", "mlp", "m3", "mlp", "attn", "mlp"]
     assert spec.residual_in_fp32 and spec.norm_eps == 1e-5 and spec.tie_embeddings
+    from hybridlab.arch import count_params
+
+    assert count_params(spec) == sum(p.numel() for p in load_pretrained(dst).parameters())  # attention biases counted
     saved = (dst / "model.yaml").read_text()
     assert "spec_version: 2" in saved and "a_activation: heavy_tail" in saved and "a_bias: false" in saved
 

@@ -23,9 +23,21 @@ def describe_block(d_model: int, b) -> str:
         flags = [f for f, on in (("euler", not b.trapezoid), ("real", not b.rope), ("no-bcnorm", not b.bc_norm), ("no-bcbias", not b.bc_bias)) if on]
         if b.out_norm == "pre_gate_grouped":
             flags.append("pregate-norm")
+        if b.a_activation != "heavy_tail" or b.a_bias:
+            flags.append(f"A={b.a_activation}{'+bias' if b.a_bias else ''}")
         return " ".join(bits + flags)
     if isinstance(b, AttentionBlock):
-        return f"heads={b.heads} kv={b.resolved_kv_heads()} hd={b.resolved_head_dim(d_model)}"
+        hd, rd = b.resolved_head_dim(d_model), b.resolved_rope_dim(d_model)
+        bits = [f"heads={b.heads} kv={b.resolved_kv_heads()} hd={hd}"]
+        if rd != hd:
+            bits.append(f"rope={rd}" if rd else "no-rope")
+        if b.rope_interleaved:
+            bits.append("rope-interleaved")
+        if b.qkv_bias or b.out_bias:
+            bits.append("bias=" + "+".join(n for n, on in (("qkv", b.qkv_bias), ("out", b.out_bias)) if on))
+        if b.softmax_scale is not None:
+            bits.append(f"scale={b.softmax_scale:g}")
+        return " ".join(bits)
     return f"hidden={b.resolved_hidden(d_model)}"
 
 
