@@ -17,8 +17,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Iterator, Mapping, Optional
 
 import torch
 import yaml
@@ -29,7 +30,7 @@ from .specio import SpecError
 __all__ = [
     "MODEL_SPEC", "MODEL_WEIGHTS", "ModelFolderError", "is_model_dir", "read_spec", "read_safetensors",
     "write_safetensors", "model_state", "save_pretrained", "load_pretrained", "load_weights", "check_state",
-    "stored_shapes", "check_stored_shapes",
+    "stored_shapes", "check_stored_shapes", "new_folder",
 ]
 
 MODEL_SPEC = "model.yaml"
@@ -100,21 +101,25 @@ def _expected_shapes(spec: ModelSpec) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in model_state(m).items()}
 
 
-def check_state(spec: ModelSpec, state: Mapping[str, torch.Tensor], where) -> None:
-    """Every parameter of the spec's model present with its shape, nothing else."""
-    want = _expected_shapes(spec)
-    state = dict(state)
-    if spec.tie_embeddings and "lm_head.weight" in state:
-        state.pop("lm_head.weight")  # a tied head saved anyway: the embedding decides
+def check_names_and_shapes(state: Mapping[str, torch.Tensor], want: Mapping[str, tuple], where, whose: str) -> None:
+    """``state`` holds exactly the names of ``want``, each with its shape; one-line errors naming the weight."""
     for k, shape in want.items():
         if k not in state:
-            raise ModelFolderError(where, f"no weights for {k} (shape {shape}) of model {spec.name}")
+            raise ModelFolderError(where, f"no weights for {k} (shape {shape}), which {whose} has")
         if tuple(state[k].shape) != shape:
-            raise ModelFolderError(where, f"{k}: shape {tuple(state[k].shape)}, but model {spec.name} has {shape}")
+            raise ModelFolderError(where, f"{k}: shape {tuple(state[k].shape)}, but {whose} has {shape}")
     extra = [k for k in state if k not in want]
     if extra:
         raise ModelFolderError(where, f"weights {', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''} have no place "
-                                      f"in model {spec.name}")
+                                      f"in {whose}")
+
+
+def check_state(spec: ModelSpec, state: Mapping[str, torch.Tensor], where) -> None:
+    """Every parameter of the spec's model present with its shape, nothing else."""
+    state = dict(state)
+    if spec.tie_embeddings and "lm_head.weight" in state:
+        state.pop("lm_head.weight")  # a tied head saved anyway: the embedding decides
+    check_names_and_shapes(state, _expected_shapes(spec), where, f"model {spec.name}")
 
 
 def stored_shapes(path) -> dict[str, tuple]:
@@ -136,24 +141,19 @@ def check_stored_shapes(spec: ModelSpec, path) -> None:
                 Path(path) / MODEL_WEIGHTS)
 
 
-def save_pretrained(path, spec: ModelSpec, state: Mapping[str, torch.Tensor], extra_files: Mapping[str, bytes] = (),
-                    overwrite: bool = False) -> Path:
-    """Write a model folder; the folder appears whole or not at all (written aside, then renamed).
+@contextmanager
+def new_folder(path, overwrite: bool = False, extra_files: Mapping[str, bytes] = ()) -> Iterator[Path]:
+    """``with new_folder(out) as tmp:`` write into ``tmp``; ``out`` then appears whole (renamed), or not at all.
 
-    ``state`` under HybridLM names (``model_state(model)``), checked against ``spec``;
-    ``extra_files`` name -> bytes are written beside (tokenizer files, provenance).
+    An existing non-empty ``out`` is refused unless ``overwrite``; ``extra_files`` (name -> bytes) go in too.
     """
     out = Path(path).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ModelFolderError(out, "exists and is not empty (choose a new folder)")
-    state = {k: v for k, v in state.items() if not (spec.tie_embeddings and k == "lm_head.weight")}
-    check_state(spec, state, out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        (tmp / MODEL_SPEC).write_text(f"# hybridlab model spec ({spec.name})\n"
-                                      + yaml.safe_dump(spec.to_dict(), sort_keys=False, default_flow_style=None, width=110))
-        write_safetensors(state, tmp / MODEL_WEIGHTS, metadata={"format": "hybridlab", "spec": spec.name})
+        yield tmp
         for name, data in dict(extra_files).items():
             (tmp / name).write_bytes(data)
         if out.exists():
@@ -162,6 +162,22 @@ def save_pretrained(path, spec: ModelSpec, state: Mapping[str, torch.Tensor], ex
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def save_pretrained(path, spec: ModelSpec, state: Mapping[str, torch.Tensor], extra_files: Mapping[str, bytes] = (),
+                    overwrite: bool = False) -> Path:
+    """Write a model folder; the folder appears whole or not at all (written aside, then renamed).
+
+    ``state`` under HybridLM names (``model_state(model)``), checked against ``spec``;
+    ``extra_files`` name -> bytes are written beside (tokenizer files, provenance).
+    """
+    out = Path(path).expanduser()
+    state = {k: v for k, v in state.items() if not (spec.tie_embeddings and k == "lm_head.weight")}
+    check_state(spec, state, out)
+    with new_folder(out, overwrite, extra_files) as tmp:
+        (tmp / MODEL_SPEC).write_text(f"# hybridlab model spec ({spec.name})\n"
+                                      + yaml.safe_dump(spec.to_dict(), sort_keys=False, default_flow_style=None, width=110))
+        write_safetensors(state, tmp / MODEL_WEIGHTS, metadata={"format": "hybridlab", "spec": spec.name})
     return out
 
 

@@ -34,21 +34,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import torch
 
-from ..pretrained import MODEL_WEIGHTS, ModelFolderError, read_safetensors, read_spec, save_pretrained, write_safetensors
+from ..pretrained import (MODEL_WEIGHTS, ModelFolderError, check_names_and_shapes, new_folder, read_safetensors,
+                          read_spec, save_pretrained, write_safetensors)
 from ..spec import AttentionBlock, Mamba3Block, ModelSpec, SwiGLUBlock, parse_model_spec
 from ..specio import SpecError, Source
 
 __all__ = [
     "CONFIG", "PROVENANCE", "import_checkpoint", "export_checkpoint", "export_model_folder", "read_official",
-    "spec_from_config", "config_from_spec", "to_hybridlab", "to_official", "rotary_permutation",
+    "spec_from_config", "config_from_spec", "to_hybridlab", "to_official", "rotary_permutation", "origin_files",
 ]
 
 CONFIG = "config.json"
@@ -540,15 +538,7 @@ def to_hybridlab(config: dict, spec: ModelSpec, state: Mapping[str, torch.Tensor
         if emb is not None and (head.shape != emb.shape or not torch.equal(head, emb)):
             raise ModelFolderError(where, "lm_head.weight differs from backbone.embedding.weight, but config.json says "
                                           "tie_embeddings: true")
-    for k, shape in want.items():
-        if k not in sd:
-            raise ModelFolderError(where, f"no {k} (shape {shape}) in the weights, which config.json's model has")
-        if tuple(sd[k].shape) != shape:
-            raise ModelFolderError(where, f"{k}: shape {tuple(sd[k].shape)}, but config.json's model has {shape}")
-    extra = [k for k in sd if k not in want]
-    if extra:
-        raise ModelFolderError(where, f"{extra[0]}: a weight config.json's model does not have"
-                                      + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+    check_names_and_shapes(sd, want, where, "config.json's model")
     D = spec.d_model
     out = {"embed.weight": sd["backbone.embedding.weight"], "norm_f.weight": sd["backbone.norm_f.weight"]}
     if not spec.tie_embeddings:
@@ -644,11 +634,16 @@ def to_official(config: dict, spec: ModelSpec, state: Mapping[str, torch.Tensor]
 # ============================================================================ the two commands
 
 
-def _atomic_dir(out: Path, overwrite: bool):
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ModelFolderError(out, "exists and is not empty (choose a new folder)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+def origin_files(folder) -> tuple[Optional[dict], dict]:
+    """(the official config a model folder was imported from, or None; its tokenizer files name -> bytes)."""
+    f = Path(folder)
+    prov = None
+    if (f / PROVENANCE).is_file():
+        try:
+            prov = json.loads((f / PROVENANCE).read_text())
+        except (OSError, ValueError):
+            prov = None
+    return prov, {n: (f / n).read_bytes() for n in TOKENIZER_FILES if (f / n).is_file()}
 
 
 def import_checkpoint(src, out, *, name: Optional[str] = None, overwrite: bool = False) -> Path:
@@ -674,22 +669,13 @@ def export_checkpoint(spec: ModelSpec, state: Mapping[str, torch.Tensor], out, *
     config = config_from_spec(spec, provenance, where)
     official = to_official(config, spec, state)
     dst = Path(out).expanduser()
-    tmp = _atomic_dir(dst, overwrite)
-    try:
+    with new_folder(dst, overwrite, extra_files) as tmp:
         (tmp / CONFIG).write_text(json.dumps(config, indent=4))
         if safetensors:
             write_safetensors({k: v for k, v in official.items() if not (spec.tie_embeddings and k == "lm_head.weight")},
                               tmp / SAFETENSORS, metadata={"format": "pt"})
         else:
             torch.save(official, tmp / BIN)
-        for fname, data in dict(extra_files).items():
-            (tmp / fname).write_bytes(data)
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
 
 
@@ -698,12 +684,6 @@ def export_model_folder(folder, out, *, safetensors: bool = False, overwrite: bo
     f = Path(folder).expanduser()
     spec = read_spec(f)
     state = read_safetensors(f / MODEL_WEIGHTS)
-    prov = None
-    if (f / PROVENANCE).is_file():
-        try:
-            prov = json.loads((f / PROVENANCE).read_text())
-        except (OSError, ValueError):
-            prov = None
-    extra = {n: (f / n).read_bytes() for n in TOKENIZER_FILES if (f / n).is_file()}
+    prov, extra = origin_files(f)
     return export_checkpoint(spec, state, out, provenance=prov, extra_files=extra, safetensors=safetensors,
                              overwrite=overwrite, where=str(f / "model.yaml"))

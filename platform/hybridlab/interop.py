@@ -66,7 +66,7 @@ def export_mamba_ssm(
 def _run_model(target: str, uri: Optional[str]):
     """(spec, state dict, provenance, extra files, where) of a training run's newest checkpoint."""
     from hybridlab.arch import load_model_spec
-    from hybridlab.arch.interop.mamba_ssm import PROVENANCE, TOKENIZER_FILES
+    from hybridlab.arch.interop.mamba_ssm import origin_files
 
     from .evaluate import load_state_dict, resolve_target
     from .tracking import tracking_uri
@@ -80,14 +80,6 @@ def _run_model(target: str, uri: Optional[str]):
     t = resolve_target(target, client, store)
     spec = load_model_spec(t.job["model"])
     state = load_state_dict(t.checkpoint, t.meta)
-    prov, extra = None, {}
     origin = t.job.get("model_from")  # a fine-tune of an imported model: its provenance and tokenizer
-    if origin and Path(origin).is_dir():
-        o = Path(origin)
-        if (o / PROVENANCE).is_file():
-            try:
-                prov = json.loads((o / PROVENANCE).read_text())
-            except (OSError, ValueError):
-                prov = None
-        extra = {n: (o / n).read_bytes() for n in TOKENIZER_FILES if (o / n).is_file()}
+    prov, extra = origin_files(origin) if origin and Path(origin).is_dir() else (None, {})
     return spec, state, prov, extra, f"{t.checkpoint} (model of {spec.name})"
