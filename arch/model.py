@@ -43,7 +43,7 @@ class SubBlock(nn.Module):
 
 
 def _like_weights(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return h if h.dtype == w.dtype or not w.is_floating_point() else h.to(w.dtype)
+    return h if h.dtype == w.dtype else h.to(w.dtype)
 
 
 @dataclass

@@ -399,6 +399,9 @@ def test_cli_import_then_check_eval_ready(tmp_path, cli):
     r = cli("check", str(tmp_path / "hl"), "--json", "--seq-len", "32")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["vocab_size"] == 104
+    r = cli("eval", str(tmp_path / "hl"), "--task", "mqar", "--lengths", "16", "--option", "vocab=64",
+            "--option", "num_kv_pairs=2", "--batches", "1", "--batch-size", "4", "--no-log")
+    assert r.returncode == 0 and "mqar len 16: acc" in r.stdout, r.stdout + r.stderr
     r = cli("import", "mamba-ssm", str(src), "--out", str(tmp_path / "hl"))
     _one_line_exit2(r, "not empty")
     r = cli("export", "mamba-ssm", str(tmp_path / "hl"), "--out", str(tmp_path / "back"))
@@ -526,3 +529,43 @@ def test_cli_export_refusal_one_line_exit2(tmp_path, cli):
     _one_line_exit2(cli("export", "mamba-ssm", str(folder), "--out", str(tmp_path / "x")),
                     "blocks.m3.a_activation", "'softplus'", "no official mamba_ssm form")
     assert not (tmp_path / "x").exists()
+
+
+# ============================================================================ decoding an imported model
+
+
+@pytest.mark.parametrize("case", ["hybrid", "mimo"])
+def test_generate_equals_official_greedy(tmp_path, case):
+    """HybridLM.generate (prefill, then cached one-token steps) = greedy decoding by repeated official forwards."""
+    config = CASES[case]
+    sd = official_state(config, seed=7)
+    dst = ms.import_checkpoint(write_official(tmp_path / "o", config, sd), tmp_path / "hl")
+    model = load_pretrained(dst, dtype=torch.float64)
+    prompt = _tokens(config["vocab_size"], b=1, l=7, seed=3)
+    ids = prompt
+    for _ in range(10):
+        nxt = official_logits(config, sd, ids)[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, nxt], dim=1)
+    assert torch.equal(model.generate(prompt, 10), ids)
+
+
+def test_cli_generate_uses_the_folders_tokenizer(tmp_path, cli):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["hello world, hello mamba"] * 20, trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    assert tok.get_vocab_size() <= 300
+    cfg = {**SISO, "vocab_size": 300}
+    src = write_official(tmp_path / "o", cfg, official_state(cfg))
+    tok.save(str(src / "tokenizer.json"))
+    dst = ms.import_checkpoint(src, tmp_path / "hl")
+    r = cli("generate", str(dst), "-p", "hello", "-n", "5", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)["results"][0]
+    assert len(res["tokens"]) == 5 and res["completion"] == tok.decode(res["tokens"], skip_special_tokens=True)
+    model = load_pretrained(dst)
+    want = model.generate([tok.encode("hello").ids], 5)[0, -5:].tolist()
+    assert res["tokens"] == want
