@@ -8,7 +8,9 @@ For a SISO, a MIMO (needs TileLang) and a hybrid (Mamba-3 + MHA + GatedMLP) offi
 ``MambaLMHeadModel`` with random weights, saved with its own ``save_pretrained``:
 ``hybridlab import mamba-ssm``, then
 
-* logits, fp32 and bf16: max |ours - official| / max |official| (targets 1e-4 and 1e-2);
+* logits, fp32 and bf16: max |ours - official| / max |official| (targets 1e-4 against the official module
+  on its fp32 reference ops, 1e-2 against the official kernels in bf16 — and 1e-2 for an fp32 model
+  against the official kernels, which run bf16 inside: see below);
 * greedy generation of 64 tokens: the official model by repeated full forwards, hybridlab by
   ``HybridLM.generate`` (prefill + cached decode): token-identical?
 
@@ -21,9 +23,13 @@ mamba_ssm/ (the pack carries them) the MIMO checks then run on the official refe
 
 Note on fp32: the official SISO path (``mamba3_siso_combined``) casts Q, K, V, the angles, the trapezoid
 gate and Z to bf16 before its kernels and uses tanh/sin/cos approximations, so its "fp32" logits carry
-bf16-level error. With the official repository's tests folder present (the pack carries it), the SISO
-fp32 check also runs the official module with the official float32 reference of that kernel
-(``tests/ops/triton/test_mamba3_siso.py: mamba3_siso_fwd_ref``) in its place: that is the 1e-4 comparison.
+bf16-level error. With the official repository's tests folder present (the pack carries it), the fp32
+checks also run the official module with the official float32 references of its kernels
+(``tests/ops/triton/test_mamba3_siso.py: mamba3_siso_fwd_ref``, ``tests/ops/tilelang/test_mamba3_mimo.py:
+mamba3_MIMO_chunk_ref``) in their place: that is the 1e-4 comparison.
+
+``--cpu-dry-run`` runs the model checks on a CPU against those references (official norms through their
+own torch references too), to try the script without a GPU.
 """
 
 from __future__ import annotations
@@ -301,9 +307,11 @@ def model_checks(kind: str, cfg: dict, off, work: Path, refs: dict, quick: bool)
         with torch.no_grad():
             ref32 = official(tokens).logits.float()
         e_t, e_d = rel_max(o_t, ref32), rel_max(o_d, ref32)
-        report(f"{kind} fp32 logits vs official kernels", "PASS" if max(e_t, e_d) < 1e-4 else "FAIL",
-               f"max rel err {e_t:.2e} (hybridlab torch backends), {e_d:.2e} (default backends); target 1e-4"
-               + ("" if max(e_t, e_d) < 1e-4 else " (the official kernels compute in bf16 inside: see the docstring)"),
+        # the official Mamba-3 kernels take Q, K, V, the angles, the gate and Z in bf16 even in an fp32 model:
+        # against them an fp32 model can only agree to bf16 precision (the 1e-4 check is the reference-ops one)
+        report(f"{kind} fp32 model vs official kernels (bf16 inside them: tolerance 1e-2)",
+               "PASS" if max(e_t, e_d) < 1e-2 else "FAIL",
+               f"max rel err {e_t:.2e} (hybridlab torch backends), {e_d:.2e} (default backends)",
                err_torch=e_t, err_default=e_d)
     if have_ref:
         with ref_ops, torch.no_grad():
