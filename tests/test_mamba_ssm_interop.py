@@ -569,3 +569,24 @@ def test_cli_generate_uses_the_folders_tokenizer(tmp_path, cli):
     model = load_pretrained(dst)
     want = model.generate([tok.encode("hello").ids], 5)[0, -5:].tolist()
     assert res["tokens"] == want
+
+
+def test_sharded_safetensors_with_an_index(tmp_path):
+    from safetensors.torch import save_file
+
+    config = MIMO
+    sd = official_state(config, seed=2)
+    src = tmp_path / "o"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(config))
+    keys = sorted(sd)
+    half = {"a": keys[: len(keys) // 2], "b": keys[len(keys) // 2:]}
+    weight_map = {}
+    for part, ks in half.items():
+        save_file({k: sd[k].contiguous() for k in ks}, str(src / f"model-{part}.safetensors"))
+        weight_map.update({k: f"model-{part}.safetensors" for k in ks})
+    (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    model = load_pretrained(ms.import_checkpoint(src, tmp_path / "hl"), dtype=torch.float64)
+    tokens = _tokens(config["vocab_size"], l=9)
+    with torch.no_grad():
+        assert ((model(tokens) - official_logits(config, sd, tokens)).abs().max()).item() < 1e-9
