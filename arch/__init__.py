@@ -14,9 +14,11 @@ from .spec import (
     parse_model_spec,
     zoo_names,
 )
+from .pretrained import ModelFolderError, is_model_dir, load_pretrained, save_pretrained
 from .specio import SpecError, Source
 
 __all__ = [
-    "AttentionBlock", "HybridLM", "Mamba3Block", "ModelCache", "ModelSpec", "Source", "SpecError", "SwiGLUBlock",
-    "count_params", "count_spec", "load_model_spec", "parse_model_spec", "sample", "zoo_names",
+    "AttentionBlock", "HybridLM", "Mamba3Block", "ModelCache", "ModelFolderError", "ModelSpec", "Source", "SpecError",
+    "SwiGLUBlock", "count_params", "count_spec", "is_model_dir", "load_model_spec", "load_pretrained", "parse_model_spec",
+    "sample", "save_pretrained", "zoo_names",
 ]

@@ -44,7 +44,7 @@ def count_block(d_model: int, b, seq_len: int) -> BlockCount:
         E, H, P, N, R, A, C = (m[k] for k in "EHPNRAC")
         proj_out = 2 * E + 2 * R * N + 2 * H + (H if b.trapezoid else 0) + (A if b.rope is True else 0)  # θ: data-dependent only
         matmul = D * proj_out + E * D
-        extra = 3 * H  # dt_bias, a_bias, D
+        extra = 2 * H + (H if b.a_bias else 0)  # dt_bias, D (, a_bias)
         extra += 2 * N if b.bc_norm else 0
         extra += 2 * H * R * N if b.bc_bias else 0
         extra += 3 * H * R * P if b.mode == "mimo" else 0
@@ -57,10 +57,11 @@ def count_block(d_model: int, b, seq_len: int) -> BlockCount:
     if isinstance(b, AttentionBlock):
         hd, kvh = b.resolved_head_dim(D), b.resolved_kv_heads()
         matmul = D * b.heads * hd + D * 2 * kvh * hd + b.heads * hd * D
+        biases = ((b.heads + 2 * kvh) * hd if b.qkv_bias else 0) + (D if b.out_bias else 0)
         fwd = 4 * b.heads * hd * seq_len / 2
         dec = 4 * b.heads * hd * seq_len
         state = 2 * seq_len * kvh * hd * CACHE_BYTES
-        return BlockCount(matmul, matmul, fwd, dec, state)
+        return BlockCount(matmul + biases, matmul, fwd, dec, state)
     if isinstance(b, SwiGLUBlock):
         matmul = 3 * D * b.resolved_hidden(D)
         return BlockCount(matmul, matmul, 0, 0, 0)

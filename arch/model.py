@@ -38,9 +38,15 @@ class SubBlock(nn.Module):
         self.mixer = mixer
 
     def forward(self, x, cache=None, seq_idx=None):
+        # an fp32 residual (residual_in_fp32) under 16-bit weights: the mixer sees the norm in the weights' dtype
+        h = _like_weights(self.norm(x), self.norm.weight)
         if seq_idx is None:
-            return x + self.mixer(self.norm(x), cache)
-        return x + self.mixer(self.norm(x), cache, seq_idx=seq_idx)
+            return x + self.mixer(h, cache)
+        return x + self.mixer(h, cache, seq_idx=seq_idx)
+
+
+def _like_weights(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return h if h.dtype == w.dtype else h.to(w.dtype)
 
 
 @dataclass
@@ -117,6 +123,8 @@ class HybridLM(nn.Module):
                 raise ValueError(f"HybridLM: seq_idx must be shaped like tokens {tuple(tokens.shape)}; got {tuple(seq_idx.shape)}")
             seq_idx = seq_idx.to(device=tokens.device, dtype=torch.int32)
         x = self.embed(tokens)
+        if self.spec.residual_in_fp32 and x.dtype in (torch.bfloat16, torch.float16):
+            x = x.float()
         l = tokens.shape[1]
         if cache is not None:
             valid = None
@@ -135,7 +143,7 @@ class HybridLM(nn.Module):
             cache.seqlen += l
             if cache.pos is not None:
                 cache.pos += l
-        return self.lm_head(self.norm_f(x))
+        return self.lm_head(_like_weights(self.norm_f(x), self.norm_f.weight))
 
     def allocate_cache(self, batch: int, max_len: int, device=None, dtype=None, pad: torch.Tensor | None = None) -> ModelCache:
         """Caches for ``batch`` rows of up to ``max_len`` positions; ``pad`` (b,): left-padding per row."""

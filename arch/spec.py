@@ -18,6 +18,18 @@ from .specio import SpecError, Source, apply_overrides, build, did_you_mean, loa
 
 ZOO_DIR = Path(__file__).parent / "zoo"
 
+# The format of saved specs. Version 1 (before the official heavy-tail A): a mamba3 block without
+# `a_activation` / `a_bias` meant softplus with a bias. Version 2 (now): they default to heavy_tail and
+# no bias, and every saved spec (ModelSpec.to_dict) writes its version and both keys explicitly.
+SPEC_VERSION = 2
+# Every key a resolved (saved) mamba3 block carried in version 1: a block holding all of them but no
+# `a_activation` is a saved version-1 block, whatever the file says (saved specs had no version yet).
+_V1_MAMBA3_KEYS = frozenset((
+    "mixer", "mode", "d_state", "headdim", "expand", "rank", "rope", "rope_fraction", "trapezoid", "bc_norm",
+    "bc_bias", "out_norm", "dt_min", "dt_max", "a_floor", "a_init_min", "a_init_max", "chunk_size",
+))
+_V1_A_FORM = {"a_activation": "softplus", "a_bias": True}
+
 
 @dataclass(kw_only=True)
 class Mamba3Block:
@@ -40,9 +52,14 @@ class Mamba3Block:
     out_norm: Literal["pre_gate_grouped", "none"] = "none"
     dt_min: float = 0.001
     dt_max: float = 0.1
+    dt_init_floor: float = 1e-4  # the initial dt is clamped from below at this value
     a_floor: float = 1e-4  # A_t <= -a_floor keeps the decay strictly below 1
-    a_init_min: float = 1.0  # |A| bias initialised uniformly in [a_init_min, a_init_max] (Mamba-2's range)
-    a_init_max: float = 16.0
+    # A_t = -max(f(a_raw [+ a_bias]), a_floor). heavy_tail (the official layer since June 2026):
+    # f(x) = 1 + x for x >= 0, 1 / (1 - x) for x < 0, no bias. softplus + a_bias: the form before it.
+    a_activation: Literal["heavy_tail", "softplus"] = "heavy_tail"
+    a_bias: bool = False  # a learnable per-head bias inside f
+    a_init_min: Optional[float] = None  # with a_bias: |A| starts uniform in [a_init_min, a_init_max]
+    a_init_max: Optional[float] = None  # (None: 1 and 16, Mamba-2's range)
     chunk_size: Optional[int] = None  # None: the backend's default
 
     def d_inner(self, d_model: int) -> int:
@@ -68,12 +85,20 @@ class AttentionBlock:
     kv_heads: Optional[int] = None  # None: = heads (MHA)
     head_dim: Optional[int] = None  # None: d_model // heads
     rope_theta: float = 10000.0
+    rope_dim: Optional[int] = None  # dims of each head that RoPE rotates (the first ones); None: all, 0: no RoPE
+    rope_interleaved: bool = False  # pairs (2i, 2i+1) instead of (i, i + rope_dim/2)
+    qkv_bias: bool = False  # biases on the q/k/v projections
+    out_bias: bool = False  # a bias on the output projection
+    softmax_scale: Optional[float] = None  # None: 1 / sqrt(head_dim)
 
     def resolved_kv_heads(self) -> int:
         return self.kv_heads or self.heads
 
     def resolved_head_dim(self, d_model: int) -> int:
         return self.head_dim or d_model // self.heads
+
+    def resolved_rope_dim(self, d_model: int) -> int:
+        return self.resolved_head_dim(d_model) if self.rope_dim is None else self.rope_dim
 
 
 @dataclass(kw_only=True)
@@ -101,6 +126,7 @@ class ModelSpec:
     tie_embeddings: bool = True
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    residual_in_fp32: bool = False  # keep the residual stream in fp32 under bf16/fp16 weights (official mamba_ssm)
     description: str = ""
     # Filled by validation: the expanded layout and its blocks.
     layers: list = field(default_factory=list, init=False)
@@ -113,8 +139,8 @@ class ModelSpec:
         return [self.blocks[name] for name in self.layers]
 
     def to_dict(self) -> dict:
-        """The spec as plain data (round-trips through ``load_model_spec``)."""
-        d = dataclasses.asdict(self)
+        """The spec as plain data, every choice resolved (round-trips through ``load_model_spec``)."""
+        d = {"spec_version": SPEC_VERSION, **dataclasses.asdict(self)}
         d.pop("layers")
         return d
 
@@ -123,7 +149,7 @@ class ModelSpec:
 
 
 def resolve_ref(ref: str) -> Path:
-    """``zoo:NAME`` -> the zoo file; anything else is a path."""
+    """``zoo:NAME`` -> the zoo file; a model folder -> its ``model.yaml``; anything else is a path."""
     if ref.startswith("zoo:"):
         name = ref[4:]
         path = ZOO_DIR / f"{name}.yaml"
@@ -131,7 +157,10 @@ def resolve_ref(ref: str) -> Path:
             names = sorted(p.stem for p in ZOO_DIR.glob("*.yaml"))
             raise SpecError(f"no zoo spec {name!r}{did_you_mean(name, names)}; `hybridlab zoo` lists them", ref)
         return path
-    return Path(ref)
+    path = Path(ref).expanduser()
+    if path.is_dir() and (path / "model.yaml").is_file():  # a model folder (hybridlab.arch.pretrained)
+        return path / "model.yaml"
+    return path
 
 
 def zoo_names() -> list[str]:
@@ -166,8 +195,11 @@ def _deepcopy(d):
 
 
 def parse_model_spec(data: dict, src: Source, path: tuple = ()) -> ModelSpec:
-    blocks_raw = data.get("blocks")
     data = dict(data)
+    version = data.pop("spec_version", None)
+    if version is not None and (isinstance(version, bool) or version not in range(1, SPEC_VERSION + 1)):
+        raise src.error(path + ("spec_version",), f"{version!r} is not a spec format this version reads (1..{SPEC_VERSION})")
+    blocks_raw = _upgrade_blocks(data.get("blocks"), version)
     data["blocks"] = {}
     spec = build(ModelSpec, data, src, path)
     if not isinstance(blocks_raw, dict) or not blocks_raw:
@@ -176,6 +208,23 @@ def parse_model_spec(data: dict, src: Source, path: tuple = ()) -> ModelSpec:
     spec.layers = _expand_layout(spec.layout, spec.blocks, src, path + ("layout",))
     validate(spec, src, path)
     return spec
+
+
+def _upgrade_blocks(blocks, version):
+    """Version-1 mamba3 blocks get the A form they were trained with (softplus + a bias), explicitly.
+
+    ``version`` None (no ``spec_version`` key: a spec written by hand, or saved before versions
+    existed): only blocks that carry every key a saved version-1 block had are version 1.
+    """
+    if not isinstance(blocks, dict) or version == SPEC_VERSION:
+        return blocks
+    out = {}
+    for name, tpl in blocks.items():
+        if isinstance(tpl, dict) and tpl.get("mixer") == "mamba3" and "a_activation" not in tpl and "a_bias" not in tpl:
+            if version == 1 or _V1_MAMBA3_KEYS <= tpl.keys():
+                tpl = {**tpl, **_V1_A_FORM}
+        out[name] = tpl
+    return out
 
 
 def _build_block(tpl, src: Source, path: tuple) -> Block:
@@ -227,8 +276,17 @@ def validate(spec: ModelSpec, src: Source, path: tuple = ()) -> None:
 
 
 def _validate_mamba3(b: Mamba3Block, d: int, src: Source, path: tuple) -> None:
-    for key in ("d_state", "headdim", "expand", "dt_min", "dt_max", "a_floor", "a_init_min", "a_init_max", "chunk_size"):
+    for key in ("d_state", "headdim", "expand", "dt_min", "dt_max", "dt_init_floor", "a_floor", "a_init_min",
+                "a_init_max", "chunk_size"):
         positive(src, path + (key,), getattr(b, key))
+    if not b.a_bias:
+        for key in ("a_init_min", "a_init_max"):
+            if getattr(b, key) is not None:
+                raise src.error(path + (key,), f"sets the init of the per-head A bias, which needs a_bias: true "
+                                               f"(the form before June 2026: a_activation: softplus, a_bias: true)")
+    else:
+        b.a_init_min = 1.0 if b.a_init_min is None else b.a_init_min
+        b.a_init_max = 16.0 if b.a_init_max is None else b.a_init_max
     if b.rank is None:
         b.rank = 4 if b.mode == "mimo" else 1
     if b.rank < 1:
@@ -242,7 +300,7 @@ def _validate_mamba3(b: Mamba3Block, d: int, src: Source, path: tuple) -> None:
         raise src.error(path + ("rope_fraction",), f"must be between 0 and 1, got {b.rope_fraction}")
     if b.rope and b.rope_dims == 0:
         raise src.error(path + ("rope_fraction",), f"{b.rope_fraction} of d_state {b.d_state} rotates no dimension pair; set rope: false or raise it")
-    if b.a_init_min > b.a_init_max:
+    if b.a_bias and b.a_init_min > b.a_init_max:
         raise src.error(path + ("a_init_min",), f"{b.a_init_min} is above a_init_max {b.a_init_max}")
     if b.dt_min > b.dt_max:
         raise src.error(path + ("dt_min",), f"{b.dt_min} is above dt_max {b.dt_max}")
@@ -253,9 +311,14 @@ def _validate_attention(b: AttentionBlock, d: int, src: Source, path: tuple) -> 
     positive(src, path + ("kv_heads",), b.kv_heads)
     positive(src, path + ("head_dim",), b.head_dim)
     positive(src, path + ("rope_theta",), b.rope_theta)
+    positive(src, path + ("softmax_scale",), b.softmax_scale)
     if b.head_dim is None and d % b.heads:
         raise src.error(path + ("heads",), f"{b.heads} does not divide d_model {d}")
     if b.heads % b.resolved_kv_heads():
         raise src.error(path + ("kv_heads",), f"{b.kv_heads} does not divide heads {b.heads}")
-    if b.resolved_head_dim(d) % 2:
-        raise src.error(path + ("head_dim",), f"head dim {b.resolved_head_dim(d)} must be even for RoPE")
+    hd, rd = b.resolved_head_dim(d), b.resolved_rope_dim(d)
+    if b.rope_dim is not None and not 0 <= b.rope_dim <= hd:
+        raise src.error(path + ("rope_dim",), f"{b.rope_dim} is not between 0 (no RoPE) and the head dim {hd}")
+    if rd % 2:
+        key = "rope_dim" if b.rope_dim is not None else "head_dim"
+        raise src.error(path + (key,), f"RoPE rotates pairs: {rd} rotated dims per head must be even")

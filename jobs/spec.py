@@ -43,7 +43,8 @@ from hybridlab.arch.specio import SpecError, Source
 from hybridlab.jobs.curriculum import Curriculum
 
 DEFAULT_STORAGE = "./hybridlab_runs"
-TOP_KEYS = ("experiment", "name", "model", "data", "train", "resources", "eval", "tracking", "storage", "sweep")
+TOP_KEYS = ("experiment", "name", "model", "model_from", "data", "train", "resources", "eval", "tracking", "storage",
+            "sweep")
 
 
 @dataclass
@@ -190,6 +191,9 @@ class StorageSpec:
 @dataclass
 class JobSpec:
     model: Any
+    # a model folder (hybridlab.arch.pretrained) whose weights the model starts from: `model: {from: DIR}`
+    # sets it (the resolved job then holds the folder's spec as `model` and the folder here)
+    model_from: Optional[str] = None
     experiment: str = "default"
     name: Optional[str] = None
     data: DataSpec = field(default_factory=DataSpec)
@@ -246,9 +250,11 @@ def load_job(job: str | Path | dict, overrides=(), file: str | None = None, chec
 def _apply(data: dict, overrides: list[str], src: Source) -> tuple[dict, list[str]]:
     """Split overrides into job overrides and model overrides (when the model is a reference)."""
     job_ov, model_ov = [], []
+    model = data.get("model")
+    by_reference = not isinstance(model, dict) or "from" in model  # zoo:NAME, a path, or {from: DIR}
     for item in overrides:
         key = item.partition("=")[0].strip()
-        if key.startswith("model.") and not isinstance(data.get("model"), dict):
+        if key.startswith("model.") and by_reference:
             model_ov.append(item.strip()[len("model."):])
         else:
             job_ov.append(item)
@@ -307,7 +313,10 @@ def _validate(data: dict, src: Source, model_overrides: list[str], check_data: b
     spec.eval = evals
     _check_values(spec, src)
 
-    model_spec = _load_model(spec.model, model_overrides, src)
+    model_ref = _model_origin(spec, src)
+    model_spec = _load_model(model_ref, model_overrides, src)
+    if spec.model_from:
+        _check_origin_shapes(model_spec, spec, src)
     vocab = int(getattr(model_spec, "vocab_size"))
 
     if spec.data.curriculum is not None:
@@ -491,6 +500,47 @@ def _parse_zip(group: Any, src: Source, path: tuple) -> dict:
     return out
 
 
+def _model_origin(spec: JobSpec, src: Source):
+    """The model reference to build; ``model: {from: DIR}`` -> DIR, recorded as ``spec.model_from``."""
+    m = spec.model
+    if isinstance(m, dict) and "from" in m:
+        for k in m:
+            if k != "from":
+                raise src.error(("model", k), "beside `from`, change the model with --set model.KEY=VALUE")
+        if spec.model_from is not None:
+            raise src.error(("model_from",), "give model: {from: DIR} or model_from, not both")
+        spec.model_from = _folder(m["from"], src, ("model", "from"))
+        return spec.model_from
+    if spec.model_from is not None:
+        spec.model_from = _folder(spec.model_from, src, ("model_from",))
+    return m
+
+
+def _folder(ref: Any, src: Source, path: tuple) -> str:
+    from hybridlab.arch import is_model_dir
+
+    if not isinstance(ref, str) or not ref:
+        raise src.error(path, f"expected the path of a model folder, got {specio._kind(ref)}")
+    p = Path(ref).expanduser()
+    if not p.is_absolute() and src.file and not src.file.startswith("<") and not p.exists():
+        p = Path(src.file).parent / p
+    if not is_model_dir(p):
+        raise src.error(path, f"{ref}: not a hybridlab model folder (model.yaml + model.safetensors; "
+                              f"`hybridlab import mamba-ssm` writes one)")
+    return str(p.resolve())
+
+
+def _check_origin_shapes(model_spec, spec: JobSpec, src: Source) -> None:
+    from hybridlab.arch.pretrained import ModelFolderError, check_stored_shapes
+
+    try:
+        check_stored_shapes(model_spec, spec.model_from)
+    except ModelFolderError as e:
+        where = ("model", "from") if isinstance(spec.model, dict) and "from" in spec.model else ("model_from",)
+        raise src.error(where, f"the weights in {spec.model_from} do not fit the job's model "
+                               f"(--set may change options, not shapes): {e.message}") from None
+
+
 def _load_model(ref: Any, overrides: list[str], src: Source):
     from hybridlab.arch import load_model_spec
 
@@ -561,9 +611,14 @@ def _resolved_dict(spec: JobSpec, model_spec, model_overrides) -> dict:
         "tracking": dataclasses.asdict(spec.tracking),
         "storage": dataclasses.asdict(spec.storage),
     }
-    if spec.model and isinstance(spec.model, str):
+    if spec.model_from:
+        d["model_from"] = spec.model_from
+    ref = spec.model if isinstance(spec.model, str) else None
+    if isinstance(spec.model, dict) and "from" in spec.model:
+        ref = f"from:{spec.model_from}"
+    if ref:
         d["tracking"].setdefault("tags", {})
-        d["model_ref"] = spec.model + (" " + " ".join(model_overrides) if model_overrides else "")
+        d["model_ref"] = ref + (" " + " ".join(model_overrides) if model_overrides else "")
     return d
 
 
@@ -573,6 +628,24 @@ def _plain(x):
     if isinstance(x, (list, tuple)):
         return [_plain(v) for v in x]
     return x
+
+
+def resume_job(job_file: str | Path, overrides, job: Job, saved: dict) -> Job:
+    """The job that continues a run: the model the run trained — its saved, resolved model spec (a spec saved
+    before spec versions existed loads with the A form it was trained with) — and the job file's everything else.
+
+    ``job`` is the job file's own (sweep-pinned) job; ``saved`` the run's resolved job dict (its job.yaml).
+    """
+    data, src = specio.load_yaml_file(job_file)
+    data = {k: v for k, v in data.items() if k not in ("model", "model_from", "sweep")}
+    data["model"] = copy.deepcopy(saved["model"])
+    origin = saved.get("model_from")
+    if isinstance(origin, str) and Path(origin).is_dir():  # where the fine-tune began (provenance for export)
+        data["model_from"] = origin
+    pinned = [f"{k}={json.dumps(v)}" for k, v in job.sweep_values.items() if not k.startswith("model.")]
+    out = load_job(data, list(overrides or ()) + pinned, file=str(job_file))
+    out.label, out.sweep_values = job.label, dict(job.sweep_values)
+    return out
 
 
 def from_resolved(resolved: dict) -> Job:

@@ -151,6 +151,7 @@ def train_loop_per_worker(config: dict) -> None:
     import torch.distributed as dist
 
     from hybridlab.arch import HybridLM, count_spec, load_model_spec
+    from hybridlab.arch.pretrained import load_weights
 
     job, run = config["job"], config["run"]
     train, data, res = job["train"], job["data"], job["resources"]
@@ -179,6 +180,8 @@ def train_loop_per_worker(config: dict) -> None:
     model_spec = load_model_spec(job["model"])
     torch.manual_seed(train["seed"])  # identical init on every rank
     model = HybridLM(model_spec)
+    if job.get("model_from"):  # a fine-tune: start from a model folder's weights (`model: {from: DIR}`)
+        load_weights(model, job["model_from"])
     if train.get("activation_checkpointing"):
         checkpoint_activations(model)
     n_params = sum(p.numel() for p in model.parameters())

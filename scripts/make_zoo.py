@@ -23,7 +23,8 @@ def blocks_for(family: str, d: int) -> tuple[dict, str, str]:
     attn = {"mixer": "attention", "heads": heads, "kv_heads": max(1, heads // 2), "rope_theta": 10000.0}
     siso = {"mixer": "mamba3", "mode": "siso", "d_state": 128, "headdim": 64, "expand": 2}
     mimo = {"mixer": "mamba3", "mode": "mimo", "rank": 4, "d_state": 128, "headdim": 64, "expand": 2}
-    mamba2 = dict(siso, rope=False, trapezoid=False, bc_norm=False, bc_bias=False)
+    # Mamba-2: real, Euler, no B/C norm or bias; its per-head A is closest to a softplus A with a per-head bias
+    mamba2 = dict(siso, rope=False, trapezoid=False, bc_norm=False, bc_bias=False, a_activation="softplus", a_bias=True)
     hybrid = dict(mimo, out_norm="pre_gate_grouped")
     return {
         "transformer": ({"attn": attn}, "attn", "Llama-style Transformer baseline (GQA, RoPE, SwiGLU)"),
@@ -78,7 +79,8 @@ TINY = {
         "mlp": {"mixer": "swiglu", "hidden": 224},
     }, "(m3 mlp) * 4"),
     "tiny-mamba2": ("tiny Mamba-2-like (real-valued, Euler) for CPU", {
-        "m2": {"mixer": "mamba3", "d_state": 32, "headdim": 32, "rope": False, "trapezoid": False, "bc_norm": False, "bc_bias": False},
+        "m2": {"mixer": "mamba3", "d_state": 32, "headdim": 32, "rope": False, "trapezoid": False, "bc_norm": False, "bc_bias": False,
+               "a_activation": "softplus", "a_bias": True},
         "mlp": {"mixer": "swiglu", "hidden": 256},
     }, "(m2 mlp) * 4"),
     "tiny-transformer": ("tiny Transformer for CPU", {

@@ -225,14 +225,17 @@ def test_cute_step_matches_recurrent_over_many_steps(rank, d_state, dtype):
 @needs_cute
 @pytest.mark.parametrize("mode", ["siso", "mimo"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_layer_step_matches_torch_layer(mode, dtype):
-    """Mamba-3 layer decode: fused CuTe step vs the PyTorch layer (reference scan), 100+ steps."""
+@pytest.mark.parametrize("a_form", ["heavy_tail", "softplus+bias"])
+def test_fused_layer_step_matches_torch_layer(mode, dtype, a_form):
+    """Mamba-3 layer decode: fused CuTe step vs the PyTorch layer (reference scan), 100+ steps, both A forms."""
     from hybridlab.arch.layers.mamba3 import Mamba3
     from hybridlab.arch.spec import Mamba3Block
 
     torch.manual_seed(0)
+    a = dict(a_activation="heavy_tail", a_bias=False) if a_form == "heavy_tail" else \
+        dict(a_activation="softplus", a_bias=True, a_init_min=1.0, a_init_max=16.0)
     blk = Mamba3Block(mode=mode, rank=4 if mode == "mimo" else None, d_state=64, headdim=64,
-                      out_norm="pre_gate_grouped")
+                      out_norm="pre_gate_grouped", **a)
     if mode == "siso":
         blk.rank = 1
     with torch.device("cuda"):
@@ -270,3 +273,35 @@ def test_gpu_greedy_generate_matches_torch_reference():
     ref = _model("zoo:tiny-hybrid", device="cuda", vocab=512, backends={"ssm": "torch", "attention": "sdpa"})
     prompt = torch.randint(0, 512, (3, 9), device="cuda")
     assert torch.equal(fast.generate(prompt, 32), ref.generate(prompt, 32, cuda_graph=False))
+
+
+def test_fused_step_object_packs_once_and_repacks_on_change():
+    """The layer's FusedStep (kernels.ssm_scan.cute) packs its parameters once, again only after a change; CPU-only
+    machines never import cutlass; use_fused_step is per layer (bench decode switches one layer, not the class)."""
+    import sys
+
+    from hybridlab.arch.layers.mamba3 import Mamba3
+    from hybridlab.arch.spec import Mamba3Block
+    from hybridlab.kernels.ssm_scan.cute import STEP_PARAMS
+
+    blk = Mamba3Block(mode="mimo", rank=2, d_state=32, headdim=32, a_activation="softplus", a_bias=True,
+                      a_init_min=1.0, a_init_max=16.0)
+    blk2 = Mamba3Block(mode="siso", rank=1, d_state=32, headdim=32)
+    a, b = Mamba3(64, blk), Mamba3(64, blk2)
+    assert a.step.spec.a_activation == "softplus" and a.step.spec.a_bias
+    assert b.step.spec.a_activation == "heavy_tail" and not b.step.spec.a_bias
+    small = {n: getattr(a, n) for n in STEP_PARAMS}
+    p1 = a.step.params(small)
+    assert a.step.params(small) is p1  # cached
+    with torch.no_grad():
+        a.D.add_(1.0)
+    p2 = a.step.params(small)
+    assert p2 is not p1 and not torch.equal(p1, p2)
+    H = a.H
+    torch.testing.assert_close(p2[H: 2 * H], a.a_bias.detach())  # the A bias slot
+    pb = b.step.params({n: getattr(b, n) for n in STEP_PARAMS})
+    assert torch.all(pb[b.H: 2 * b.H] == 0)  # no A bias: zeros
+    assert not b.step.supported(torch.device("cpu"))
+    b.use_fused_step = False
+    assert a.use_fused_step and not Mamba3.__dict__.get("use_fused_step")
+    assert "cutlass" not in sys.modules

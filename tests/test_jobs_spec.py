@@ -165,7 +165,7 @@ def test_dry_run_prints_the_plan_and_starts_nothing(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "valid; 2 run(s)" in r.stdout and "== train.zero_stage=3" in r.stdout
     assert "workers   8 x {'CPU': 8.0, 'GPU': 1.0} (GPU, nccl" in r.stdout
-    assert "hybrid-1in4-1.5b: 1,501,054,848 params" in r.stdout
+    assert "hybrid-1in4-1.5b: 1,501,053,696 params" in r.stdout
     assert not (tmp_path / "mlruns.db").exists() and not (tmp_path / "hybridlab_runs").exists()
     bad = run_cli(["run", write(tmp_path, GOOD.replace("steps: 20", "stepz: 20")), "--dry-run"], tmp_path)
     assert bad.returncode == 2 and "train.stepz: unknown key" in bad.stderr

@@ -99,13 +99,17 @@ def expand_case(b, l, h, r, p, *, dtype=torch.float32, device="cpu", seed=0):
     return {nm: rel(a.cpu(), b_.cpu()) for nm, a, b_ in zip(["v", "dx", "dw"], out["triton"], out["torch"])}
 
 
-def coef_case(b, l, h, trap, with_valid, *, dtype=torch.float32, device="cpu", seed=0):
+def coef_case(b, l, h, trap, with_valid, activation="heavy_tail", a_bias=False, *, dtype=torch.float32, device="cpu",
+              seed=0):
     """Errors of the fused scan coefficients vs the float64 reference: [dt, log α, β, γ, d(projection), d biases].
 
-    a_floor 0.5 clamps part of A, so both sides of the clamp's gradient are exercised."""
+    a_floor 0.5 clamps part of A, so both sides of the clamp's gradient are exercised; the A projection
+    spans both branches of the heavy tail (u < 0 and u >= 0)."""
     g = torch.Generator().manual_seed(seed)
     proj = torch.randn(b, l, 3 * h + 2, generator=g) * 2
     biases = [torch.randn(h, generator=g), torch.randn(h, generator=g)]
+    if not a_bias:
+        biases = biases[:1]
     valid = (torch.rand(b, l, generator=g) > 0.3).to(device) if with_valid else None
     gs = [torch.randn(b, l, h, generator=g) for _ in range(4)]
     out = {}
@@ -113,14 +117,19 @@ def coef_case(b, l, h, trap, with_valid, *, dtype=torch.float32, device="cpu", s
         P_ = proj.to(device, dt).requires_grad_()
         bs = [t.to(device, dt).requires_grad_() for t in biases]
         raw = [P_[..., 2 + i * h : 2 + (i + 1) * h] for i in range(3)]
-        res = scan_coefficients(raw[0], raw[1], raw[2] if trap else None, *bs, 0.5, valid, backend=backend)
+        res = scan_coefficients(raw[0], raw[1], raw[2] if trap else None, bs[0], bs[1] if a_bias else None, 0.5, valid,
+                                activation=activation, backend=backend)
         loss = sum((r.double() * gg.to(device, torch.float64)).sum() for r, gg in zip(res, gs))
         out[backend] = [*res, *torch.autograd.grad(loss, [P_, *bs])]
     names = ["dt", "log_alpha", "beta", "gamma", "dproj", "ddt_bias", "da_bias"]
     return {nm: rel(a.cpu(), b_.cpu()) for nm, a, b_ in zip(names, out["triton"], out["torch"]) if b_.abs().sum() > 0}
 
 
-COEF_CASES = [(2, 5, 3, True, False), (1, 70, 6, True, True), (2, 9, 1, False, True), (1, 300, 4, False, False)]
+COEF_CASES = [  # b, l, h, trapezoid, valid mask, A activation, A bias
+    (2, 5, 3, True, False), (1, 70, 6, True, True), (2, 9, 1, False, True), (1, 300, 4, False, False),
+    (2, 5, 3, True, False, "softplus", True), (1, 70, 6, True, True, "softplus", True),
+    (1, 40, 5, True, True, "heavy_tail", True), (2, 9, 2, False, False, "softplus", False),
+]
 
 EXPAND_CASES = [(2, 5, 3, 4, 16), (1, 70, 2, 2, 24), (1, 9, 1, 8, 16)]
 
@@ -169,6 +178,8 @@ LAYER_CASES = [
     ("mimo", 2, "pre_gate_grouped", []),
     ("mimo", 4, "pre_gate_grouped", ["rope_fraction=1.0", "bc_bias=false"]),
     ("siso", 1, "pre_gate_grouped", ["rope=false", "bc_norm=false", "trapezoid=false"]),
+    ("mimo", 2, "none", ["a_activation=softplus", "a_bias=true"]),  # the pre-June-2026 A form
+    ("siso", 1, "none", ["a_bias=true"]),  # heavy tail with a learned bias
 ]
 
 
@@ -226,6 +237,25 @@ def test_auto_backend_on_cpu_is_the_reference():
         io_backend(t, "triton")
     with pytest.raises(ValueError, match="unknown backend"):
         io_backend(t, "cuda")
+
+
+def test_scan_coefficients_a_forms():
+    """A = -max(f(a_raw [+ a_bias]), a_floor): the official heavy tail by default, softplus on request."""
+    a_raw = torch.tensor([[[-3.0, -0.5, 0.0, 0.7, 5.0]]], dtype=torch.float64)
+    dt_raw, dt_bias = torch.zeros_like(a_raw), torch.zeros(5, dtype=torch.float64)
+    dt = torch.nn.functional.softplus(torch.zeros(()))
+    heavy = torch.tensor([1 / 4, 1 / 1.5, 1.0, 1.7, 6.0], dtype=torch.float64)
+    _, la, _, _ = scan_coefficients(dt_raw, a_raw, None, dt_bias, None, 1e-4, backend="torch")
+    torch.testing.assert_close(la[0, 0], -heavy * dt)
+    _, la, _, _ = scan_coefficients(dt_raw, a_raw, None, dt_bias, None, 0.5, backend="torch")
+    torch.testing.assert_close(la[0, 0], -heavy.clamp(min=0.5) * dt)
+    bias = torch.full((5,), 0.25, dtype=torch.float64)
+    _, la, _, _ = scan_coefficients(dt_raw, a_raw, None, dt_bias, bias, 1e-4, activation="softplus", backend="torch")
+    torch.testing.assert_close(la[0, 0], -torch.nn.functional.softplus(a_raw[0, 0] + 0.25) * dt)
+    with pytest.raises(ValueError, match="ssm_io: unknown A activation"):
+        scan_coefficients(dt_raw, a_raw, None, dt_bias, None, 1e-4, activation="relu", backend="torch")
+    with pytest.raises(ValueError, match="ssm_io: dt_bias and a_bias"):
+        scan_coefficients(dt_raw, a_raw, None, dt_bias, torch.zeros(4), 1e-4, backend="torch")
 
 
 @pytest.mark.parametrize("bad", ["rank4d", "c_shape", "norm", "bias", "phase_heads", "phase_wide"])
@@ -289,8 +319,9 @@ def test_io_gpu_matches_reference(r, dtype):
         assert e < tol, f"out {nm}: {e:.2e}"
     for nm, e in expand_case(2, 1024, 32, r, 64, dtype=dtype, device="cuda").items():
         assert e < tol, f"expand {nm}: {e:.2e}"
-    for nm, e in coef_case(2, 2048, 32, r > 1, r > 1, device="cuda").items():
-        assert e < 1e-5, f"coef {nm}: {e:.2e}"
+    for act, ab in (("heavy_tail", False), ("softplus", True)):
+        for nm, e in coef_case(2, 2048, 32, r > 1, r > 1, act, ab, device="cuda").items():
+            assert e < 1e-5, f"coef {act} {nm}: {e:.2e}"
     for nm, e in phase_case(2, 2048, 32, 32, device="cuda").items():
         assert e < 1e-5, f"phase {nm}: {e:.2e}"
 

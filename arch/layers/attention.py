@@ -1,7 +1,14 @@
-"""Causal GQA attention with RoPE and a preallocated KV cache."""
+"""Causal GQA attention with RoPE and a preallocated KV cache.
+
+Options (AttentionBlock): RoPE over the first ``rope_dim`` dims of each head
+(half-split or interleaved pairs, 0: none), biases on the q/k/v and output
+projections, and a softmax scale other than 1/sqrt(head_dim) (applied by
+scaling q, so every attention backend takes it).
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -76,12 +83,31 @@ class Attention(nn.Module):
         super().__init__()
         self.heads, self.kv_heads = blk.heads, blk.resolved_kv_heads()
         self.head_dim = blk.resolved_head_dim(d_model)
-        self.rope_theta = blk.rope_theta
+        self.rope_theta, self.rope_dim, self.rope_interleaved = blk.rope_theta, blk.resolved_rope_dim(d_model), blk.rope_interleaved
+        # the kernels scale scores by 1/sqrt(head_dim): another scale rides on q
+        self.q_scale = None if blk.softmax_scale is None else blk.softmax_scale * math.sqrt(self.head_dim)
         self.backend = backend
-        self.q_proj = nn.Linear(d_model, self.heads * self.head_dim, bias=False)
-        self.kv_proj = nn.Linear(d_model, 2 * self.kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.heads * self.head_dim, d_model, bias=False)
+        self.q_proj = nn.Linear(d_model, self.heads * self.head_dim, bias=blk.qkv_bias)
+        self.kv_proj = nn.Linear(d_model, 2 * self.kv_heads * self.head_dim, bias=blk.qkv_bias)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, d_model, bias=blk.out_bias)
         self.o_proj.is_output_proj = True
+        for lin in (self.q_proj, self.kv_proj, self.o_proj):
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+
+    def _rotate(self, q, k, positions):
+        """RoPE on the first rope_dim dims of each head; q scaled when the softmax scale is not the default."""
+        if self.rope_dim:
+            dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+            if positions.dim() == 1:  # one position per column, shared by the rows
+                ang = position_angles(positions, self.rope_dim, self.rope_theta, dtype)[None, :, None, :]
+            else:  # (b, l): per-row positions (packed documents count from 0 each)
+                b, l = positions.shape
+                ang = position_angles(positions.reshape(-1), self.rope_dim, self.rope_theta, dtype).view(b, l, 1, -1)
+            q, k = apply_rotary(q, ang, self.rope_interleaved), apply_rotary(k, ang, self.rope_interleaved)
+        if self.q_scale is not None:
+            q = q * self.q_scale
+        return q, k
 
     def allocate_cache(self, batch: int, max_len: int, device, dtype) -> KVCache:
         cap = max_len if max_len <= DECODE_CHUNK else -(-max_len // DECODE_CHUNK) * DECODE_CHUNK
@@ -99,13 +125,8 @@ class Attention(nn.Module):
         start = cache.length if cache is not None else 0
         q = self.q_proj(x).view(b, l, self.heads, self.head_dim)
         k, v = self.kv_proj(x).view(b, l, 2, self.kv_heads, self.head_dim).unbind(2)
-        if seq_idx is None:
-            ang = position_angles(torch.arange(start, start + l, device=x.device), self.head_dim, self.rope_theta)
-            ang = ang[None, :, None, :]
-        else:
-            ang = position_angles(document_positions(seq_idx).reshape(-1), self.head_dim, self.rope_theta)
-            ang = ang.view(b, l, 1, -1)
-        q, k = apply_rotary(q, ang), apply_rotary(k, ang)
+        positions = torch.arange(start, start + l, device=x.device) if seq_idx is None else document_positions(seq_idx)
+        q, k = self._rotate(q, k, positions)
         if cache is not None:
             if start + l > cache.capacity:
                 raise ValueError(f"KV cache holds {cache.capacity} positions; {start + l} needed")
@@ -127,8 +148,7 @@ class Attention(nn.Module):
         b = x.shape[0]
         q = self.q_proj(x).view(b, 1, self.heads, self.head_dim)
         k, v = self.kv_proj(x).view(b, 1, 2, self.kv_heads, self.head_dim).unbind(2)
-        ang = position_angles(cache.pos, self.head_dim, self.rope_theta)[None, :, None, :]
-        q, k = apply_rotary(q, ang), apply_rotary(k, ang)
+        q, k = self._rotate(q, k, cache.pos)
         cache.k.index_copy_(2, cache.pos, k.transpose(1, 2))
         cache.v.index_copy_(2, cache.pos, v.transpose(1, 2))
         cache.bias.index_fill_(1, cache.pos, 0.0)

@@ -4,7 +4,10 @@ Per token, one input projection gives z (gate), x, B, C, dt, A, λ and the
 rotation angles θ. Then, per head h (P = headdim, N = d_state, R = rank):
 
     dt  = softplus(dt_raw + dt_bias)                   step size
-    A   = -max(softplus(a_raw + a_bias), a_floor)      data-dependent, strictly negative
+    A   = -max(f(a_raw), a_floor)                      data-dependent, strictly negative; f the heavy
+                                                       tail (1 + u, or 1 / (1 - u) below 0) of the
+                                                       official layer (a_activation: softplus, a_bias:
+                                                       true: -max(softplus(a_raw + a_bias), a_floor))
     λ   = sigmoid(λ_raw)                               trapezoid mix (Euler: no λ)
     k,q = RMSNorm(B), RMSNorm(C), + head-specific biases (init 1)
     φ_t = Σ_{s<=t} θ_s dt_s,  θ = π tanh(θ_raw)       cumulative phase (complex state)
@@ -23,7 +26,12 @@ the output projection. No short convolution.
 
 The stages before and after the scan (B/C norm + bias + rotary; D, norm, gate,
 rank combination) are ``hybridlab.kernels.ssm_io``: fused Triton kernels on
-CUDA, the PyTorch reference elsewhere.
+CUDA, the PyTorch reference elsewhere. One-token decode steps on Hopper+ run
+as one CuTe kernel (``kernels.ssm_scan.cute.FusedStep``, held by the layer).
+
+Rotary pairs are (i, i + n_angles) of d_state here; the official layer's
+(2i, 2i+1) (SISO) and (i, N/2 + i) (MIMO) are a permutation of d_state that
+``hybridlab.arch.interop.mamba_ssm`` applies to every weight it moves.
 """
 
 from __future__ import annotations
@@ -35,8 +43,10 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
-from hybridlab.kernels import ScanState, select_backend, ssm_scan
+from hybridlab.kernels import ScanState, ssm_scan
+from hybridlab.kernels.norm_rotary import at_least_fp32
 from hybridlab.kernels.ssm_io import cumulative_phase, gated_output, qk_prep, rank_expand, scan_coefficients
+from hybridlab.kernels.ssm_scan.cute import STEP_PARAMS, FusedStep, StepSpec
 
 from ..spec import Mamba3Block
 from .rotary import position_angles
@@ -74,6 +84,11 @@ def inverse_softplus(y: torch.Tensor) -> torch.Tensor:
     return y + torch.log(-torch.expm1(-y))
 
 
+def inverse_heavy_tail(y: torch.Tensor) -> torch.Tensor:
+    """The u > -inf with heavy_tail(u) = y (y > 0)."""
+    return torch.where(y >= 1, y - 1, 1 - 1 / y)
+
+
 class Mamba3(nn.Module):
     def __init__(self, d_model: int, blk: Mamba3Block, backend: str = "auto", norm_eps: float = 1e-5):
         super().__init__()
@@ -90,11 +105,13 @@ class Mamba3(nn.Module):
         self.out_proj.is_output_proj = True
 
         dt = torch.exp(torch.rand(H) * (math.log(blk.dt_max) - math.log(blk.dt_min)) + math.log(blk.dt_min))
-        self.dt_bias = nn.Parameter(inverse_softplus(dt.clamp(min=1e-4)))
-        self.a_bias = nn.Parameter(inverse_softplus(torch.empty(H).uniform_(blk.a_init_min, blk.a_init_max)))
+        self.dt_bias = nn.Parameter(inverse_softplus(dt.clamp(min=blk.dt_init_floor)))
         self.D = nn.Parameter(torch.ones(H))
-        for name in ("b_norm", "c_norm", "b_bias", "c_bias", "mimo_x", "mimo_z", "mimo_o", "out_norm"):
+        for name in ("a_bias", "b_norm", "c_norm", "b_bias", "c_bias", "mimo_x", "mimo_z", "mimo_o", "out_norm"):
             self.register_parameter(name, None)  # off unless the spec turns it on below (None: the stages skip it)
+        if blk.a_bias:
+            a0 = torch.empty(H).uniform_(blk.a_init_min, blk.a_init_max)
+            self.a_bias = nn.Parameter(inverse_heavy_tail(a0) if blk.a_activation == "heavy_tail" else inverse_softplus(a0))
         if blk.bc_norm:
             self.b_norm = nn.Parameter(torch.ones(N))
             self.c_norm = nn.Parameter(torch.ones(N))
@@ -102,11 +119,14 @@ class Mamba3(nn.Module):
             self.b_bias = nn.Parameter(torch.ones(H, R, N))
             self.c_bias = nn.Parameter(torch.ones(H, R, N))
         if blk.mode == "mimo":
-            self.mimo_x = nn.Parameter(torch.ones(H, R, P))
+            self.mimo_x = nn.Parameter(torch.full((H, R, P), 1.0 / R))  # as the official layer: x and o at 1/R, z at 1
             self.mimo_z = nn.Parameter(torch.ones(H, R, P))
             self.mimo_o = nn.Parameter(torch.full((H, R, P), 1.0 / R))
         if blk.out_norm == "pre_gate_grouped":
             self.out_norm = nn.Parameter(torch.ones(H, P))
+        # decode: the fused CuTe step where it runs (set use_fused_step False to decode through ssm_scan)
+        self.use_fused_step = True
+        self.step = FusedStep(self._step_spec())
 
     def allocate_cache(self, batch: int, max_len: int, device, dtype) -> Mamba3Cache:
         H, P, N, R = self.H, self.P, self.N, self.R
@@ -136,7 +156,7 @@ class Mamba3(nn.Module):
         z, x, B, C, dt_raw, a_raw, lam_raw, theta_raw = torch.split(self.in_proj(u), self.split, dim=-1)
         dt, log_alpha, beta, gamma = scan_coefficients(  # (b, l, H) float32
             dt_raw, a_raw, lam_raw if blk.trapezoid else None, self.dt_bias, self.a_bias, blk.a_floor, valid,
-            backend=self.io_backend,
+            activation=blk.a_activation, backend=self.io_backend,
         )
         if valid is not None:
             x = torch.where(valid[..., None], x, torch.zeros_like(x))
@@ -145,7 +165,7 @@ class Mamba3(nn.Module):
         if self.standard_rope:
             phase = self.standard_phase(b, l, u.device, phase0, valid, seq_idx)
         elif self.n_angles:
-            theta = math.pi * torch.tanh(theta_raw.float())  # (b, l, n_angles)
+            theta = math.pi * torch.tanh(at_least_fp32(theta_raw))  # (b, l, n_angles)
             phase = cumulative_phase(theta, dt, seq_idx=seq_idx, backend=self.io_backend)  # (b, l, H, n_angles)
             if phase0 is not None:
                 if seq_idx is None:
@@ -209,8 +229,6 @@ class Mamba3(nn.Module):
         return self.out_proj(self.output(y, ins.x, ins.z).reshape(b, l, H * P))
 
     # ------------------------------------------------------------------ fused decode step (CUDA)
-    use_fused_step = True  # set False to decode through ssm_scan (the unfused contract) instead
-
     def fused_step_ok(self, u: torch.Tensor, cache: Mamba3Cache) -> bool:
         """The CuTe fused step runs for seqlen 1 on CUDA sm90+ with nvidia-cutlass-dsl (backend auto/cute)."""
         if not (self.use_fused_step and u.is_cuda and self.backend in ("auto", "cute")):
@@ -219,57 +237,29 @@ class Mamba3(nn.Module):
             return False
         if u.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             return False
-        ok = self.__dict__.get("_fused_ok")
-        if ok is None:
-            from hybridlab.kernels.ssm_scan.cute import step_supported
+        return self.step.supported(u.device) and all(t.is_contiguous() for t in (*cache.scan, cache.phase))
 
-            ok = select_backend(u.device, 1)[0] == "cute" and step_supported(self.P, self.N, self.R)[0]
-            self.__dict__["_fused_ok"] = ok
-        return ok and all(t.is_contiguous() for t in (*cache.scan, cache.phase))
-
-    def step_spec(self):
-        from hybridlab.kernels.ssm_scan.cute import StepSpec
-
-        spec = self.__dict__.get("_step_spec")
-        if spec is None:
-            names = ("z", "x", "B", "C", "dt", "a", "lam", "th")
-            offs, o = {}, 0
-            for name, width in zip(names, self.split):
-                offs[name] = o
-                o += width
-            blk = self.blk
-            spec = StepSpec(
-                heads=self.H, headdim=self.P, d_state=self.N, rank=self.R, n_angles=self.n_angles,
-                trapezoid=blk.trapezoid, bc_norm=blk.bc_norm, bc_bias=blk.bc_bias, mimo=blk.mode == "mimo",
-                out_norm=blk.out_norm == "pre_gate_grouped", eps=float(self.eps), a_floor=float(blk.a_floor),
-                d_proj=sum(self.split), offsets=tuple((k, offs[k]) for k in ("z", "x", "B", "dt", "a", "lam", "th")),
-            )
-            self.__dict__["_step_spec"] = spec
-        return spec
-
-    def step_params(self) -> torch.Tensor:
-        """The fused step's packed fp32 parameters, rebuilt when a parameter changed (its version moved)."""
-        from hybridlab.kernels.ssm_scan.cute import pack_step_params
-
-        params = [p for p in self.parameters() if p is not self.in_proj.weight and p is not self.out_proj.weight]
-        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
-        cached = self.__dict__.get("_step_params")
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        packed = pack_step_params(
-            self.step_spec(), self.dt_bias, self.a_bias, self.D, self.b_norm, self.c_norm, self.b_bias, self.c_bias,
-            self.mimo_x, self.mimo_z, self.mimo_o, self.out_norm,
+    def _step_spec(self) -> StepSpec:
+        names = ("z", "x", "B", "C", "dt", "a", "lam", "th")
+        offs, o = {}, 0
+        for name, width in zip(names, self.split):
+            offs[name] = o
+            o += width
+        blk = self.blk
+        return StepSpec(
+            heads=self.H, headdim=self.P, d_state=self.N, rank=self.R, n_angles=self.n_angles,
+            trapezoid=blk.trapezoid, bc_norm=blk.bc_norm, bc_bias=blk.bc_bias, mimo=blk.mode == "mimo",
+            out_norm=blk.out_norm == "pre_gate_grouped", eps=float(self.eps), a_floor=float(blk.a_floor),
+            d_proj=sum(self.split), offsets=tuple((k, offs[k]) for k in ("z", "x", "B", "dt", "a", "lam", "th")),
+            a_activation=blk.a_activation, a_bias=blk.a_bias,
         )
-        self.__dict__["_step_params"] = (key, packed)
-        return packed
 
     def fused_step(self, u: torch.Tensor, cache: Mamba3Cache) -> torch.Tensor:
         """One token through in_proj -> CuTe fused step (pre + scan + post) -> out_proj; cache updated in place."""
-        from hybridlab.kernels.ssm_scan.cute import ssm_step_fused
-
         b = u.shape[0]
         zx = self.in_proj(u.reshape(b, -1))
-        out = ssm_step_fused(zx, self.step_params(), cache.phase, cache.scan, self.step_spec())
+        small = {name: getattr(self, name) for name in STEP_PARAMS}
+        out = self.step(zx, small, cache.phase, cache.scan)
         return self.out_proj(out).view(b, 1, -1)
 
     def output(self, y, x, z):

@@ -3,8 +3,9 @@
     qk_prep(B, C, phase, b_norm, c_norm, b_bias, c_bias, heads, eps) -> (q, k)
         B, C (b, l, R, N) shared by the heads -> RMSNorm, + per-head bias (H, R, N),
         rotate dims (i, i + A) by phase (b, l, H, A) -> q, k (b, l, H, R, N)
-    scan_coefficients(dt_raw, a_raw, lam_raw, dt_bias, a_bias, a_floor, valid) -> (dt, log_alpha, beta, gamma)
-        the scan's per-(token, head) scalars from the raw projections (b, l, H); lam_raw None: Euler
+    scan_coefficients(dt_raw, a_raw, lam_raw, dt_bias, a_bias, a_floor, valid, activation) -> (dt, log_alpha, beta, gamma)
+        the scan's per-(token, head) scalars from the raw projections (b, l, H); lam_raw None: Euler;
+        A = -max(f(a_raw [+ a_bias]), a_floor), f = heavy_tail (official) or softplus; a_bias None: no bias
     cumulative_phase(theta, dt, seq_idx=None) -> phase
         θ (b, l, A) shared by the heads, dt (b, l, H) -> φ (b, l, H, A) = Σ_{s<=t} θ_s·dt_s (fp32);
         with seq_idx (b, l) (packed documents) the sum restarts at 0 at every document start
@@ -30,6 +31,7 @@ import torch
 
 from .._deps import has_module
 from .reference import (
+    A_ACTIVATIONS,
     cumulative_phase_reference,
     gated_output_reference,
     qk_prep_reference,
@@ -68,17 +70,23 @@ def _check(cond: bool, msg: str):
         raise ValueError(f"ssm_io: {msg}")
 
 
-def scan_coefficients(dt_raw, a_raw, lam_raw, dt_bias, a_bias, a_floor: float, valid=None, *, backend: str = "auto"):
-    """dt, log α, β, γ (float32, (b, l, H)) from the raw (b, l, H) projections; ``valid`` (b, l) bool or None."""
+def scan_coefficients(dt_raw, a_raw, lam_raw, dt_bias, a_bias, a_floor: float, valid=None, *,
+                      activation: str = "heavy_tail", backend: str = "auto"):
+    """dt, log α, β, γ (float32, (b, l, H)) from the raw (b, l, H) projections; ``valid`` (b, l) bool or None.
+
+    ``activation`` turns the A projection into |A|: ``heavy_tail`` (the official layer) or ``softplus``;
+    ``a_bias`` (H,) is added before it, or None.
+    """
     _check(dt_raw.dim() == 3 and a_raw.shape == dt_raw.shape and (lam_raw is None or lam_raw.shape == dt_raw.shape),
            f"dt_raw, a_raw and lam_raw must share one (batch, seqlen, heads) shape; got {tuple(dt_raw.shape)}, {tuple(a_raw.shape)}"
            f" and {tuple(lam_raw.shape) if lam_raw is not None else None}")
     h = dt_raw.shape[-1]
-    _check(dt_bias.shape == (h,) and a_bias.shape == (h,), f"dt_bias and a_bias must be ({h},)")
+    _check(dt_bias.shape == (h,) and (a_bias is None or a_bias.shape == (h,)), f"dt_bias and a_bias must be ({h},)")
     _check(valid is None or valid.shape == dt_raw.shape[:2], f"valid must be {tuple(dt_raw.shape[:2])}")
+    _check(activation in A_ACTIVATIONS, f"unknown A activation {activation!r}; choose one of {', '.join(A_ACTIVATIONS)}")
     if io_backend(dt_raw, backend) == "triton":
-        return _kernels().scan_coefficients_triton(dt_raw, a_raw, lam_raw, dt_bias, a_bias, a_floor, valid)
-    return scan_coefficients_reference(dt_raw, a_raw, lam_raw, dt_bias, a_bias, a_floor, valid)
+        return _kernels().scan_coefficients_triton(dt_raw, a_raw, lam_raw, dt_bias, a_bias, a_floor, valid, activation)
+    return scan_coefficients_reference(dt_raw, a_raw, lam_raw, dt_bias, a_bias, a_floor, valid, activation)
 
 
 def cumulative_phase(theta, dt, *, seq_idx=None, backend: str = "auto"):

@@ -4,9 +4,11 @@
   RMSNorm over d_state, the head-specific bias, then the data-dependent rotary
   with the cumulative phase (half-split pairs: dims i and i + A, A = n_angles).
 * ``scan_coefficients_reference`` — the per-(token, head) scalars of the scan:
-  dt = softplus(dt_raw + dt_bias) (0 at invalid positions), A = -max(softplus(
-  a_raw + a_bias), a_floor), log α = A·dt, and the trapezoid's β = (1-λ)·dt·α,
-  γ = λ·dt with λ = sigmoid(lam_raw) (Euler, lam_raw None: β = 0, γ = dt).
+  dt = softplus(dt_raw + dt_bias) (0 at invalid positions), A = -max(f(a_raw
+  [+ a_bias]), a_floor) with f the heavy tail (1 + u for u >= 0, 1 / (1 - u)
+  below: the official layer) or softplus, log α = A·dt, and the trapezoid's
+  β = (1-λ)·dt·α, γ = λ·dt with λ = sigmoid(lam_raw) (Euler, lam_raw None:
+  β = 0, γ = dt).
 * ``cumulative_phase_reference`` — the rotary phase φ_t = Σ_{s<=t} θ_s·dt_s,
   per head (dt is per head, θ is shared); with ``seq_idx`` (packed documents)
   the sum restarts at 0 at every document start.
@@ -27,19 +29,36 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..norm_rotary import apply_rotary, rms_norm
+from ..norm_rotary import apply_rotary, at_least_fp32, rms_norm
 
 
-def scan_coefficients_reference(dt_raw, a_raw, lam_raw, dt_bias, a_bias, a_floor: float, valid=None):
-    """(b, l, H) raw projections -> (dt, log_alpha, beta, gamma), float32 (b, l, H)."""
-    dt = F.softplus(dt_raw.float() + dt_bias.float())
+A_ACTIVATIONS = ("heavy_tail", "softplus")
+
+
+def heavy_tail(u: torch.Tensor) -> torch.Tensor:
+    """1 + u for u >= 0, 1 / (1 - u) for u < 0: positive, C1 at 0, linear growth (no exponential tail)."""
+    return torch.where(u >= 0, 1 + u, 1 / (1 - u.clamp(max=0)))  # the clamp keeps the unused branch finite
+
+
+def a_magnitude(u: torch.Tensor, activation: str) -> torch.Tensor:
+    """|A| before the floor: ``activation`` applied to the A projection (+ its bias)."""
+    return heavy_tail(u) if activation == "heavy_tail" else F.softplus(u)
+
+
+def scan_coefficients_reference(dt_raw, a_raw, lam_raw, dt_bias, a_bias, a_floor: float, valid=None,
+                                activation: str = "heavy_tail"):
+    """(b, l, H) raw projections -> (dt, log_alpha, beta, gamma), float32 (float64 for float64 inputs) (b, l, H);
+    ``a_bias`` may be None."""
+    f32 = at_least_fp32
+    dt = F.softplus(f32(dt_raw) + f32(dt_bias))
     if valid is not None:
         dt = torch.where(valid[..., None], dt, torch.zeros_like(dt))
-    A = -F.softplus(a_raw.float() + a_bias.float()).clamp(min=a_floor)
+    u = f32(a_raw) + f32(a_bias) if a_bias is not None else f32(a_raw)
+    A = -a_magnitude(u, activation).clamp(min=a_floor)
     log_alpha = A * dt
     if lam_raw is None:
         return dt, log_alpha, torch.zeros_like(dt), dt
-    lam = torch.sigmoid(lam_raw.float())
+    lam = torch.sigmoid(f32(lam_raw))
     return dt, log_alpha, (1 - lam) * dt * torch.exp(log_alpha), lam * dt
 
 

@@ -671,18 +671,32 @@ def _softplus(u):
 
 
 @triton.jit
+def _a_magnitude(u, HEAVY: tl.constexpr):
+    """|A| before the floor and its derivative: heavy tail (1 + u, or 1 / (1 - u) below 0) or softplus."""
+    if HEAVY:
+        r = 1.0 / (1.0 - tl.minimum(u, 0.0))
+        return tl.where(u >= 0.0, 1.0 + u, r), tl.where(u >= 0.0, 1.0, r * r)
+    else:
+        return _softplus(u), tl.sigmoid(u)
+
+
+@triton.jit
 def _coef_fwd_kernel(DTR, AR, LR, DTB, AB, VALID, DT, LA, BETA, GAMMA, n_tok, s_tok, H, a_floor,
-                     BT: tl.constexpr, BH: tl.constexpr, TRAP: tl.constexpr, HAS_VALID: tl.constexpr):
+                     BT: tl.constexpr, BH: tl.constexpr, TRAP: tl.constexpr, HAS_VALID: tl.constexpr,
+                     HEAVY: tl.constexpr, HAS_AB: tl.constexpr):
     pid = tl.program_id(0)
     t2 = (pid * BT + tl.arange(0, BT))[:, None]
     h2 = tl.arange(0, BH)[None, :]
     m = (t2 < n_tok) & (h2 < H)
     u_dt = tl.load(DTR + t2 * s_tok + h2, mask=m, other=0.0).to(tl.float32) + tl.load(DTB + h2, mask=h2 < H, other=0.0)
-    u_a = tl.load(AR + t2 * s_tok + h2, mask=m, other=0.0).to(tl.float32) + tl.load(AB + h2, mask=h2 < H, other=0.0)
+    u_a = tl.load(AR + t2 * s_tok + h2, mask=m, other=0.0).to(tl.float32)
+    if HAS_AB:
+        u_a += tl.load(AB + h2, mask=h2 < H, other=0.0)
     dt = _softplus(u_dt)
     if HAS_VALID:
         dt = tl.where(tl.load(VALID + t2, mask=t2 < n_tok, other=0) != 0, dt, 0.0)
-    la = -tl.maximum(_softplus(u_a), a_floor) * dt
+    f_a, _ = _a_magnitude(u_a, HEAVY)
+    la = -tl.maximum(f_a, a_floor) * dt
     o = t2 * H + h2
     tl.store(DT + o, dt, mask=m)
     tl.store(LA + o, la, mask=m)
@@ -698,12 +712,15 @@ def _coef_fwd_kernel(DTR, AR, LR, DTB, AB, VALID, DT, LA, BETA, GAMMA, n_tok, s_
 @triton.jit
 def _coef_bwd_kernel(DTR, AR, LR, DTB, AB, VALID, G_DT, G_LA, G_BETA, G_GAMMA, D_DTR, D_AR, D_LR, DB_PART,
                      n_tok, s_tok, H, a_floor, ITERS,
-                     BT: tl.constexpr, BH: tl.constexpr, TRAP: tl.constexpr, HAS_VALID: tl.constexpr):
+                     BT: tl.constexpr, BH: tl.constexpr, TRAP: tl.constexpr, HAS_VALID: tl.constexpr,
+                     HEAVY: tl.constexpr, HAS_AB: tl.constexpr):
     """Recompute the forward per element and apply the chain rule; bias grads summed per program."""
     pid = tl.program_id(0)
     h2 = tl.arange(0, BH)[None, :]
     b_dt = tl.load(DTB + h2, mask=h2 < H, other=0.0)
-    b_a = tl.load(AB + h2, mask=h2 < H, other=0.0)
+    b_a = tl.zeros((1, BH), dtype=tl.float32)
+    if HAS_AB:
+        b_a = tl.load(AB + h2, mask=h2 < H, other=0.0)
     acc_dt = tl.zeros((BT, BH), dtype=tl.float32)
     acc_a = tl.zeros((BT, BH), dtype=tl.float32)
     for it in range(ITERS):
@@ -716,8 +733,8 @@ def _coef_bwd_kernel(DTR, AR, LR, DTB, AB, VALID, G_DT, G_LA, G_BETA, G_GAMMA, D
         if HAS_VALID:
             keep = keep & (tl.load(VALID + t2, mask=t2 < n_tok, other=0) != 0)
             dt = tl.where(keep, dt, 0.0)
-        sp_a = _softplus(u_a)
-        a_abs = tl.maximum(sp_a, a_floor)
+        f_a, df_a = _a_magnitude(u_a, HEAVY)
+        a_abs = tl.maximum(f_a, a_floor)
         la = -a_abs * dt
         o = t2 * H + h2
         g_la = tl.load(G_LA + o, mask=m, other=0.0)
@@ -735,7 +752,7 @@ def _coef_bwd_kernel(DTR, AR, LR, DTB, AB, VALID, G_DT, G_LA, G_BETA, G_GAMMA, D
             g_dt += tl.load(G_GAMMA + o, mask=m, other=0.0)  # gamma = dt
         g_dt += -a_abs * g_la
         d_udt = tl.where(keep, g_dt * tl.sigmoid(u_dt), 0.0)
-        d_ua = tl.where(sp_a >= a_floor, -g_la * dt * tl.sigmoid(u_a), 0.0)
+        d_ua = tl.where(m & (f_a >= a_floor), -g_la * dt * df_a, 0.0)
         tl.store(D_DTR + o, d_udt.to(D_DTR.dtype.element_ty), mask=m)
         tl.store(D_AR + o, d_ua.to(D_AR.dtype.element_ty), mask=m)
         acc_dt += d_udt
@@ -746,10 +763,10 @@ def _coef_bwd_kernel(DTR, AR, LR, DTB, AB, VALID, G_DT, G_LA, G_BETA, G_GAMMA, D
 
 
 class ScanCoefficientsFn(torch.autograd.Function):
-    """(dt_raw, a_raw, lam_raw, dt_bias, a_bias) (b, l, H) -> (dt, log α, β, γ) fp32 (b, l, H)."""
+    """(dt_raw, a_raw, lam_raw, dt_bias, a_bias) (b, l, H) -> (dt, log α, β, γ) fp32 (b, l, H); a_bias may be None."""
 
     @staticmethod
-    def forward(ctx, dt_raw, a_raw, lam_raw, dt_bias, a_bias, a_floor, valid):
+    def forward(ctx, dt_raw, a_raw, lam_raw, dt_bias, a_bias, a_floor, valid, activation):
         b, l, h = dt_raw.shape
         trap = lam_raw is not None
         BH = _pow2(h)
@@ -757,11 +774,12 @@ class ScanCoefficientsFn(torch.autograd.Function):
         outs = [torch.empty(b, l, h, device=dt_raw.device, dtype=torch.float32) for _ in range(4)]
         vmask = valid.reshape(-1).to(torch.int8) if valid is not None else dt_raw
         _coef_fwd_kernel[(triton.cdiv(b * l, BT),)](
-            dt_raw, a_raw, lam_raw if trap else dt_raw, dt_bias, a_bias, vmask, *outs, b * l, dt_raw.stride(1), h,
-            float(a_floor), BT=BT, BH=BH, TRAP=trap, HAS_VALID=valid is not None, num_warps=4,
+            dt_raw, a_raw, lam_raw if trap else dt_raw, dt_bias, a_bias if a_bias is not None else dt_bias, vmask,
+            *outs, b * l, dt_raw.stride(1), h, float(a_floor), BT=BT, BH=BH, TRAP=trap, HAS_VALID=valid is not None,
+            HEAVY=activation == "heavy_tail", HAS_AB=a_bias is not None, num_warps=4,
         )
         ctx.save_for_backward(dt_raw, a_raw, lam_raw, dt_bias, a_bias, vmask if valid is not None else None)
-        ctx.a_floor, ctx.trap, ctx.has_valid = float(a_floor), trap, valid is not None
+        ctx.a_floor, ctx.trap, ctx.has_valid, ctx.activation = float(a_floor), trap, valid is not None, activation
         return tuple(outs)
 
     @staticmethod
@@ -783,16 +801,19 @@ class ScanCoefficientsFn(torch.autograd.Function):
         progs, iters = _param_grid(triton.cdiv(b * l, BT), 1)
         dbias = torch.empty(progs, 2, h, device=dt_raw.device, dtype=torch.float32)
         _coef_bwd_kernel[(progs,)](
-            dt_raw, a_raw, lam_raw if ctx.trap else dt_raw, dt_bias, a_bias, vmask if ctx.has_valid else dt_raw,
-            *grads, d_dtr, d_ar, d_lr, dbias, b * l, dt_raw.stride(1), h, ctx.a_floor, iters,
-            BT=BT, BH=BH, TRAP=ctx.trap, HAS_VALID=ctx.has_valid, num_warps=4,
+            dt_raw, a_raw, lam_raw if ctx.trap else dt_raw, dt_bias, a_bias if a_bias is not None else dt_bias,
+            vmask if ctx.has_valid else dt_raw, *grads, d_dtr, d_ar, d_lr, dbias, b * l, dt_raw.stride(1), h,
+            ctx.a_floor, iters, BT=BT, BH=BH, TRAP=ctx.trap, HAS_VALID=ctx.has_valid,
+            HEAVY=ctx.activation == "heavy_tail", HAS_AB=a_bias is not None, num_warps=4,
         )
         db = dbias.sum(0)
-        return d_dtr, d_ar, d_lr if ctx.trap else None, db[0].to(dt_bias.dtype), db[1].to(a_bias.dtype), None, None
+        d_ab = db[1].to(a_bias.dtype) if a_bias is not None else None
+        return d_dtr, d_ar, d_lr if ctx.trap else None, db[0].to(dt_bias.dtype), d_ab, None, None, None
 
 
-def scan_coefficients_triton(dt_raw, a_raw, lam_raw, dt_bias, a_bias, a_floor, valid=None):
+def scan_coefficients_triton(dt_raw, a_raw, lam_raw, dt_bias, a_bias, a_floor, valid=None, activation="heavy_tail"):
     raws = [_token_rows(t) if t is not None else None for t in (dt_raw, a_raw, lam_raw)]
     if len({t.stride(1) for t in raws if t is not None}) > 1:  # the kernels take one token stride for all three
         raws = [t.contiguous() if t is not None else None for t in raws]
-    return ScanCoefficientsFn.apply(*raws, dt_bias.float().contiguous(), a_bias.float().contiguous(), a_floor, valid)
+    ab = a_bias.float().contiguous() if a_bias is not None else None
+    return ScanCoefficientsFn.apply(*raws, dt_bias.float().contiguous(), ab, a_floor, valid, activation)

@@ -4,7 +4,8 @@
 kernel is compiled. One CTA per (head, batch row); 128 threads (fewer for tiny
 shapes). What a CTA does, in four stages separated by barriers:
 
-  A. scalars: log α, β, γ (given, or from dt/A/λ of the in_proj row: fused)
+  A. scalars: log α, β, γ (given, or from dt/A/λ of the in_proj row: fused; |A| through
+     the heavy tail or softplus, with or without the per-head bias, as in ssm_io)
   B. k, q (R × d_state) into shared memory: given, or B/C RMSNorm + bias + rotary
      with the running phase (fused); the previous (k, v) read from the state, the
      new (k, v) written back to it; v = x ⊙ W_x (fused MIMO)
@@ -46,7 +47,8 @@ class StepConfig:
     """Static description of one compiled step kernel (all fields are compile-time)."""
 
     def __init__(self, *, B, H, P, N, R, dtype, fused, n_angles=0, trapezoid=True, bc_norm=True, bc_bias=True,
-                 mimo=False, out_norm=False, eps=1e-5, a_floor=1e-4, d_proj=0, offsets=None):
+                 mimo=False, out_norm=False, eps=1e-5, a_floor=1e-4, d_proj=0, offsets=None, heavy_tail=True,
+                 a_bias=False):
         self.B, self.H, self.P, self.N, self.R = B, H, P, N, R
         self.dtype = dtype  # cutlass numeric type of q/k/v/in_proj/out
         self.fused = fused
@@ -54,6 +56,7 @@ class StepConfig:
         self.trapezoid, self.bc_norm, self.bc_bias = trapezoid, bc_norm, bc_bias
         self.mimo, self.out_norm = mimo, out_norm
         self.eps, self.a_floor = float(eps), float(a_floor)
+        self.heavy_tail, self.a_bias = bool(heavy_tail), bool(a_bias)
         self.d_proj = d_proj
         self.off = offsets or {}
         # thread layout of the state stage: TN lanes share a row of N, NV 16-byte vectors each
@@ -113,6 +116,11 @@ class SSMStep:
     def softplus(x):
         # log(1 + e^x), stable: max(x, 0) + log1p(e^{-|x|})
         return cute.math.max(x, Float32(0.0)) + cute.math.log1p(cute.math.exp(-cute.math.abs(x)))
+
+    @staticmethod
+    def heavy_tail(x):
+        # 1 + x for x >= 0, 1 / (1 - x) below: max(x, 0) + 1 / (1 - min(x, 0)), branch-free
+        return cute.math.max(x, Float32(0.0)) + Float32(1.0) / (Float32(1.0) - cute.math.min(x, Float32(0.0)))
 
     @staticmethod
     def sigmoid(x):
@@ -200,8 +208,15 @@ class SSMStep:
         if cutlass.const_expr(c.fused):
             off = c.off
             dt = self.softplus(mZX[bat, off["dt"] + head].to(Float32) + mPar[c.p_dt_bias + head])
-            a_sp = self.softplus(mZX[bat, off["a"] + head].to(Float32) + mPar[c.p_a_bias + head])
-            A = -cute.math.max(a_sp, Float32(c.a_floor))
+            u_a = mZX[bat, off["a"] + head].to(Float32)
+            if cutlass.const_expr(c.a_bias):
+                u_a = u_a + mPar[c.p_a_bias + head]
+            a_mag = Float32(0.0)
+            if cutlass.const_expr(c.heavy_tail):
+                a_mag = self.heavy_tail(u_a)
+            else:
+                a_mag = self.softplus(u_a)
+            A = -cute.math.max(a_mag, Float32(c.a_floor))
             la = A * dt
             if cutlass.const_expr(c.trapezoid):
                 lam = self.sigmoid(mZX[bat, off["lam"] + head].to(Float32))

@@ -9,6 +9,9 @@ Two entry points, both updating the state in place (h, last k, last v):
   with the running phase (advanced in place), the state update, the D skip,
   pre-gate grouped RMSNorm, SiLU gate and the MIMO combination, and returns the
   (batch, heads·headdim) row for out_proj. One kernel launch per layer and token.
+  ``FusedStep`` is the object a layer holds for it: the static ``StepSpec``, the
+  packed parameters (re-packed only when a parameter changed) and whether the
+  kernel runs on a device.
 
 Kernels are compiled once per (shapes, dtype, flags) and cached; the first call
 of a shape costs about a second. Nothing here imports cutlass until a kernel is
@@ -31,7 +34,8 @@ import torch
 
 from .reference import ScanState, check_inputs
 
-__all__ = ["ssm_scan_cute", "ssm_step_fused", "StepSpec", "pack_step_params", "cute_available", "step_supported"]
+__all__ = ["ssm_scan_cute", "ssm_step_fused", "FusedStep", "StepSpec", "pack_step_params", "cute_available",
+           "step_supported"]
 
 _H = 9  # index of the state h (the one tensor read with 16-byte vectors) in the kernel's arguments
 _compiled: dict = {}
@@ -79,11 +83,13 @@ class StepSpec:
     a_floor: float
     d_proj: int
     offsets: tuple  # (("z", i), ("x", i), ("B", i), ("dt", i), ("a", i), ("lam", i), ("th", i))
+    a_activation: str = "heavy_tail"  # |A| = heavy_tail or softplus of (a_raw [+ a_bias]), as in ssm_io
+    a_bias: bool = False  # whether the packed a_bias slot holds a learned bias (False: zeros)
 
 
 def pack_step_params(spec: StepSpec, dt_bias, a_bias, D, b_norm=None, c_norm=None, b_bias=None, c_bias=None,
                      mimo_x=None, mimo_z=None, mimo_o=None, out_norm=None) -> torch.Tensor:
-    """The fused step's parameters as one fp32 vector (absent ones as identities).
+    """The fused step's parameters as one fp32 vector (absent ones as identities: a_bias None is zeros).
 
     Order: dt_bias, a_bias, D (H each), b_norm, c_norm (N each), b_bias, c_bias
     (H·R·N each), mimo_x, mimo_z, mimo_o (H·R·P each), out_norm (H·P).
@@ -100,6 +106,45 @@ def pack_step_params(spec: StepSpec, dt_bias, a_bias, D, b_norm=None, c_norm=Non
              f(b_norm, (N,), 1), f(c_norm, (N,), 1), f(b_bias, (H, R, N), 0), f(c_bias, (H, R, N), 0),
              f(mimo_x, (H, R, P), 1), f(mimo_z, (H, R, P), 1), f(mimo_o, (H, R, P), 1), f(out_norm, (H, P), 1)]
     return torch.cat(parts).contiguous()
+
+
+STEP_PARAMS = ("dt_bias", "a_bias", "D", "b_norm", "c_norm", "b_bias", "c_bias", "mimo_x", "mimo_z", "mimo_o", "out_norm")
+
+
+class FusedStep:
+    """The fused decode step of one Mamba-3 layer: its ``StepSpec``, its packed parameters and where it runs.
+
+    ``params(tensors)`` packs the layer's small parameters (a mapping name -> tensor or None,
+    names as in ``STEP_PARAMS``) once and re-packs only when one of them changed (moved,
+    was updated in place, or changed dtype). ``supported(device)`` is decided once per device.
+    Pure Python until the first call: nothing imports cutlass before a kernel compiles.
+    """
+
+    def __init__(self, spec: StepSpec):
+        self.spec = spec
+        self._packed_key = None
+        self._packed = None
+        self._ok: dict = {}
+
+    def supported(self, device: torch.device) -> bool:
+        key = (device.type, device.index)
+        ok = self._ok.get(key)
+        if ok is None:
+            s = self.spec
+            ok = device.type == "cuda" and cute_available(device) and step_supported(s.headdim, s.d_state, s.rank)[0]
+            self._ok[key] = ok
+        return ok
+
+    def params(self, tensors: dict) -> torch.Tensor:
+        ts = [tensors.get(n) for n in STEP_PARAMS]
+        key = tuple((t.data_ptr(), t._version, t.dtype) if t is not None else None for t in ts)
+        if key != self._packed_key:
+            self._packed = pack_step_params(self.spec, *ts)
+            self._packed_key = key
+        return self._packed
+
+    def __call__(self, zx: torch.Tensor, tensors: dict, phase: torch.Tensor, state: ScanState) -> torch.Tensor:
+        return ssm_step_fused(zx, self.params(tensors), phase, state, self.spec)
 
 
 # --------------------------------------------------------------------------- compilation
@@ -273,7 +318,8 @@ def ssm_step_fused(zx: torch.Tensor, params: torch.Tensor, phase: torch.Tensor, 
     na = max(spec.n_angles, 1)
     cfg = dict(B=b, H=H, P=P, N=N, R=R, dtype=zx.dtype, fused=True, n_angles=spec.n_angles,
                trapezoid=spec.trapezoid, bc_norm=spec.bc_norm, bc_bias=spec.bc_bias, mimo=spec.mimo,
-               out_norm=spec.out_norm, eps=spec.eps, a_floor=spec.a_floor, d_proj=spec.d_proj, offsets=spec.offsets)
+               out_norm=spec.out_norm, eps=spec.eps, a_floor=spec.a_floor, d_proj=spec.d_proj, offsets=spec.offsets,
+               heavy_tail=spec.a_activation == "heavy_tail", a_bias=spec.a_bias)
     ph = phase.view(b * H, na) if spec.n_angles else _dummy(dev, f32, 2)
     tensors = [
         _dummy(dev, zx.dtype, 2), _dummy(dev, zx.dtype, 2), _dummy(dev, zx.dtype, 2),

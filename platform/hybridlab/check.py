@@ -23,9 +23,21 @@ def describe_block(d_model: int, b) -> str:
         flags = [f for f, on in (("euler", not b.trapezoid), ("real", not b.rope), ("std-rope", b.rope == "standard"), ("no-bcnorm", not b.bc_norm), ("no-bcbias", not b.bc_bias)) if on]
         if b.out_norm == "pre_gate_grouped":
             flags.append("pregate-norm")
+        if b.a_activation != "heavy_tail" or b.a_bias:
+            flags.append(f"A={b.a_activation}{'+bias' if b.a_bias else ''}")
         return " ".join(bits + flags)
     if isinstance(b, AttentionBlock):
-        return f"heads={b.heads} kv={b.resolved_kv_heads()} hd={b.resolved_head_dim(d_model)}"
+        hd, rd = b.resolved_head_dim(d_model), b.resolved_rope_dim(d_model)
+        bits = [f"heads={b.heads} kv={b.resolved_kv_heads()} hd={hd}"]
+        if rd != hd:
+            bits.append(f"rope={rd}" if rd else "no-rope")
+        if b.rope_interleaved:
+            bits.append("rope-interleaved")
+        if b.qkv_bias or b.out_bias:
+            bits.append("bias=" + "+".join(n for n, on in (("qkv", b.qkv_bias), ("out", b.out_bias)) if on))
+        if b.softmax_scale is not None:
+            bits.append(f"scale={b.softmax_scale:g}")
+        return " ".join(bits)
     return f"hidden={b.resolved_hidden(d_model)}"
 
 
@@ -103,8 +115,11 @@ def render(rep: dict, console: Console) -> None:
 
 
 def _model_of(ref: str, overrides: list[str]) -> ModelSpec:
-    """The model spec of ``ref``: a spec (file or zoo:NAME), or a job file's model (its --set applies to the job)."""
-    if not ref.startswith("zoo:"):
+    """The model spec of ``ref``: a spec (file, zoo:NAME or a model folder), or a job file's model (its --set applies
+    to the job)."""
+    from pathlib import Path
+
+    if not ref.startswith("zoo:") and not Path(ref).expanduser().is_dir():
         from hybridlab.arch.specio import load_yaml_file
 
         data, _ = load_yaml_file(ref)

@@ -57,7 +57,7 @@ def zoo():
 
 @app.command()
 def generate(
-    checkpoint: str = typer.Argument(..., help="Checkpoint folder/file, or zoo:NAME / a spec .yaml (random weights: smoke use)."),
+    checkpoint: str = typer.Argument(..., help="Model folder, checkpoint folder/file, or zoo:NAME / a spec .yaml (random weights: smoke use)."),
     prompt: List[str] = typer.Option(..., "--prompt", "-p", help="Prompt text; repeat for a batch (rows may differ in length)."),
     model: Optional[str] = typer.Option(None, "--model", help="Model spec for a checkpoint that does not name one."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n"),
@@ -70,7 +70,7 @@ def generate(
     no_cuda_graph: bool = typer.Option(False, "--no-cuda-graph", help="Decode eagerly on CUDA."),
     json_out: bool = typer.Option(False, "--json"),
 ):
-    """Generate text (byte tokenizer) from a checkpoint: chunked prefill, cached decode (CUDA graph on GPU)."""
+    """Generate text (a model folder's tokenizer.json, else bytes) from a checkpoint: chunked prefill, cached decode (CUDA graph on GPU)."""
     from .generate import run_generate
 
     run_generate(checkpoint, prompt, model, max_new_tokens, temperature, top_k, top_p, seed, device, dtype,
@@ -221,7 +221,7 @@ def bench_train(
 
 def _register_optional_commands() -> None:
     """Commands whose modules import heavy optional deps lazily register here."""
-    from . import commands  # noqa: F401  (adds run/submit/status/... to `app`)
+    from . import commands, interop  # noqa: F401  (add run/submit/status/..., import/export to `app`)
 
 
 def main(argv: list[str] | None = None) -> None:

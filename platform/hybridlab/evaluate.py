@@ -2,8 +2,9 @@
 
 The target is an MLflow run id (the run's checkpoint folder comes from its
 ``hybridlab.checkpoints`` tag), a run folder (``<storage>/<run name>/``, its
-newest registered checkpoint is used) or one checkpoint folder (``step_N/``
-holding DeepSpeed's ``ds/`` and ``hybridlab.json``). The model spec and the
+newest registered checkpoint is used), one checkpoint folder (``step_N/``
+holding DeepSpeed's ``ds/`` and ``hybridlab.json``) or a model folder
+(``model.yaml`` + ``model.safetensors``, e.g. from ``hybridlab import mamba-ssm``). The model spec and the
 training data options come from the run's resolved ``job.yaml`` (in the run
 folder, else the run's MLflow artifact).
 
@@ -134,8 +135,12 @@ def _run_job_artifact(client, run_id: str) -> Optional[dict]:
 
 
 def resolve_target(target: str, client=None, uri: str = "") -> Target:
-    """A checkpoint folder, a run folder or an MLflow run id -> the checkpoint, its job and its run."""
+    """A checkpoint folder, a run folder, a model folder or an MLflow run id -> the checkpoint, its job and its run."""
     path = Path(target).expanduser()
+    from hybridlab.arch.pretrained import is_model_dir, read_spec
+
+    if is_model_dir(path):  # a model folder: no run, no training data options
+        return Target(checkpoint=str(path), job={"model": read_spec(path).to_dict(), "data": {}}, meta={"model_folder": True})
     if path.exists():
         if not path.is_dir():
             raise UserError(f"{target}: not a checkpoint folder (expected step_N/ with {DS_TAG}/ and {META})")
@@ -244,7 +249,11 @@ def load_state_dict(checkpoint: str, meta: Optional[dict] = None) -> dict:
 
 
 def load_model(target: Target, device: str = "cpu"):
-    from hybridlab.arch import HybridLM, load_model_spec
+    from hybridlab.arch import HybridLM, load_model_spec, load_pretrained
+
+    if target.meta.get("model_folder"):
+        model = load_pretrained(target.checkpoint, device=device)
+        return model, model.spec
 
     if target.meta.get("kind") == "model_folder":
         from .pretrained import _spec_dict, load_folder

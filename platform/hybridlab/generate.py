@@ -1,8 +1,10 @@
 """`hybridlab generate`: text generation from a checkpoint with the byte tokenizer.
 
 Text models here use bytes as tokens (UTF-8, ids 0..255; the vocabulary may be
-larger). A checkpoint is one of:
+larger), unless the model folder holds a ``tokenizer.json`` (an imported official
+model: its own tokenizer, through ``tokenizers``). A checkpoint is one of:
 
+* a model folder (``model.yaml`` + ``model.safetensors``, e.g. ``hybridlab import mamba-ssm``);
 * a checkpoint (or run) folder of the training platform: loaded like ``hybridlab eval``
   does it (``evaluate.resolve_target`` / ``evaluate.load_model``: the spec from the
   run's ``job.yaml``, ZeRO-3 shards consolidated);
@@ -97,6 +99,23 @@ def load_model(ref: str, model_ref: str | None = None, seed: int = 0):
     return model, f"{ref} ({spec.name})"
 
 
+def _tokenizer(checkpoint: str):
+    """The model folder's own tokenizer.json when it has one, else bytes."""
+    from hybridlab.jobs.tasks import ByteTokenizer
+
+    p = Path(checkpoint).expanduser()
+    if p.is_dir() and (p / "tokenizer.json").is_file():
+        from hybridlab.jobs.tasks.lm import BPETokenizer
+
+        try:
+            return BPETokenizer.load(p / "tokenizer.json")
+        except ImportError:
+            raise UserError(f"{p / 'tokenizer.json'}: reading it needs the 'tokenizers' package (pip install tokenizers)") from None
+        except Exception as e:  # tokenizers raises its own Exception type for a bad file
+            raise UserError(f"{p / 'tokenizer.json'}: not a tokenizers file ({' '.join(str(e).split())[:120]})") from None
+    return ByteTokenizer()
+
+
 def _check_device(device: str) -> str:
     """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (CUDA only where there is one) -> the torch device string."""
     import torch
@@ -137,12 +156,10 @@ def run_generate(checkpoint: str, prompts: list[str], model_ref: str | None, max
     if dtype not in dtypes:
         raise UserError(f"--dtype must be auto, fp32, bf16 or fp16, got {dtype!r}")
     model, origin = load_model(checkpoint, model_ref, seed)
-    if model.spec.vocab_size < 256:
+    tok = _tokenizer(checkpoint)
+    if tok.kind == "byte" and model.spec.vocab_size < 256:
         raise UserError(f"model {model.spec.name} has {model.spec.vocab_size} tokens; the byte tokenizer needs 256")
     model = model.to(device=device, dtype=dtypes[dtype]).eval()
-    from hybridlab.jobs.tasks import ByteTokenizer
-
-    tok = ByteTokenizer()
     rows = [tok.encode(p) or [10] for p in prompts]
     gen = torch.Generator(device=device).manual_seed(seed)
     t0 = time.perf_counter()

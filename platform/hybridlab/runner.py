@@ -200,6 +200,7 @@ def run_job(job_file: str, overrides=(), resume: Optional[str] = None, plain: Op
         if TAG_RUN_NAME not in tags:
             raise UserError(f"MLflow run {resume} was not started by `hybridlab run` (no {TAG_RUN_NAME} tag)")
         resume_info = {"run_id": resume, "run_name": tags[TAG_RUN_NAME], "storage": tags[TAG_STORAGE]}
+        jobs = [_resumed(job_file, overrides, jobs[0], resume_info, tracker)]
 
     progress = Progress(plain)
     ensure_ray(verbose)
@@ -227,6 +228,21 @@ def run_job(job_file: str, overrides=(), resume: Optional[str] = None, plain: Op
     if bad:
         raise UserError("; ".join(f"run {o.run_id}: {o.message}" for o in bad))
     return outcomes
+
+
+def _resumed(job_file: str, overrides, job, info: dict, tracker):
+    """The job that continues run ``info``: the model it trained (its saved job.yaml's), the job file's rest."""
+    from hybridlab.jobs.checkpoint import is_local, local_path
+    from hybridlab.jobs.spec import resume_job
+
+    from .evaluate import _job_from_text, _run_job_artifact
+
+    saved_file = Path(local_path(info["storage"])) / info["run_name"] / "job.yaml" if is_local(info["storage"]) else None
+    if saved_file is not None and saved_file.is_file():
+        saved = _job_from_text(saved_file.read_text(), str(saved_file))
+    else:
+        saved = _run_job_artifact(tracker.client, info["run_id"])
+    return resume_job(job_file, overrides, job, saved) if saved else job
 
 
 def _base_tags(job, sweep: bool = False) -> dict:
