@@ -17,24 +17,15 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 
 import torch
 
-from .._deps import has_module
+from .._triton_utils import HAS_TRITON, pow2_rows_error, triton_usable
 from .reference import ScanState, scan_chunked, scan_recurrent
 
-__all__ = ["ssm_scan", "ScanState", "select_backend", "default_chunk_size", "triton_supports", "BACKENDS"]
+__all__ = ["ssm_scan", "ScanState", "select_backend", "default_chunk_size", "triton_supports", "chunk_rows", "BACKENDS"]
 
 BACKENDS = ("auto", "torch", "torch_chunked", "torch_recurrent", "triton", "cute")
-
-
-def _triton_usable(device: torch.device) -> bool:
-    if not has_module("triton"):
-        return False
-    if device.type == "cuda":
-        return True
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _triton_backend():
@@ -50,11 +41,18 @@ def default_chunk_size(rank: int) -> int:
     return max(64 // rank, 1)
 
 
+def chunk_rows(rank: int, chunk_size: int | None = None) -> tuple[int, str]:
+    """The chunked kernels' tile rows, chunk_size * rank (the default chunk if None), and why the
+    kernels cannot take them ('' when they can: a power of two >= 16)."""
+    rows = (chunk_size or default_chunk_size(rank)) * rank
+    return rows, pow2_rows_error(rows, "chunk_size*rank")
+
+
 def triton_supports(headdim: int, d_state: int, rank: int, chunk_size: int | None = None) -> tuple[bool, str]:
     """Whether the Triton kernels take these sizes (pure Python; no triton import)."""
-    rows = (chunk_size or default_chunk_size(rank)) * rank
-    if rows < 16 or rows & (rows - 1):
-        return False, f"chunk_size*rank = {rows} is not a power of two >= 16"
+    _, why = chunk_rows(rank, chunk_size)
+    if why:
+        return False, why
     if d_state < 16 or headdim < 16:
         return False, f"d_state {d_state} / headdim {headdim} below the 16 that tensor-core tiles need"
     return True, ""
@@ -76,7 +74,7 @@ def select_backend(device: torch.device | str, seqlen: int | None = None, shape:
         if ok:
             return "cute", "CUDA sm90+ with nvidia-cutlass-dsl: CuTe decode step"
         why_not.append(f"cute: {why}")
-    if has_module("triton") and _kernel_file_exists("triton"):
+    if _TRITON_FILE:
         ok, why = (True, "") if not shape else triton_supports(**shape)
         if ok:
             return "triton", "CUDA with triton: chunked Triton kernels"
@@ -94,8 +92,13 @@ def _kernel_file_exists(name: str) -> bool:
     return importlib.util.find_spec(f"{__name__}.{name}") is not None
 
 
+# Looked up once: the dispatch below then reads only tensor properties (torch.compile traces it).
+_TRITON_FILE = HAS_TRITON and _kernel_file_exists("triton")
+_CUTE_FILE = _kernel_file_exists("cute")
+
+
 def _cute_available(device: torch.device) -> bool:
-    return _kernel_file_exists("cute") and _cute_backend().cute_available(device)
+    return _CUTE_FILE and device.type == "cuda" and _cute_backend().cute_available(device)
 
 
 def ssm_scan(q, k, v, log_alpha, beta, gamma, state=None, *, backend: str = "auto", chunk_size: int | None = None):
@@ -113,9 +116,9 @@ def ssm_scan(q, k, v, log_alpha, beta, gamma, state=None, *, backend: str = "aut
     if backend == "torch_chunked":
         return scan_chunked(q, k, v, log_alpha, beta, gamma, state, chunk_size=chunk_size or 64)
     if backend == "triton":
-        if not _triton_usable(q.device):
+        if not (_TRITON_FILE and triton_usable(q)):
             raise RuntimeError("ssm_scan: backend 'triton' needs CUDA (or TRITON_INTERPRET=1) and the triton package")
         return _triton_backend().ssm_scan_triton(q, k, v, log_alpha, beta, gamma, state, chunk_size=chunk_size)
-    if not _cute_available(q.device) if q.device.type == "cuda" else True:
+    if not _cute_available(q.device):
         raise RuntimeError("ssm_scan: backend 'cute' needs a CUDA sm90+ GPU and nvidia-cutlass-dsl")
     return _cute_backend().ssm_scan_cute(q, k, v, log_alpha, beta, gamma, state)

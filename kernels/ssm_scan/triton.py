@@ -31,10 +31,11 @@ from __future__ import annotations
 import os
 
 import torch
-import triton
-import triton.language as tl
 
-from . import default_chunk_size
+from .._triton_utils import INTERPRET as _INTERPRET
+from .._triton_utils import pow2 as _pow2
+from .._triton_utils import tl, triton
+from . import chunk_rows
 from .reference import ScanState, check_inputs
 
 __all__ = ["ssm_scan_triton", "SSMScanFn"]
@@ -414,8 +415,6 @@ def _bwd_chunk_kernel(
 
 # ------------------------------------------------------------------ launch / autotune
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
 _FWD_CONFIGS = [
     triton.Config({"BP": 64}, num_warps=8, num_stages=2),
     triton.Config({"BP": 32}, num_warps=8, num_stages=2),
@@ -446,15 +445,10 @@ _AUTOTUNE = os.environ.get("HYBRIDLAB_SSM_AUTOTUNE") == "1"
 _TUNE_MIN_WORK = int(os.environ.get("HYBRIDLAB_SSM_TUNE_MIN_WORK", "4096")) if _AUTOTUNE else 1 << 62
 
 
-def _pow2(x: int) -> int:
-    return 1 << (max(int(x), 1) - 1).bit_length()
-
-
 def _block_rows(r: int, chunk_size: int | None) -> int:
-    chunk_size = chunk_size or default_chunk_size(r)
-    rows = chunk_size * r
-    if rows < 16 or rows & (rows - 1):
-        raise ValueError(f"ssm_scan triton: chunk_size*rank must be a power of two >= 16; got {chunk_size}*{r}")
+    rows, why = chunk_rows(r, chunk_size)
+    if why:
+        raise ValueError(f"ssm_scan triton: {why} (chunk_size {chunk_size}, rank {r})")
     return rows
 
 
