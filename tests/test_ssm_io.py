@@ -99,10 +99,11 @@ def expand_case(b, l, h, r, p, *, dtype=torch.float32, device="cpu", seed=0):
     return {nm: rel(a.cpu(), b_.cpu()) for nm, a, b_ in zip(["v", "dx", "dw"], out["triton"], out["torch"])}
 
 
-def coef_case(b, l, h, trap, with_valid, *, dtype=torch.float32, device="cpu", seed=0):
+def coef_case(b, l, h, trap, with_valid, activation="softplus", a_bias=True, *, dtype=torch.float32, device="cpu", seed=0):
     """Errors of the fused scan coefficients vs the float64 reference: [dt, log α, β, γ, d(projection), d biases].
 
-    a_floor 0.5 clamps part of A, so both sides of the clamp's gradient are exercised."""
+    a_floor 0.5 clamps part of A, so both sides of the clamp's gradient are exercised (and, for the
+    heavy tail, both sides of 0)."""
     g = torch.Generator().manual_seed(seed)
     proj = torch.randn(b, l, 3 * h + 2, generator=g) * 2
     biases = [torch.randn(h, generator=g), torch.randn(h, generator=g)]
@@ -111,16 +112,18 @@ def coef_case(b, l, h, trap, with_valid, *, dtype=torch.float32, device="cpu", s
     out = {}
     for backend, dt in (("triton", dtype), ("torch", torch.float64)):
         P_ = proj.to(device, dt).requires_grad_()
-        bs = [t.to(device, dt).requires_grad_() for t in biases]
+        bs = [t.to(device, dt).requires_grad_() for t in biases[: 2 if a_bias else 1]]
         raw = [P_[..., 2 + i * h : 2 + (i + 1) * h] for i in range(3)]
-        res = scan_coefficients(raw[0], raw[1], raw[2] if trap else None, *bs, 0.5, valid, backend=backend)
+        res = scan_coefficients(raw[0], raw[1], raw[2] if trap else None, bs[0], bs[1] if a_bias else None, 0.5, valid,
+                                activation=activation, backend=backend)
         loss = sum((r.double() * gg.to(device, torch.float64)).sum() for r, gg in zip(res, gs))
         out[backend] = [*res, *torch.autograd.grad(loss, [P_, *bs])]
     names = ["dt", "log_alpha", "beta", "gamma", "dproj", "ddt_bias", "da_bias"]
     return {nm: rel(a.cpu(), b_.cpu()) for nm, a, b_ in zip(names, out["triton"], out["torch"]) if b_.abs().sum() > 0}
 
 
-COEF_CASES = [(2, 5, 3, True, False), (1, 70, 6, True, True), (2, 9, 1, False, True), (1, 300, 4, False, False)]
+COEF_CASES = [(2, 5, 3, True, False), (1, 70, 6, True, True), (2, 9, 1, False, True), (1, 300, 4, False, False),
+              (2, 33, 5, True, True, "heavy_tail", False), (1, 40, 3, False, False, "heavy_tail", True)]
 
 EXPAND_CASES = [(2, 5, 3, 4, 16), (1, 70, 2, 2, 24), (1, 9, 1, 8, 16)]
 
@@ -213,6 +216,46 @@ def test_triton_io_interpreter_matches_reference():
     run_under_interpreter(_INTERP_SCRIPT, HYBRIDLAB_IO_BWD_PROGRAMS="2")
 
 
+# ---------------------------------------------------------------- references
+
+
+def test_heavy_tail_activation_is_the_official_form():
+    """A = -max(f(a_raw [+ a_bias]), a_floor), f = 1 + x (x >= 0), 1 / (1 - x) (x < 0); finite grads both sides."""
+    from hybridlab.kernels.ssm_io.scan_coefficients import a_activation
+
+    u = torch.tensor([-3.0, -1.0, 0.0, 0.5, 2.0], dtype=torch.float64, requires_grad=True)
+    f = a_activation(u, "heavy_tail")
+    assert torch.allclose(f, torch.tensor([0.25, 0.5, 1.0, 1.5, 3.0], dtype=torch.float64))
+    (g,) = torch.autograd.grad(f.sum(), u)
+    assert torch.allclose(g, torch.tensor([1 / 16, 0.25, 1.0, 1.0, 1.0], dtype=torch.float64))
+    dt_raw, a_raw = torch.randn(1, 4, 2, dtype=torch.float64), torch.tensor([[[-3.0, 2.0]] * 4], dtype=torch.float64)
+    dt, la, beta, gamma = scan_coefficients(dt_raw, a_raw, None, torch.zeros(2, dtype=torch.float64), None, 0.3, backend="torch")
+    assert torch.allclose(la, -torch.tensor([0.3, 3.0], dtype=torch.float32) * dt)  # -3 -> 1/4, floored to 0.3
+    dt2, la2, _, _ = scan_coefficients(dt_raw, a_raw, None, torch.zeros(2, dtype=torch.float64), torch.zeros(2), 0.3,
+                                       activation="softplus", backend="torch")
+    assert torch.allclose(la2, -torch.nn.functional.softplus(a_raw.float()).clamp(min=0.3) * dt2)
+
+
+def test_scan_coefficients_reference_gradcheck_heavy_tail():
+    g = torch.Generator().manual_seed(3)
+    raws = [(torch.randn(1, 6, 3, generator=g, dtype=torch.float64) * 2).requires_grad_() for _ in range(3)]
+    dtb = torch.randn(3, generator=g, dtype=torch.float64).requires_grad_()
+
+    def f(dtr, ar, lr, dtb):
+        return scan_coefficients(dtr, ar, lr, dtb, None, 0.2, backend="torch")
+
+    # the reference computes in float32 (as the layer does): a loose gradcheck of the float64 wrapper
+    assert torch.autograd.gradcheck(lambda *a: tuple(t.double() for t in f(*a)), (*raws, dtb), eps=1e-3, atol=2e-2, rtol=2e-2)
+
+
+def test_scan_coefficients_bad_activation_and_bias():
+    x = torch.zeros(1, 2, 3)
+    with pytest.raises(ValueError, match="activation"):
+        scan_coefficients(x, x, None, torch.zeros(3), None, 0.1, activation="relu", backend="torch")
+    with pytest.raises(ValueError, match="a_bias"):
+        scan_coefficients(x, x, None, torch.zeros(3), torch.zeros(4), 0.1, backend="torch")
+
+
 # ---------------------------------------------------------------- dispatch and bad input
 
 
@@ -289,8 +332,9 @@ def test_io_gpu_matches_reference(r, dtype):
         assert e < tol, f"out {nm}: {e:.2e}"
     for nm, e in expand_case(2, 1024, 32, r, 64, dtype=dtype, device="cuda").items():
         assert e < tol, f"expand {nm}: {e:.2e}"
-    for nm, e in coef_case(2, 2048, 32, r > 1, r > 1, device="cuda").items():
-        assert e < 1e-5, f"coef {nm}: {e:.2e}"
+    for act in ("heavy_tail", "softplus"):
+        for nm, e in coef_case(2, 2048, 32, r > 1, r > 1, act, act == "softplus", device="cuda").items():
+            assert e < 1e-5, f"coef {act} {nm}: {e:.2e}"
     for nm, e in phase_case(2, 2048, 32, 32, device="cuda").items():
         assert e < 1e-5, f"phase {nm}: {e:.2e}"
 

@@ -126,7 +126,7 @@ class Mamba3(nn.Module):
         z, x, B, C, dt_raw, a_raw, lam_raw, theta_raw = torch.split(self.in_proj(u), self.split, dim=-1)
         dt, log_alpha, beta, gamma = scan_coefficients(  # (b, l, H) float32
             dt_raw, a_raw, lam_raw if blk.trapezoid else None, self.dt_bias, self.a_bias, blk.a_floor, valid,
-            backend=self.io_backend,
+            activation="softplus", backend=self.io_backend,  # this layer's A (issue 13 makes it a block option)
         )
         if valid is not None:
             x = torch.where(valid[..., None], x, torch.zeros_like(x))
