@@ -87,6 +87,38 @@ def phase_case(b, l, h, A, *, device="cpu", seed=0):
     return {nm: rel(a.cpu(), b_.cpu()) for nm, a, b_ in zip(["phase", "dtheta", "ddt"], out["triton"], out["torch"])}
 
 
+def phase_packed_case(b, l, h, A, docs, *, backend="triton", device="cpu", seed=0):
+    """Errors of the packed cumulative phase (``seq_idx`` = ``docs``) vs each document alone through the
+    float64 reference: [phase, dθ, ddt]."""
+    from hybridlab.kernels.ssm_io import cumulative_phase_reference
+
+    g = torch.Generator().manual_seed(seed)
+    theta, dt = torch.randn(b, l, A, generator=g), torch.rand(b, l, h, generator=g)
+    dphase = torch.randn(b, l, h, A, generator=g)
+    seq = torch.tensor(docs, dtype=torch.int32)
+    th, d = theta.to(device).requires_grad_(), dt.to(device).requires_grad_()
+    ph = cumulative_phase(th, d, seq_idx=seq.to(device), backend=backend)
+    got = [ph, *torch.autograd.grad((ph.double() * dphase.to(device, torch.float64)).sum(), [th, d])]
+    th2, d2 = theta.double().requires_grad_(), dt.double().requires_grad_()
+    ref, loss = torch.zeros(b, l, h, A, dtype=torch.float64), 0
+    for row in range(b):
+        ids = seq[row]
+        cuts = [0, *(torch.nonzero(ids[1:] != ids[:-1]).flatten() + 1).tolist(), l]
+        for a, e in zip(cuts[:-1], cuts[1:]):
+            part = cumulative_phase_reference(th2[row : row + 1, a:e], d2[row : row + 1, a:e])
+            ref[row, a:e] = part[0].detach()
+            loss = loss + (part * dphase[row : row + 1, a:e].double()).sum()
+    want = [ref, *torch.autograd.grad(loss, [th2, d2])]
+    return {nm: rel(a.cpu(), b_) for nm, a, b_ in zip(["phase", "dtheta", "ddt"], got, want)}
+
+
+# sequences over several of the kernel's position blocks (A = 17: 32-wide angle tiles, 32-position blocks)
+PHASE_PACKED_CASES = [
+    (2, 70, 5, 17, [[0] * 3 + [1] * 29 + [2] * 1 + [3] * 31 + [4] * 6, [7] * 32 + [8] * 38]),
+    (1, 9, 2, 3, [[0, 1, 1, 2, 2, 2, 3, 3, 3]]),
+]
+
+
 def expand_case(b, l, h, r, p, *, dtype=torch.float32, device="cpu", seed=0):
     """Errors of the fused MIMO rank expansion vs the float64 reference: [v, dx (via a strided view), dw]."""
     g = torch.Generator().manual_seed(seed)
@@ -205,6 +237,7 @@ INTERPRETER_CHECKS = [  # (name, cases, check function, tolerance on every relat
     ("coef", COEF_CASES, "coef_case", 1e-5),
     ("expand", EXPAND_CASES, "expand_case", 1e-5),
     ("phase", PHASE_CASES, "phase_case", 1e-5),
+    ("phase_packed", PHASE_PACKED_CASES, "phase_packed_case", 1e-5),
     ("qk", QK_CASES, "qk_case", 1e-5),
     ("out", OUT_CASES, "out_case", 1e-5),
     ("layer", LAYER_CASES, "layer_case", 1e-4),
@@ -246,6 +279,12 @@ def test_scan_coefficients_reference_gradcheck_heavy_tail():
 
     # the reference computes in float32 (as the layer does): a loose gradcheck of the float64 wrapper
     assert torch.autograd.gradcheck(lambda *a: tuple(t.double() for t in f(*a)), (*raws, dtb), eps=1e-3, atol=2e-2, rtol=2e-2)
+
+
+def test_cumulative_phase_packed_torch_backend():
+    for case in PHASE_PACKED_CASES:
+        for nm, e in phase_packed_case(*case, backend="torch").items():
+            assert e < 1e-6, f"{case[:4]} {nm}: {e:.2e}"
 
 
 def test_scan_coefficients_bad_activation_and_bias():

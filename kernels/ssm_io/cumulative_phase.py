@@ -1,12 +1,17 @@
 """The data-dependent rotary's phase: φ_t = Σ_{s<=t} θ_s·dt_s per head (θ (b, l, A) is shared, dt (b, l, H) per head).
 
-    cumulative_phase(theta, dt) -> phase (b, l, H, A) float32
+    cumulative_phase(theta, dt, *, seq_idx=None, backend="auto") -> phase (b, l, H, A) float32
 
-The Triton kernels run one program per (batch, head block) that walks the sequence in chunks,
-carrying the running phase in registers (backward: suffix sums).
+``seq_idx`` (b, l) int, nondecreasing per row (packed documents): the sum restarts at 0 at every
+position where it changes, so each document gets the phase it gets alone. The Triton kernels run
+one program per (batch, head block) that walks the sequence in chunks, carrying the running phase
+in registers (backward: suffix sums, walked from the end); with ``seq_idx`` both are segmented
+scans that drop the carry at document boundaries.
 """
 
 from __future__ import annotations
+
+from typing import Optional, Tuple
 
 import torch
 
@@ -24,12 +29,32 @@ def cumulative_phase_reference(theta: torch.Tensor, dt: torch.Tensor) -> torch.T
     return torch.cumsum(steps, dim=-1).permute(0, 3, 1, 2)
 
 
-def cumulative_phase(theta, dt, *, backend: str = "auto"):
-    """The data-dependent rotary's phase, φ (b, l, H, A) float32 (any strides; qk_prep takes it as is)."""
+def _packed_reference(theta, dt, seq_idx):
+    """Packed documents on the torch backend: the running sum minus its value just before each
+    position's document began (float64, so a long prefix loses nothing). A stand-in in the
+    dispatcher until ``cumulative_phase_reference`` takes ``seq_idx`` itself."""
+    total = cumulative_phase_reference(theta.double(), dt.double())  # (b, l, H, A)
+    l = theta.shape[1]
+    pos = torch.arange(l, device=theta.device)
+    new = torch.ones_like(seq_idx, dtype=torch.bool)
+    new[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    start = torch.cummax(torch.where(new, pos, torch.zeros_like(pos)), dim=1).values  # (b, l): first position of t's document
+    before = torch.gather(total, 1, (start - 1).clamp(min=0)[:, :, None, None].expand_as(total))
+    return (total - torch.where((start > 0)[:, :, None, None], before, torch.zeros_like(before))).to(theta.dtype)
+
+
+def cumulative_phase(theta, dt, *, seq_idx=None, backend: str = "auto"):
+    """The data-dependent rotary's phase, φ (b, l, H, A) float32 (any strides; qk_prep takes it as is).
+
+    ``seq_idx`` (b, l) int, nondecreasing per row: the phase restarts at 0 at each document start."""
     check(theta.dim() == 3 and dt.dim() == 3 and theta.shape[:2] == dt.shape[:2],
           f"theta must be (batch, seqlen, A) and dt (batch, seqlen, heads); got {tuple(theta.shape)} and {tuple(dt.shape)}")
+    check(seq_idx is None or (seq_idx.shape == theta.shape[:2] and not seq_idx.dtype.is_floating_point),
+          f"seq_idx must be a (batch, seqlen) = {tuple(theta.shape[:2])} integer tensor")
     if io_backend(theta, backend) == "triton":
-        return cumulative_phase_triton(theta, dt)
+        return cumulative_phase_triton(theta, dt, seq_idx=seq_idx)
+    if seq_idx is not None:
+        return _packed_reference(theta, dt, seq_idx)
     return cumulative_phase_reference(theta, dt)
 
 
@@ -37,9 +62,16 @@ def cumulative_phase(theta, dt, *, backend: str = "auto"):
 
 
 @triton.jit
-def _phase_fwd_kernel(TH, DT, PH, L, H, A, BL: tl.constexpr, HB: tl.constexpr, BA: tl.constexpr):
+def _seg_add(av, af, bv, bf):
+    """Segmented sum: (value, flag) pairs, a set flag starts a new segment (associative)."""
+    return tl.where(bf != 0, bv, av + bv), tl.maximum(af, bf)
+
+
+@triton.jit
+def _phase_fwd_kernel(TH, DT, SEQ, PH, L, H, A, BL: tl.constexpr, HB: tl.constexpr, BA: tl.constexpr,
+                      HAS_SEQ: tl.constexpr):
     """φ[b, t, h, a] = Σ_{s<=t} θ[b, s, a]·dt[b, s, h]: one (batch, head block), chunks of BL positions
-    in order, the running sum carried in registers."""
+    in order, the running sum carried in registers (and dropped at a document start)."""
     b, hb = tl.program_id(0), tl.program_id(1)
     l3 = tl.arange(0, BL)[:, None, None]
     h3 = (hb * HB + tl.arange(0, HB))[None, :, None]
@@ -49,65 +81,116 @@ def _phase_fwd_kernel(TH, DT, PH, L, H, A, BL: tl.constexpr, HB: tl.constexpr, B
         pos = c0 + l3
         th = tl.load(TH + (b * L + pos) * A + a3, mask=(pos < L) & (a3 < A), other=0.0)
         dt = tl.load(DT + (b * L + pos) * H + h3, mask=(pos < L) & (h3 < H), other=0.0)
-        run = tl.cumsum(th * dt, axis=0) + carry
+        x = th * dt
+        if HAS_SEQ:
+            cur = tl.load(SEQ + b * L + pos, mask=pos < L, other=0)
+            prv = tl.load(SEQ + b * L + pos - 1, mask=(pos > 0) & (pos < L), other=0)
+            start = ((pos > 0) & (pos < L) & (cur != prv)).to(tl.int32) + tl.zeros((BL, HB, BA), dtype=tl.int32)
+            run, seen = tl.associative_scan((x, start), 0, _seg_add)
+            run += tl.where(seen == 0, carry, 0.0)
+        else:
+            run = tl.cumsum(x, axis=0) + carry
         tl.store(PH + ((b * L + pos) * H + h3) * A + a3, run, mask=(pos < L) & (h3 < H) & (a3 < A))
         carry = tl.sum(tl.where(pos == tl.minimum(c0 + BL, L) - 1, run, 0.0), axis=0)[None]
 
 
 @triton.jit
-def _phase_bwd_kernel(TH, DT, DPH, DTH_PART, DDT, L, H, A, BL: tl.constexpr, HB: tl.constexpr, BA: tl.constexpr):
-    """Reverse: g[t] = Σ_{s>=t} dφ[s]; dθ[t, a] = Σ_h g·dt (this head block's part), ddt[t, h] = Σ_a g·θ."""
+def _phase_bwd_kernel(TH, DT, SEQ, DPH, DTH_PART, DDT, L, H, A, BL: tl.constexpr, HB: tl.constexpr, BA: tl.constexpr,
+                      HAS_SEQ: tl.constexpr):
+    """Reverse: g[t] = Σ_{s>=t} dφ[s] (within t's document); dθ[t, a] = Σ_h g·dt (this head block's
+    part), ddt[t, h] = Σ_a g·θ. With documents, each block is loaded back to front (j = 0 is its last
+    position), so the suffix sums are a forward segmented scan whose segments start at document ends."""
     b, hb = tl.program_id(0), tl.program_id(1)
-    l3 = tl.arange(0, BL)[:, None, None]
+    j3 = tl.arange(0, BL)[:, None, None]
     h3 = (hb * HB + tl.arange(0, HB))[None, :, None]
     a3 = tl.arange(0, BA)[None, None, :]
-    l2 = tl.arange(0, BL)[:, None]
+    j2 = tl.arange(0, BL)[:, None]
+    h2 = (hb * HB + tl.arange(0, HB))[None, :]
+    a2 = tl.arange(0, BA)[None, :]
     carry = tl.zeros((1, HB, BA), dtype=tl.float32)
     for i in range(0, tl.cdiv(L, BL)):
         c0 = (tl.cdiv(L, BL) - 1 - i) * BL
-        pos = c0 + l3
+        if HAS_SEQ:
+            pos = c0 + BL - 1 - j3
+            pos2 = c0 + BL - 1 - j2
+        else:
+            pos = c0 + j3
+            pos2 = c0 + j2
         m = (pos < L) & (h3 < H) & (a3 < A)
         d = tl.load(DPH + ((b * L + pos) * H + h3) * A + a3, mask=m, other=0.0)
-        g = tl.sum(d, axis=0)[None] - tl.cumsum(d, axis=0) + d + carry  # suffix sums
-        carry = tl.sum(d, axis=0)[None] + carry
+        if HAS_SEQ:
+            cur = tl.load(SEQ + b * L + pos, mask=pos < L, other=0)
+            nxt = tl.load(SEQ + b * L + pos + 1, mask=pos + 1 < L, other=0)
+            end = ((pos + 1 < L) & (cur != nxt)).to(tl.int32) + tl.zeros((BL, HB, BA), dtype=tl.int32)
+            g, seen = tl.associative_scan((d, end), 0, _seg_add)
+            g += tl.where(seen == 0, carry, 0.0)
+            carry = tl.sum(tl.where(pos == c0, g, 0.0), axis=0)[None]
+        else:
+            g = tl.sum(d, axis=0)[None] - tl.cumsum(d, axis=0) + d + carry  # suffix sums
+            carry = tl.sum(d, axis=0)[None] + carry
         th = tl.load(TH + (b * L + pos) * A + a3, mask=(pos < L) & (a3 < A), other=0.0)
         dt = tl.load(DT + (b * L + pos) * H + h3, mask=(pos < L) & (h3 < H), other=0.0)
-        h2 = (hb * HB + tl.arange(0, HB))[None, :]
-        tl.store(DDT + (b * L + c0 + l2) * H + h2, tl.sum(g * th, axis=2), mask=(c0 + l2 < L) & (h2 < H))
-        a2 = tl.arange(0, BA)[None, :]
-        tl.store(DTH_PART + ((hb * tl.num_programs(0) + b) * L + c0 + l2) * A + a2, tl.sum(g * dt, axis=1), mask=(c0 + l2 < L) & (a2 < A))
+        tl.store(DDT + (b * L + pos2) * H + h2, tl.sum(g * th, axis=2), mask=(pos2 < L) & (h2 < H))
+        tl.store(DTH_PART + ((hb * tl.num_programs(0) + b) * L + pos2) * A + a2, tl.sum(g * dt, axis=1),
+                 mask=(pos2 < L) & (a2 < A))
 
 
 _PHASE_HB = 4  # heads per program (the grid is batch x head blocks; each program walks the sequence)
 
 
-class CumulativePhaseFn(torch.autograd.Function):
-    """(θ (b, l, A), dt (b, l, H)) -> φ (b, l, H, A), fp32."""
-
-    @staticmethod
-    def forward(ctx, theta, dt):
-        b, l, A = theta.shape
-        H = dt.shape[-1]
-        BA = pow2(A)
-        BL = floor_pow2(max(1, min(64, 4096 // (_PHASE_HB * BA))))
-        phase = torch.empty(b, l, H, A, device=theta.device, dtype=torch.float32)
-        _phase_fwd_kernel[(b, triton.cdiv(H, _PHASE_HB))](theta, dt, phase, l, H, A, BL=BL, HB=_PHASE_HB, BA=BA, num_warps=4)
-        ctx.save_for_backward(theta, dt)
-        ctx.meta = (BL, BA)
-        return phase
-
-    @staticmethod
-    def backward(ctx, dphase):
-        theta, dt = ctx.saved_tensors
-        BL, BA = ctx.meta
-        b, l, A = theta.shape
-        H = dt.shape[-1]
-        nhb = triton.cdiv(H, _PHASE_HB)
-        dth = torch.empty(nhb, b, l, A, device=theta.device, dtype=torch.float32)
-        ddt = torch.empty(b, l, H, device=theta.device, dtype=torch.float32)
-        _phase_bwd_kernel[(b, nhb)](theta, dt, dphase.contiguous(), dth, ddt, l, H, A, BL=BL, HB=_PHASE_HB, BA=BA, num_warps=4)
-        return dth.sum(0), ddt
+def _phase_meta(theta, dt):
+    b, l, A = theta.shape
+    H = dt.shape[-1]
+    BA = pow2(A)
+    return b, l, A, H, BA, floor_pow2(max(1, min(64, 4096 // (_PHASE_HB * BA))))
 
 
-def cumulative_phase_triton(theta, dt):
-    return CumulativePhaseFn.apply(theta.float().contiguous(), dt.float().contiguous())
+@torch.library.custom_op("hybridlab::cumulative_phase", mutates_args=())
+def _phase_op(theta: torch.Tensor, dt: torch.Tensor, seq_idx: Optional[torch.Tensor]) -> torch.Tensor:
+    """θ (b, l, A), dt (b, l, H) fp32 contiguous, seq_idx (b, l) int32 or None -> φ (b, l, H, A) fp32."""
+    b, l, A, H, BA, BL = _phase_meta(theta, dt)
+    phase = torch.empty(b, l, H, A, device=theta.device, dtype=torch.float32)
+    _phase_fwd_kernel[(b, triton.cdiv(H, _PHASE_HB))](theta, dt, seq_idx if seq_idx is not None else dt, phase, l, H, A,
+                                                      BL=BL, HB=_PHASE_HB, BA=BA, HAS_SEQ=seq_idx is not None, num_warps=4)
+    return phase
+
+
+@_phase_op.register_fake
+def _(theta, dt, seq_idx):
+    b, l, A = theta.shape
+    return theta.new_empty(b, l, dt.shape[-1], A, dtype=torch.float32)
+
+
+@torch.library.custom_op("hybridlab::cumulative_phase_bwd", mutates_args=())
+def _phase_bwd_op(theta: torch.Tensor, dt: torch.Tensor, seq_idx: Optional[torch.Tensor],
+                  dphase: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    b, l, A, H, BA, BL = _phase_meta(theta, dt)
+    nhb = triton.cdiv(H, _PHASE_HB)
+    dth = torch.empty(nhb, b, l, A, device=theta.device, dtype=torch.float32)
+    ddt = torch.empty(b, l, H, device=theta.device, dtype=torch.float32)
+    _phase_bwd_kernel[(b, nhb)](theta, dt, seq_idx if seq_idx is not None else dt, dphase.contiguous(), dth, ddt, l, H, A,
+                                BL=BL, HB=_PHASE_HB, BA=BA, HAS_SEQ=seq_idx is not None, num_warps=4)
+    return dth.sum(0), ddt
+
+
+@_phase_bwd_op.register_fake
+def _(theta, dt, seq_idx, dphase):
+    return torch.empty_like(theta), torch.empty_like(dt)
+
+
+def _phase_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _phase_backward(ctx, dphase):
+    theta, dt, seq_idx = ctx.saved_tensors
+    dth, ddt = torch.ops.hybridlab.cumulative_phase_bwd(theta, dt, seq_idx, dphase)
+    return dth, ddt, None
+
+
+torch.library.register_autograd("hybridlab::cumulative_phase", _phase_backward, setup_context=_phase_setup)
+
+
+def cumulative_phase_triton(theta, dt, *, seq_idx=None):
+    seq = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
+    return torch.ops.hybridlab.cumulative_phase(theta.float().contiguous(), dt.float().contiguous(), seq)

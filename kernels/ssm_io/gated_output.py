@@ -12,6 +12,8 @@ forward's rows and sums the parameter gradients in registers.
 
 from __future__ import annotations
 
+from typing import List, Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -198,53 +200,80 @@ def _out_meta(y, budget):
     return b, l, h, r, p, RP, BP, BT, (triton.cdiv(b * l, BT), h)
 
 
-class GatedOutputFn(torch.autograd.Function):
-    """(y, x, z, D, norm_w, mimo_x, mimo_z, mimo_o) -> (b, l, H, P), fused forward and backward."""
+def _opt(t, dummy):
+    return t if t is not None else dummy
 
-    @staticmethod
-    def forward(ctx, y, x, z, D, norm_w, mimo_x, mimo_z, mimo_o, eps):
-        b, l, h, r, p, RP, BP, BT, grid = _out_meta(y, _OUT_FWD[0])
-        ctx.shapes = (x.shape, z.shape)
-        y = y.contiguous()
-        x, z = token_rows(x.reshape(b, l, h, p)), token_rows(z.reshape(b, l, h, p))
-        out = torch.empty(b, l, h, p, device=y.device, dtype=y.dtype)
-        mimo = mimo_x is not None
-        _out_fwd_kernel[grid](
-            y, x, z, D, norm_w if norm_w is not None else D, mimo_x if mimo else D, mimo_z if mimo else D,
-            mimo_o if mimo else D, out, b * l, x.stride(1), z.stride(1), h, eps,
-            R=r, P=p, RP=RP, BP=BP, BT=BT, HAS_NORM=norm_w is not None, MIMO=mimo, num_warps=_OUT_FWD[1],
-        )
-        ctx.save_for_backward(y, x, z, D, norm_w, mimo_x, mimo_z, mimo_o)
-        ctx.eps = eps
-        return out
 
-    @staticmethod
-    def backward(ctx, dout):
-        y, x, z, D, norm_w, mimo_x, mimo_z, mimo_o = ctx.saved_tensors
-        b, l, h, r, p, RP, BP, BT, grid = _out_meta(y, _OUT_BWD[0])
-        dev, f32 = y.device, torch.float32
-        mimo = mimo_x is not None
-        progs, iters = param_grid(grid[0], h)  # each program walks `iters` token blocks of one head
-        grid = (progs, h)
-        dy = torch.empty_like(y)
-        dx = torch.empty(b, l, h, p, device=dev, dtype=x.dtype)
-        dz = torch.empty(b, l, h, p, device=dev, dtype=z.dtype)
-        dD = torch.empty(grid[0], h, device=dev, dtype=f32)
-        dnw = torch.empty(grid[0], h, p, device=dev, dtype=f32) if norm_w is not None else None
-        dm = [torch.empty(grid[0], h, r, p, device=dev, dtype=f32) if mimo else None for _ in range(3)]
-        _out_bwd_kernel[grid](
-            y, x, z, D, norm_w if norm_w is not None else D, mimo_x if mimo else D, mimo_z if mimo else D,
-            mimo_o if mimo else D, dout.contiguous(), dy, dx, dz, dD, dnw if dnw is not None else dD,
-            *(t if t is not None else dD for t in dm), b * l, x.stride(1), z.stride(1), h, ctx.eps, iters,
-            R=r, P=p, RP=RP, BP=BP, BT=BT, HAS_NORM=norm_w is not None, MIMO=mimo, num_warps=_OUT_BWD[1],
-        )
-        total = lambda part, like: part.sum(0).to(like.dtype) if part is not None else None  # noqa: E731
-        return (
-            dy, dx.view(ctx.shapes[0]), dz.view(ctx.shapes[1]), total(dD, D), total(dnw, norm_w),
-            total(dm[0], mimo_x), total(dm[1], mimo_z), total(dm[2], mimo_o), None,
-        )
+@torch.library.custom_op("hybridlab::gated_output", mutates_args=())
+def _out_op(y: torch.Tensor, x: torch.Tensor, z: torch.Tensor, D: torch.Tensor, norm_w: Optional[torch.Tensor],
+            mimo_x: Optional[torch.Tensor], mimo_z: Optional[torch.Tensor], mimo_o: Optional[torch.Tensor],
+            eps: float) -> torch.Tensor:
+    """y (b, l, H, R, P) contiguous, x and z (b, l, H, P) token rows -> (b, l, H, P) in y's dtype."""
+    b, l, h, r, p, RP, BP, BT, grid = _out_meta(y, _OUT_FWD[0])
+    out = torch.empty(b, l, h, p, device=y.device, dtype=y.dtype)
+    mimo = mimo_x is not None
+    _out_fwd_kernel[grid](
+        y, x, z, D, _opt(norm_w, D), _opt(mimo_x, D), _opt(mimo_z, D), _opt(mimo_o, D), out,
+        b * l, x.stride(1), z.stride(1), h, eps,
+        R=r, P=p, RP=RP, BP=BP, BT=BT, HAS_NORM=norm_w is not None, MIMO=mimo, num_warps=_OUT_FWD[1],
+    )
+    return out
+
+
+@_out_op.register_fake
+def _(y, x, z, D, norm_w, mimo_x, mimo_z, mimo_o, eps):
+    b, l, h, r, p = y.shape
+    return y.new_empty(b, l, h, p)
+
+
+@torch.library.custom_op("hybridlab::gated_output_bwd", mutates_args=())
+def _out_bwd_op(y: torch.Tensor, x: torch.Tensor, z: torch.Tensor, D: torch.Tensor, norm_w: Optional[torch.Tensor],
+                mimo_x: Optional[torch.Tensor], mimo_z: Optional[torch.Tensor], mimo_o: Optional[torch.Tensor],
+                dout: torch.Tensor, eps: float) -> List[torch.Tensor]:
+    """-> [dy, dx, dz, dD, d norm_w, d mimo_x, d mimo_z, d mimo_o] (empty tensors for the absent ones)."""
+    b, l, h, r, p, RP, BP, BT, grid = _out_meta(y, _OUT_BWD[0])
+    dev, f32 = y.device, torch.float32
+    mimo = mimo_x is not None
+    progs, iters = param_grid(grid[0], h)  # each program walks `iters` token blocks of one head
+    dy = torch.empty_like(y)
+    dx = torch.empty(b, l, h, p, device=dev, dtype=x.dtype)
+    dz = torch.empty(b, l, h, p, device=dev, dtype=z.dtype)
+    dD = torch.empty(progs, h, device=dev, dtype=f32)
+    dnw = torch.empty(progs, h, p, device=dev, dtype=f32) if norm_w is not None else None
+    dm = [torch.empty(progs, h, r, p, device=dev, dtype=f32) if mimo else None for _ in range(3)]
+    _out_bwd_kernel[(progs, h)](
+        y, x, z, D, _opt(norm_w, D), _opt(mimo_x, D), _opt(mimo_z, D), _opt(mimo_o, D), dout.contiguous(),
+        dy, dx, dz, dD, _opt(dnw, dD), *(_opt(t, dD) for t in dm), b * l, x.stride(1), z.stride(1), h, eps, iters,
+        R=r, P=p, RP=RP, BP=BP, BT=BT, HAS_NORM=norm_w is not None, MIMO=mimo, num_warps=_OUT_BWD[1],
+    )
+    total = lambda part, like: part.sum(0).to(like.dtype) if part is not None else y.new_empty(0)  # noqa: E731
+    return [dy, dx, dz, total(dD, D), total(dnw, norm_w), total(dm[0], mimo_x), total(dm[1], mimo_z), total(dm[2], mimo_o)]
+
+
+@_out_bwd_op.register_fake
+def _(y, x, z, D, norm_w, mimo_x, mimo_z, mimo_o, dout, eps):
+    like = lambda t: torch.empty_like(t, memory_format=torch.contiguous_format) if t is not None else y.new_empty(0)  # noqa: E731
+    b, l, h, r, p = y.shape
+    return [torch.empty_like(y), x.new_empty(b, l, h, p), z.new_empty(b, l, h, p), like(D), like(norm_w), like(mimo_x),
+            like(mimo_z), like(mimo_o)]
+
+
+def _out_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:8])
+    ctx.eps = inputs[8]
+
+
+def _out_backward(ctx, dout):
+    saved = ctx.saved_tensors
+    grads = torch.ops.hybridlab.gated_output_bwd(*saved, dout, ctx.eps)
+    return (*grads[:4], *(g if t is not None else None for g, t in zip(grads[4:], saved[4:])), None)
+
+
+torch.library.register_autograd("hybridlab::gated_output", _out_backward, setup_context=_out_setup)
 
 
 def gated_output_triton(y, x, z, D, norm_w, mimo_x, mimo_z, mimo_o, eps: float):
+    b, l, h, r, p = y.shape
+    x, z = token_rows(x.reshape(b, l, h, p)), token_rows(z.reshape(b, l, h, p))
     params = [t.contiguous() if t is not None else None for t in (D, norm_w, mimo_x, mimo_z, mimo_o)]
-    return GatedOutputFn.apply(y, x, z, *params, float(eps))
+    return torch.ops.hybridlab.gated_output(y.contiguous(), x, z, *params, float(eps))

@@ -14,6 +14,8 @@ rotating is elementwise and sin/cos are computed once per angle.
 
 from __future__ import annotations
 
+from typing import List, Optional, Tuple
+
 import torch
 
 from .._triton_utils import env_pair, param_grid, pow2, tl, token_block, token_rows, triton
@@ -241,64 +243,89 @@ def _qk_launch_meta(X, phase, budget):
     return dict(b=b, l=l, r=r, n=n, A=A, RP=RP, BA=BA, BR=BR, BT=token_block(RP, BA * 2 + BR, budget))
 
 
-class QKPrepFn(torch.autograd.Function):
-    """(B, C, phase, b_norm, c_norm, b_bias, c_bias) -> (q, k), fused forward and backward."""
+@torch.library.custom_op("hybridlab::qk_prep", mutates_args=())
+def _qk_op(B: torch.Tensor, C: torch.Tensor, phase: Optional[torch.Tensor], b_norm: Optional[torch.Tensor],
+           c_norm: Optional[torch.Tensor], b_bias: Optional[torch.Tensor], c_bias: Optional[torch.Tensor], heads: int,
+           eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """B, C (b, l, R, N) token rows; phase (b, l, H, A) fp32, dense with any strides -> (q, k) (b, l, H, R, N)."""
+    m = _qk_launch_meta(B, phase, _QK_FWD[0])
+    ph = phase if phase is not None else B
+    outs = []
+    for X, w, bias in ((C, c_norm, c_bias), (B, b_norm, b_bias)):
+        out = torch.empty(m["b"], m["l"], heads, m["r"], m["n"], device=X.device, dtype=X.dtype)
+        _qk_fwd_kernel[(triton.cdiv(m["b"] * m["l"], m["BT"]),)](
+            X, w if w is not None else X, bias if bias is not None else X, ph, out,
+            m["b"] * m["l"], X.stride(1), heads, eps, m["l"], *_phase_strides(phase),
+            R=m["r"], N=m["n"], A=m["A"], RP=m["RP"], BA=m["BA"], BR=m["BR"], BT=m["BT"],
+            HAS_NORM=w is not None, HAS_BIAS=bias is not None, num_warps=_QK_FWD[1],
+        )
+        outs.append(out)
+    return outs[0], outs[1]
 
-    @staticmethod
-    def forward(ctx, B, C, phase, b_norm, c_norm, b_bias, c_bias, heads, eps):
-        B, C = token_rows(B), token_rows(C)
-        m = _qk_launch_meta(B, phase, _QK_FWD[0])
-        ph = phase if phase is not None else torch.zeros(1, device=B.device)
-        outs = []
-        for X, w, bias in ((C, c_norm, c_bias), (B, b_norm, b_bias)):
-            out = torch.empty(m["b"], m["l"], heads, m["r"], m["n"], device=X.device, dtype=X.dtype)
-            _qk_fwd_kernel[(triton.cdiv(m["b"] * m["l"], m["BT"]),)](
-                X, w if w is not None else X, bias if bias is not None else X, ph, out,
-                m["b"] * m["l"], X.stride(1), heads, eps, m["l"], *_phase_strides(phase),
-                R=m["r"], N=m["n"], A=m["A"], RP=m["RP"], BA=m["BA"], BR=m["BR"], BT=m["BT"],
-                HAS_NORM=w is not None, HAS_BIAS=bias is not None, num_warps=_QK_FWD[1],
-            )
-            outs.append(out)
-        ctx.save_for_backward(B, C, phase, b_norm, c_norm, b_bias, c_bias)
-        ctx.heads, ctx.eps = heads, eps
-        return outs[0], outs[1]
 
-    @staticmethod
-    def backward(ctx, dq, dk):
-        B, C, phase, b_norm, c_norm, b_bias, c_bias = ctx.saved_tensors
-        heads, eps = ctx.heads, ctx.eps
-        m = _qk_launch_meta(B, phase, _QK_BWD[0])
-        ntok = m["b"] * m["l"]
-        nprog = triton.cdiv(ntok, m["BT"])
-        dev = B.device
-        dphase = torch.empty_like(phase) if phase is not None else torch.zeros(1, device=dev)  # phase's strides
-        ph = phase if phase is not None else dphase
-        grads = []
-        for i, (X, w, bias, dout) in enumerate(((C, c_norm, c_bias, dq), (B, b_norm, b_bias, dk))):
-            if dout is None:
-                dout = torch.zeros(m["b"], m["l"], heads, m["r"], m["n"], device=dev, dtype=X.dtype)
-            dout = dout.contiguous()
-            dX = torch.empty(m["b"], m["l"], m["r"], m["n"], device=dev, dtype=X.dtype)
-            dw = torch.empty(nprog, m["n"], device=dev, dtype=torch.float32) if w is not None else None
-            _qk_bwd_kernel[(nprog,)](
-                X, w if w is not None else X, bias if bias is not None else X, ph,
-                dout, dX, dw if dw is not None else dX, dphase,
-                ntok, X.stride(1), heads, eps, m["l"], *_phase_strides(phase),
-                R=m["r"], N=m["n"], A=m["A"], RP=m["RP"], BA=m["BA"], BR=m["BR"], BT=m["BT"],
-                HAS_NORM=w is not None, HAS_BIAS=bias is not None, ACC_DPH=i == 1, num_warps=_QK_BWD[1],
+@_qk_op.register_fake
+def _(B, C, phase, b_norm, c_norm, b_bias, c_bias, heads, eps):
+    b, l, r, n = B.shape
+    return B.new_empty(b, l, heads, r, n), B.new_empty(b, l, heads, r, n)
+
+
+@torch.library.custom_op("hybridlab::qk_prep_bwd", mutates_args=())
+def _qk_bwd_op(B: torch.Tensor, C: torch.Tensor, phase: Optional[torch.Tensor], b_norm: Optional[torch.Tensor],
+               c_norm: Optional[torch.Tensor], b_bias: Optional[torch.Tensor], c_bias: Optional[torch.Tensor],
+               dq: torch.Tensor, dk: torch.Tensor, heads: int, eps: float) -> List[torch.Tensor]:
+    """-> [dB, dC, dphase (phase's strides), d b_norm, d c_norm, d b_bias, d c_bias] (empty where absent)."""
+    m = _qk_launch_meta(B, phase, _QK_BWD[0])
+    ntok = m["b"] * m["l"]
+    nprog = triton.cdiv(ntok, m["BT"])
+    dev = B.device
+    none = lambda: B.new_empty(0)  # noqa: E731  (a fresh one each time: outputs may not alias)
+    dphase = torch.empty_like(phase) if phase is not None else none()  # phase's strides
+    ph = phase if phase is not None else B
+    grads = []
+    for i, (X, w, bias, dout) in enumerate(((C, c_norm, c_bias, dq), (B, b_norm, b_bias, dk))):
+        dout = dout.contiguous()
+        dX = torch.empty(m["b"], m["l"], m["r"], m["n"], device=dev, dtype=X.dtype)
+        dw = torch.empty(nprog, m["n"], device=dev, dtype=torch.float32) if w is not None else None
+        _qk_bwd_kernel[(nprog,)](
+            X, w if w is not None else X, bias if bias is not None else X, ph,
+            dout, dX, dw if dw is not None else dX, dphase if phase is not None else dX,
+            ntok, X.stride(1), heads, eps, m["l"], *_phase_strides(phase),
+            R=m["r"], N=m["n"], A=m["A"], RP=m["RP"], BA=m["BA"], BR=m["BR"], BT=m["BT"],
+            HAS_NORM=w is not None, HAS_BIAS=bias is not None, ACC_DPH=i == 1, num_warps=_QK_BWD[1],
+        )
+        dbias = none()
+        if bias is not None:
+            bt = token_block(m["RP"], m["BA"] * 2 + m["BR"], _QK_DBIAS[0])
+            progs, iters = param_grid(triton.cdiv(ntok, bt), heads)
+            part = torch.empty(progs, heads, m["r"], m["n"], device=dev, dtype=torch.float32)
+            _qk_dbias_kernel[(progs, heads)](
+                ph, dout, part, ntok, heads, iters, m["l"], *_phase_strides(phase),
+                R=m["r"], N=m["n"], A=m["A"], RP=m["RP"], BA=m["BA"], BR=m["BR"], BT=bt, num_warps=_QK_DBIAS[1],
             )
-            dbias = None
-            if bias is not None:
-                bt = token_block(m["RP"], m["BA"] * 2 + m["BR"], _QK_DBIAS[0])
-                progs, iters = param_grid(triton.cdiv(ntok, bt), heads)
-                dbias = torch.empty(progs, heads, m["r"], m["n"], device=dev, dtype=torch.float32)
-                _qk_dbias_kernel[(progs, heads)](
-                    ph, dout, dbias, ntok, heads, iters, m["l"], *_phase_strides(phase),
-                    R=m["r"], N=m["n"], A=m["A"], RP=m["RP"], BA=m["BA"], BR=m["BR"], BT=bt, num_warps=_QK_DBIAS[1],
-                )
-            grads.append((dX, dw.sum(0).to(w.dtype) if dw is not None else None, dbias.sum(0).to(bias.dtype) if dbias is not None else None))
-        (dC, dcw, dcb), (dB, dbw, dbb) = grads
-        return dB, dC, dphase if phase is not None else None, dbw, dcw, dbb, dcb, None, None
+            dbias = part.sum(0).to(bias.dtype)
+        grads.append((dX, dw.sum(0).to(w.dtype) if dw is not None else none(), dbias))
+    (dC, dcw, dcb), (dB, dbw, dbb) = grads
+    return [dB, dC, dphase, dbw, dcw, dbb, dcb]
+
+
+@_qk_bwd_op.register_fake
+def _(B, C, phase, b_norm, c_norm, b_bias, c_bias, dq, dk, heads, eps):
+    like = lambda t: torch.empty_like(t) if t is not None else B.new_empty(0)  # noqa: E731
+    return [B.new_empty(B.shape), C.new_empty(C.shape), like(phase), like(b_norm), like(c_norm), like(b_bias), like(c_bias)]
+
+
+def _qk_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:7])
+    ctx.heads, ctx.eps = inputs[7], inputs[8]
+
+
+def _qk_backward(ctx, dq, dk):
+    saved = ctx.saved_tensors
+    grads = torch.ops.hybridlab.qk_prep_bwd(*saved, dq, dk, ctx.heads, ctx.eps)
+    return (*(g if t is not None else None for g, t in zip(grads, saved)), None, None)
+
+
+torch.library.register_autograd("hybridlab::qk_prep", _qk_backward, setup_context=_qk_setup)
 
 
 def qk_prep_triton(B, C, phase, b_norm, c_norm, b_bias, c_bias, heads: int, eps: float):
@@ -307,4 +334,4 @@ def qk_prep_triton(B, C, phase, b_norm, c_norm, b_bias, c_bias, heads: int, eps:
         if torch.empty_like(phase).stride() != phase.stride():  # e.g. broadcast: not dense
             phase = phase.contiguous()
     params = [t.contiguous() if t is not None else None for t in (b_norm, c_norm, b_bias, c_bias)]
-    return QKPrepFn.apply(B, C, phase, *params, heads, float(eps))
+    return torch.ops.hybridlab.qk_prep(token_rows(B), token_rows(C), phase, *params, heads, float(eps))

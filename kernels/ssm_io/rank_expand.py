@@ -7,6 +7,8 @@ blocks.
 
 from __future__ import annotations
 
+from typing import Tuple
+
 import torch
 
 from .._triton_utils import env_pair, param_grid, pow2, tl, token_block, token_rows, triton
@@ -68,34 +70,55 @@ def _expand_bwd_kernel(X, W, DV, DX, DW_PART, n_tok, sx_tok, H, ITERS, R: tl.con
     tl.store(DW_PART + ((pid * H + h) * R + r2) * P + c2, tl.sum(acc, axis=0), mask=(r2 < R) & (c2 < P))
 
 
-class RankExpandFn(torch.autograd.Function):
-    """x (b, l, H, P), w (H, R, P) -> v = x ⊙ w (b, l, H, R, P) in x's dtype."""
+def _expand_meta(x, w):
+    b, l, h, p = x.shape
+    r = w.shape[1]
+    RP, BP = pow2(r), max(pow2(p), 16)
+    return b, l, h, p, r, RP, BP, token_block(RP, BP, _EXPAND[0])
 
-    @staticmethod
-    def forward(ctx, x, w):
-        b, l, h, p = x.shape
-        r = w.shape[1]
-        RP, BP = pow2(r), max(pow2(p), 16)
-        BT = token_block(RP, BP, _EXPAND[0])
-        v = torch.empty(b, l, h, r, p, device=x.device, dtype=x.dtype)
-        _expand_fwd_kernel[(triton.cdiv(b * l, BT), h)](x, w, v, b * l, x.stride(1), h, R=r, P=p, RP=RP, BP=BP, BT=BT, num_warps=_EXPAND[1])
-        ctx.save_for_backward(x, w)
-        return v
 
-    @staticmethod
-    def backward(ctx, dv):
-        x, w = ctx.saved_tensors
-        b, l, h, p = x.shape
-        r = w.shape[1]
-        RP, BP = pow2(r), max(pow2(p), 16)
-        BT = token_block(RP, BP, _EXPAND[0])
-        progs, iters = param_grid(triton.cdiv(b * l, BT), h)
-        dx = torch.empty(b, l, h, p, device=x.device, dtype=x.dtype)
-        dw = torch.empty(progs, h, r, p, device=x.device, dtype=torch.float32)
-        _expand_bwd_kernel[(progs, h)](x, w, dv.contiguous(), dx, dw, b * l, x.stride(1), h, iters,
-                                       R=r, P=p, RP=RP, BP=BP, BT=BT, num_warps=_EXPAND[1])
-        return dx, dw.sum(0).to(w.dtype)
+@torch.library.custom_op("hybridlab::rank_expand", mutates_args=())
+def _expand_op(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (b, l, H, P) (token rows: any token stride), w (H, R, P) -> v = x ⊙ w (b, l, H, R, P) in x's dtype."""
+    b, l, h, p, r, RP, BP, BT = _expand_meta(x, w)
+    v = torch.empty(b, l, h, r, p, device=x.device, dtype=x.dtype)
+    _expand_fwd_kernel[(triton.cdiv(b * l, BT), h)](x, w, v, b * l, x.stride(1), h, R=r, P=p, RP=RP, BP=BP, BT=BT,
+                                                    num_warps=_EXPAND[1])
+    return v
+
+
+@_expand_op.register_fake
+def _(x, w):
+    b, l, h, p = x.shape
+    return x.new_empty(b, l, h, w.shape[1], p)
+
+
+@torch.library.custom_op("hybridlab::rank_expand_bwd", mutates_args=())
+def _expand_bwd_op(x: torch.Tensor, w: torch.Tensor, dv: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    b, l, h, p, r, RP, BP, BT = _expand_meta(x, w)
+    progs, iters = param_grid(triton.cdiv(b * l, BT), h)
+    dx = torch.empty(b, l, h, p, device=x.device, dtype=x.dtype)
+    dw = torch.empty(progs, h, r, p, device=x.device, dtype=torch.float32)
+    _expand_bwd_kernel[(progs, h)](x, w, dv.contiguous(), dx, dw, b * l, x.stride(1), h, iters,
+                                   R=r, P=p, RP=RP, BP=BP, BT=BT, num_warps=_EXPAND[1])
+    return dx, dw.sum(0).to(w.dtype)
+
+
+@_expand_bwd_op.register_fake
+def _(x, w, dv):
+    return x.new_empty(x.shape), torch.empty_like(w)
+
+
+def _expand_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _expand_backward(ctx, dv):
+    return tuple(torch.ops.hybridlab.rank_expand_bwd(*ctx.saved_tensors, dv))
+
+
+torch.library.register_autograd("hybridlab::rank_expand", _expand_backward, setup_context=_expand_setup)
 
 
 def rank_expand_triton(x, w):
-    return RankExpandFn.apply(token_rows(x), w.contiguous())
+    return torch.ops.hybridlab.rank_expand(token_rows(x), w.contiguous())

@@ -1,6 +1,7 @@
 """The trapezoidal SSM scan: one contract, several backends, one dispatcher.
 
-    ssm_scan(q, k, v, log_alpha, beta, gamma, state=None) -> (y, final_state)
+    ssm_scan(q, k, v, log_alpha, beta, gamma, state=None, *, backend="auto", chunk_size=None,
+             seq_idx=None, cu_seqlens=None) -> (y, final_state)
 
 See DESIGN.md §3 and ``reference.py`` for the math. Backends:
 
@@ -11,19 +12,33 @@ See DESIGN.md §3 and ``reference.py`` for the math. Backends:
 
 ``backend="auto"`` (the default) picks the fastest one available for the
 device and sequence length; ``select_backend`` says which and why.
+
+Packed documents: ``seq_idx`` (batch, seqlen) int, nondecreasing along each row,
+names each position's document. Wherever it changes, h is reset (nothing is
+carried over from the previous document) and the trapezoid's previous-token
+(beta) term is dropped, so a packed batch gives what each document gives alone,
+values and gradients. ``cu_seqlens`` (n_docs + 1,) offsets of a batch of one
+row say the same thing. A passed-in ``state`` belongs to each row's first
+document; the returned state is that of its last.
+
+``ssm_scan_fused`` (``fused.py``) is the same scan with the Mamba-3 layer's q/k/v
+preparation inside the kernels (MIMO and SISO): B/C, the phase and x in, no
+(b, l, H, R, ·) tensor in memory.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 
 import torch
 
 from .._triton_utils import HAS_TRITON, pow2_rows_error, triton_usable
-from .reference import ScanState, scan_chunked, scan_recurrent
+from .reference import ScanState, check_inputs, scan_chunked, scan_recurrent
 
-__all__ = ["ssm_scan", "ScanState", "select_backend", "default_chunk_size", "triton_supports", "chunk_rows", "BACKENDS"]
+__all__ = ["ssm_scan", "ScanState", "select_backend", "default_chunk_size", "triton_supports", "chunk_rows", "BACKENDS",
+           "seq_idx_from_cu_seqlens", "per_document"]
 
 BACKENDS = ("auto", "torch", "torch_chunked", "torch_recurrent", "triton", "cute")
 
@@ -95,30 +110,91 @@ def _kernel_file_exists(name: str) -> bool:
 # Looked up once: the dispatch below then reads only tensor properties (torch.compile traces it).
 _TRITON_FILE = HAS_TRITON and _kernel_file_exists("triton")
 _CUTE_FILE = _kernel_file_exists("cute")
+if _TRITON_FILE:  # registers its torch.library ops now, not inside a traced (torch.compile) call
+    _triton_backend()
 
 
 def _cute_available(device: torch.device) -> bool:
     return _CUTE_FILE and device.type == "cuda" and _cute_backend().cute_available(device)
 
 
-def ssm_scan(q, k, v, log_alpha, beta, gamma, state=None, *, backend: str = "auto", chunk_size: int | None = None):
-    """Run the scan; returns ``(y, ScanState(h, k_last, v_last))``."""
+def seq_idx_from_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
+    """``cu_seqlens`` (n_docs + 1,) offsets [0, ..., seqlen] of a batch of one row -> seq_idx (1, seqlen) int32."""
+    if batch != 1:
+        raise ValueError(f"ssm_scan: cu_seqlens describes a batch of one row; got batch {batch} (pass seq_idx instead)")
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point():
+        raise ValueError("ssm_scan: cu_seqlens must be a 1-D integer tensor of n_docs + 1 >= 2 offsets")
+    if not torch.compiler.is_compiling():  # a host sync: checked in eager mode only
+        cu = cu_seqlens.tolist()
+        if cu[0] != 0 or cu[-1] != seqlen or any(a > b for a, b in zip(cu, cu[1:])):
+            raise ValueError(f"ssm_scan: cu_seqlens must rise from 0 to seqlen {seqlen}; got {cu}")
+    pos = torch.arange(seqlen, device=cu_seqlens.device)
+    return torch.searchsorted(cu_seqlens[1:].to(pos.dtype).contiguous(), pos, right=True).to(torch.int32)[None]
+
+
+def _packed_args(seq_idx, cu_seqlens, q) -> torch.Tensor | None:
+    """The (b, l) int32 document ids from ``seq_idx`` or ``cu_seqlens`` (None without packing or for one position)."""
+    if cu_seqlens is not None:
+        if seq_idx is not None:
+            raise ValueError("ssm_scan: give seq_idx or cu_seqlens, not both")
+        seq_idx = seq_idx_from_cu_seqlens(cu_seqlens.to(q.device), q.shape[0], q.shape[1])
+    if seq_idx is None or q.shape[1] == 1:  # one position is one document: the state applies to it
+        return None
+    if not isinstance(seq_idx, torch.Tensor) or seq_idx.shape != q.shape[:2] or seq_idx.is_floating_point() or seq_idx.dtype == torch.bool:
+        got = tuple(seq_idx.shape) if isinstance(seq_idx, torch.Tensor) else type(seq_idx).__name__
+        raise ValueError(f"ssm_scan: seq_idx must be a (batch, seqlen) = {tuple(q.shape[:2])} integer tensor; got {got}")
+    if seq_idx.device != q.device:
+        raise ValueError(f"ssm_scan: seq_idx is on {seq_idx.device}, the inputs on {q.device}")
+    return seq_idx.to(torch.int32)  # nondecreasing per row is the caller's promise (checking it costs a sync)
+
+
+def per_document(scan, q, k, v, log_alpha, beta, gamma, state, seq_idx):
+    """Packed documents for a scan form without ``seq_idx``: each document of each row run alone,
+    the state passed to the row's first. A host-synced loop (the torch backends' stand-in until the
+    reference takes ``seq_idx``; the Triton kernels do it in one pass)."""
+    st = check_inputs(q, k, v, log_alpha, beta, gamma, state)
+    l = q.shape[1]
+    ys, finals = [], []
+    for row in range(q.shape[0]):
+        ids = seq_idx[row]
+        cuts = [0, *(torch.nonzero(ids[1:] != ids[:-1]).flatten() + 1).tolist(), l]
+        state_r = ScanState(st.h[row : row + 1], st.k[row : row + 1], st.v[row : row + 1])
+        parts = []
+        for a, e in zip(cuts[:-1], cuts[1:]):
+            sl = (slice(row, row + 1), slice(a, e))
+            y, final = scan(q[sl], k[sl], v[sl], log_alpha[sl], beta[sl], gamma[sl], state_r if a == 0 else None)
+            parts.append(y)
+        ys.append(torch.cat(parts, dim=1))
+        finals.append(final)
+    return torch.cat(ys, dim=0), ScanState(*(torch.cat(t, dim=0) for t in zip(*finals)))
+
+
+def ssm_scan(q, k, v, log_alpha, beta, gamma, state=None, *, backend: str = "auto", chunk_size: int | None = None,
+             seq_idx=None, cu_seqlens=None):
+    """Run the scan; returns ``(y, ScanState(h, k_last, v_last))``. ``seq_idx`` / ``cu_seqlens``: packed documents."""
     if backend not in BACKENDS:
         raise ValueError(f"ssm_scan: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    seqlen = q.shape[1] if q.dim() == 5 else None
+    if q.dim() != 5:
+        check_inputs(q, k, v, log_alpha, beta, gamma, state)  # raises the shape error
+    seqlen = q.shape[1]
+    seq_idx = _packed_args(seq_idx, cu_seqlens, q)
     if backend == "auto":
-        shape = dict(headdim=v.shape[-1], d_state=q.shape[-1], rank=q.shape[3], chunk_size=chunk_size) if q.dim() == 5 else None
+        shape = dict(headdim=v.shape[-1], d_state=q.shape[-1], rank=q.shape[3], chunk_size=chunk_size)
         backend, _ = select_backend(q.device, seqlen, shape)
     if backend == "torch":
         backend = "torch_recurrent" if seqlen == 1 else "torch_chunked"
-    if backend == "torch_recurrent":
-        return scan_recurrent(q, k, v, log_alpha, beta, gamma, state)
-    if backend == "torch_chunked":
-        return scan_chunked(q, k, v, log_alpha, beta, gamma, state, chunk_size=chunk_size or 64)
     if backend == "triton":
         if not (_TRITON_FILE and triton_usable(q)):
             raise RuntimeError("ssm_scan: backend 'triton' needs CUDA (or TRITON_INTERPRET=1) and the triton package")
-        return _triton_backend().ssm_scan_triton(q, k, v, log_alpha, beta, gamma, state, chunk_size=chunk_size)
-    if not _cute_available(q.device):
-        raise RuntimeError("ssm_scan: backend 'cute' needs a CUDA sm90+ GPU and nvidia-cutlass-dsl")
-    return _cute_backend().ssm_scan_cute(q, k, v, log_alpha, beta, gamma, state)
+        return _triton_backend().ssm_scan_triton(q, k, v, log_alpha, beta, gamma, state, chunk_size=chunk_size, seq_idx=seq_idx)
+    if backend == "torch_recurrent":
+        scan = scan_recurrent
+    elif backend == "torch_chunked":
+        scan = functools.partial(scan_chunked, chunk_size=chunk_size or 64)
+    else:
+        if not _cute_available(q.device):
+            raise RuntimeError("ssm_scan: backend 'cute' needs a CUDA sm90+ GPU and nvidia-cutlass-dsl")
+        scan = _cute_backend().ssm_scan_cute
+    if seq_idx is not None:
+        return per_document(scan, q, k, v, log_alpha, beta, gamma, state, seq_idx)
+    return scan(q, k, v, log_alpha, beta, gamma, state)
