@@ -44,7 +44,7 @@ BACKENDS = ("auto", "torch", "torch_chunked", "torch_recurrent", "triton", "cute
 
 
 def _triton_backend():
-    return importlib.import_module(".triton", __name__)
+    return _TRITON_MOD if _TRITON_MOD is not None else importlib.import_module(".triton", __name__)
 
 
 def _cute_backend():
@@ -110,8 +110,8 @@ def _kernel_file_exists(name: str) -> bool:
 # Looked up once: the dispatch below then reads only tensor properties (torch.compile traces it).
 _TRITON_FILE = HAS_TRITON and _kernel_file_exists("triton")
 _CUTE_FILE = _kernel_file_exists("cute")
-if _TRITON_FILE:  # registers its torch.library ops now, not inside a traced (torch.compile) call
-    _triton_backend()
+# Imported now: it registers its torch.library ops, and importlib inside a traced call breaks the graph.
+_TRITON_MOD = importlib.import_module(".triton", __name__) if _TRITON_FILE else None
 
 
 def _cute_available(device: torch.device) -> bool:
