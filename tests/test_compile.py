@@ -117,8 +117,15 @@ _OPCHECK = textwrap.dedent(
         "ssm_scan": [(r(b, l, h, 1, n), r(b, l, h, 1, n), r(b, l, h, 1, p), -torch.rand(b, l, h, generator=g).requires_grad_(),
                       r(b, l, h), r(b, l, h), r(b, h, p, n), r(b, h, 1, n), r(b, h, 1, p), seq, 16, True)],
         "linear_cross_entropy": [(r(12, 16), r(40, 16), torch.tensor([1, 5, -100, 39, 0, 2, 2, 7, -100, 3, 4, 5]), -100, 5)],
+        "ssm_scan_fused": [  # MIMO with every stage on; SISO bare
+            (r(b, l, R, n), r(b, l, R, n), r(b, l, h, A), r(n), r(n), r(h, R, n), r(h, R, n), r(b, l, h, p), r(h, R, p),
+             -torch.rand(b, l, h, generator=g).requires_grad_(), r(b, l, h), r(b, l, h), r(b, h, p, n), r(b, h, R, n),
+             r(b, h, R, p), seq, 1e-5, 16, True),
+            (r(b, l, 1, n), r(b, l, 1, n), None, None, None, None, None, r(b, l, h, p), None,
+             -torch.rand(b, l, h, generator=g).requires_grad_(), r(b, l, h), r(b, l, h), r(b, h, p, n), r(b, h, 1, n),
+             r(b, h, 1, p), None, 1e-5, 16, True),
+        ],
     }
-    EXTRA
     for name, arg_sets in cases.items():
         for args in arg_sets:
             torch.library.opcheck(getattr(ops, name), args)
@@ -130,4 +137,4 @@ _OPCHECK = textwrap.dedent(
 @pytest.mark.skipif(not has_module("triton"), reason="triton not installed")
 def test_custom_ops_opcheck():
     """Schema, fake tensors (shapes, dtypes, strides), autograd registration and AOT dispatch of every op."""
-    run_under_interpreter(_OPCHECK.replace("EXTRA", ""))
+    run_under_interpreter(_OPCHECK)

@@ -19,7 +19,9 @@ the output projection. No short convolution.
 
 The stages before and after the scan (B/C norm + bias + rotary; D, norm, gate,
 rank combination) are ``hybridlab.kernels.ssm_io``: fused Triton kernels on
-CUDA, the PyTorch reference elsewhere.
+CUDA, the PyTorch reference elsewhere. With the triton / auto backend on CUDA
+the q/k/v preparation runs inside the scan kernels (``ssm_scan_fused``: B, C,
+the phase and x in; no (b, l, H, R, ·) tensor in memory).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
-from hybridlab.kernels import ScanState, select_backend, ssm_scan
+from hybridlab.kernels import ScanState, select_backend, ssm_scan, ssm_scan_fused
+from hybridlab.kernels.ssm_scan.fused import fused_supported
 from hybridlab.kernels.ssm_io import cumulative_phase, gated_output, qk_prep, rank_expand, scan_coefficients
 
 from ..spec import Mamba3Block
@@ -120,6 +123,13 @@ class Mamba3(nn.Module):
 
         ``valid`` (b, l) bool: positions to skip get dt = 0 and x = 0 (left padding).
         """
+        B, C, x, z, log_alpha, beta, gamma, phase = self.projections(u, phase0, valid)
+        q, k = qk_prep(B, C, phase, self.b_norm, self.c_norm, self.b_bias, self.c_bias, self.H, self.eps, backend=self.io_backend)
+        v = rank_expand(x, self.mimo_x, backend=self.io_backend) if self.blk.mode == "mimo" else x[:, :, :, None].contiguous()
+        return ScanInputs(q, k, v, log_alpha, beta, gamma, x, z, phase)
+
+    def projections(self, u: torch.Tensor, phase0: torch.Tensor | None = None, valid: torch.Tensor | None = None):
+        """in_proj and the per-token scalars: B, C (b, l, R, N), x (b, l, H, P), z, log α, β, γ, phase."""
         b, l, _ = u.shape
         H, P, N, R = self.H, self.P, self.N, self.R
         blk = self.blk
@@ -137,13 +147,7 @@ class Mamba3(nn.Module):
             phase = cumulative_phase(theta, dt, backend=self.io_backend)  # (b, l, H, n_angles)
             if phase0 is not None:
                 phase = phase + phase0[:, None]
-        q, k = qk_prep(
-            B.view(b, l, R, N), C.view(b, l, R, N), phase, self.b_norm, self.c_norm, self.b_bias, self.c_bias,
-            H, self.eps, backend=self.io_backend,
-        )
-        x = x.view(b, l, H, P)
-        v = rank_expand(x, self.mimo_x, backend=self.io_backend) if blk.mode == "mimo" else x[:, :, :, None].contiguous()
-        return ScanInputs(q, k, v, log_alpha, beta, gamma, x, z, phase)
+        return B.view(b, l, R, N), C.view(b, l, R, N), x.view(b, l, H, P), z, log_alpha, beta, gamma, phase
 
     def forward(self, u: torch.Tensor, cache: Mamba3Cache | None = None):
         b, l, _ = u.shape
@@ -151,18 +155,26 @@ class Mamba3(nn.Module):
         if cache is not None and l == 1 and cache.valid is None and self.fused_step_ok(u, cache):
             return self.fused_step(u, cache)
         valid = cache.valid if cache is not None else None
-        ins = self.scan_inputs(u, cache.phase if cache is not None else None, valid)
-        y, final = ssm_scan(
-            *ins[:6], cache.scan if cache is not None else None,
-            backend=self.backend, chunk_size=self.blk.chunk_size,
-        )
+        state = cache.scan if cache is not None else None
+        B, C, x, z, log_alpha, beta, gamma, phase = self.projections(u, cache.phase if cache is not None else None, valid)
+        if self.backend in ("auto", "triton") and l > 1 and fused_supported(B, x, self.mimo_x, self.blk.chunk_size)[0]:
+            # q, k, v built inside the scan kernels: no (b, l, H, R, N) tensor in memory, forward or backward
+            y, final = ssm_scan_fused(
+                B, C, phase, self.b_norm, self.c_norm, self.b_bias, self.c_bias, x, self.mimo_x, log_alpha, beta, gamma,
+                state, eps=self.eps, backend="triton", chunk_size=self.blk.chunk_size,
+            )
+        else:
+            q, k = qk_prep(B, C, phase, self.b_norm, self.c_norm, self.b_bias, self.c_bias, H, self.eps,
+                           backend=self.io_backend)
+            v = rank_expand(x, self.mimo_x, backend=self.io_backend) if self.blk.mode == "mimo" else x[:, :, :, None].contiguous()
+            y, final = ssm_scan(q, k, v, log_alpha, beta, gamma, state, backend=self.backend, chunk_size=self.blk.chunk_size)
         if cache is not None:  # in place: the cache's buffers stay put (CUDA graphs replay on them)
             for dst, src in zip(cache.scan, final):
                 if dst.data_ptr() != src.data_ptr():
                     dst.copy_(src)
-            if ins.phase is not None:
-                cache.phase.copy_(ins.phase[:, -1])
-        return self.out_proj(self.output(y, ins.x, ins.z).reshape(b, l, H * P))
+            if phase is not None:
+                cache.phase.copy_(phase[:, -1])
+        return self.out_proj(self.output(y, x, z).reshape(b, l, H * P))
 
     # ------------------------------------------------------------------ fused decode step (CUDA)
     use_fused_step = True  # set False to decode through ssm_scan (the unfused contract) instead

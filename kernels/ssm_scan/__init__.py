@@ -38,7 +38,7 @@ from .._triton_utils import HAS_TRITON, pow2_rows_error, triton_usable
 from .reference import ScanState, check_inputs, scan_chunked, scan_recurrent
 
 __all__ = ["ssm_scan", "ScanState", "select_backend", "default_chunk_size", "triton_supports", "chunk_rows", "BACKENDS",
-           "seq_idx_from_cu_seqlens", "per_document"]
+           "seq_idx_from_cu_seqlens", "per_document", "ssm_scan_fused", "ssm_scan_fused_reference"]
 
 BACKENDS = ("auto", "torch", "torch_chunked", "torch_recurrent", "triton", "cute")
 
@@ -198,3 +198,6 @@ def ssm_scan(q, k, v, log_alpha, beta, gamma, state=None, *, backend: str = "aut
     if seq_idx is not None:
         return per_document(scan, q, k, v, log_alpha, beta, gamma, state, seq_idx)
     return scan(q, k, v, log_alpha, beta, gamma, state)
+
+
+from .fused import ssm_scan_fused, ssm_scan_fused_reference  # noqa: E402  (it imports the names above)
