@@ -138,3 +138,81 @@ _OPCHECK = textwrap.dedent(
 def test_custom_ops_opcheck():
     """Schema, fake tensors (shapes, dtypes, strides), autograd registration and AOT dispatch of every op."""
     run_under_interpreter(_OPCHECK)
+
+
+# ---------------------------------------------------------------- CUDA: inductor, the real kernels
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("zoo", ["tiny-hybrid", "tiny-mimo"])
+def test_hybrid_lm_compiles_on_cuda(zoo):
+    """inductor over the whole model under bf16 autocast: one graph, no breaks, loss and grads close to eager."""
+    from torch._dynamo.utils import counters
+
+    from hybridlab.arch.model import HybridLM
+    from hybridlab.arch.spec import load_model_spec
+
+    torch._dynamo.reset()
+    spec = load_model_spec(f"zoo:{zoo}")
+    torch.manual_seed(0)
+    model = HybridLM(spec).cuda()
+    tok = torch.randint(0, spec.vocab_size, (4, 256), device="cuda")
+
+    def step(m):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(m(tok).flatten(0, 1).float(), tok.flatten())
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad(set_to_none=True)
+        return loss.detach(), grads
+
+    eager_loss, eager_grads = step(model)
+    counters.clear()
+    compiled_loss, compiled_grads = step(torch.compile(model))
+    assert not dict(counters["graph_break"]), dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1
+    assert torch.allclose(compiled_loss, eager_loss, rtol=2e-2)
+    for a, b in zip(compiled_grads, eager_grads):
+        assert ((a - b).norm() / b.norm().clamp_min(1e-12)) < 5e-2
+
+
+@gpu
+@needs_cuda
+def test_flash_attn_cute_custom_op_matches_sdpa():
+    from hybridlab.kernels.attention import _HAS_FA_CUTE, _sdpa
+
+    if not _HAS_FA_CUTE or torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("needs flash-attn-4 on sm90+")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, 512, 8, 128, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_() for _ in range(3))
+    do = torch.randn(2, 512, 8, 128, device="cuda", generator=g, dtype=torch.bfloat16)
+    out = torch.ops.hybridlab.flash_attn_cute(q, k, v, True)[0]
+    got = [out, *torch.autograd.grad(out, (q, k, v), do)]
+    ref = _sdpa(q, k, v, True)
+    want = [ref, *torch.autograd.grad(ref, (q, k, v), do)]
+    for a, b in zip(got, want):
+        assert ((a.float() - b.float()).norm() / b.float().norm()) < 1e-2
+    torch.library.opcheck(torch.ops.hybridlab.flash_attn_cute, (q, k, v, True), test_utils=("test_schema", "test_faketensor"))
+
+
+@gpu
+@needs_cuda
+def test_linear_cross_entropy_cuda_bf16():
+    from hybridlab.kernels.cross_entropy import linear_cross_entropy
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(8192, 1024, device="cuda", generator=g).requires_grad_()
+    w = (torch.randn(32000, 1024, device="cuda", generator=g) * 0.02).requires_grad_()
+    t = torch.randint(0, 32000, (8192,), device="cuda", generator=g)
+    t[::7] = -100
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(h, w, t)
+    got = [loss, *torch.autograd.grad(loss, (h, w))]
+    ref = torch.nn.functional.cross_entropy((h @ w.t()).float(), t)
+    want = [ref, *torch.autograd.grad(ref, (h, w))]
+    for a, b in zip(got, want):
+        assert ((a.float() - b).norm() / b.norm()) < 2e-2

@@ -64,25 +64,25 @@ def docs_of(seq_row):
     return list(zip(cuts[:-1], cuts[1:]))
 
 
-def packed_case(b, l, h, r, n, p, chunk, docs, with_state, backend="triton"):
+def packed_case(b, l, h, r, n, p, chunk, docs, with_state, backend="triton", device="cpu", dtype=torch.float32):
     """Relative errors of a packed batch (``seq_idx`` = ``docs``) through ``backend`` against each
-    document run alone through the float64 recurrence (the state only for a row's first document):
+    document run alone through the float64 chunked reference (the state only for a row's first document):
     y, the final h, and the gradients of every input and of the state."""
-    q, k, v, la, beta, gamma, st = make_inputs(b, l, h, r, n, p, dtype=torch.float32, seed=l + r, with_state=with_state)
-    seq = torch.tensor(docs, dtype=torch.int32)
+    q, k, v, la, beta, gamma, st = make_inputs(b, l, h, r, n, p, dtype=dtype, seed=l + r, with_state=with_state, device=device)
+    seq = torch.tensor(docs, dtype=torch.int32, device=device)
     leaves = [t.clone().requires_grad_() for t in [q, k, v, la, beta, gamma] + (list(st) if with_state else [])]
     g = torch.Generator().manual_seed(1)
-    dy, dh = torch.randn(v.shape, generator=g), torch.randn(b, h, p, n, generator=g)
+    dy, dh = torch.randn(v.shape, generator=g).to(device), torch.randn(b, h, p, n, generator=g).to(device)
     y, fs = ssm_scan(*leaves[:6], ScanState(*leaves[6:]) if with_state else None, backend=backend, chunk_size=chunk, seq_idx=seq)
-    ((y * dy).sum() + (fs.h * dh).sum()).backward()
+    ((y.float() * dy).sum() + (fs.h * dh).sum()).backward()
     got = [y.detach(), fs.h.detach()] + [t.grad for t in leaves]
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
-    y_ref, h_ref, loss = torch.zeros(v.shape, dtype=torch.float64), [], 0
+    y_ref, h_ref, loss = torch.zeros(v.shape, dtype=torch.float64, device=device), [], 0
     for row in range(b):
-        for a, e in docs_of(seq[row]):
+        for a, e in docs_of(seq[row].cpu()):
             sl = (slice(row, row + 1), slice(a, e))
             s0 = ScanState(*(t[row : row + 1] for t in ref_leaves[6:])) if with_state and a == 0 else None
-            yy, final = scan_recurrent(*(t[sl] for t in ref_leaves[:6]), s0)
+            yy, final = scan_chunked(*(t[sl] for t in ref_leaves[:6]), s0, chunk_size=16)
             loss = loss + (yy * dy[sl].double()).sum()
             y_ref[sl] = yy.detach()
         loss = loss + (final.h * dh[row : row + 1].double()).sum()
@@ -390,6 +390,17 @@ def test_triton_gpu_matches_reference(r, dtype):
         assert torch.isfinite(a).all(), name
         err = ((a.double() - b_).norm() / b_.norm()).item()
         assert err < tol, f"{name}: rel err {err:.3e}"
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("r,dtype", [(1, torch.bfloat16), (4, torch.bfloat16), (1, torch.float32), (4, torch.float32)])
+def test_triton_gpu_packed_documents(r, dtype):
+    """A packed batch equals each document alone at the bench's head and state sizes (values and gradients)."""
+    docs = [[0] * 200 + [1] * 1 + [2] * 63 + [3] * 300 + [4] * 436, [9] * 1000]
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    for nm, e in packed_case(2, 1000, 4, r, 128, 64, None, docs, True, device="cuda", dtype=dtype).items():
+        assert e < tol, f"{nm}: rel err {e:.2e}"
 
 
 @gpu

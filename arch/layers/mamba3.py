@@ -161,7 +161,7 @@ class Mamba3(nn.Module):
             # q, k, v built inside the scan kernels: no (b, l, H, R, N) tensor in memory, forward or backward
             y, final = ssm_scan_fused(
                 B, C, phase, self.b_norm, self.c_norm, self.b_bias, self.c_bias, x, self.mimo_x, log_alpha, beta, gamma,
-                state, eps=self.eps, backend="triton", chunk_size=self.blk.chunk_size,
+                state, eps=self.eps, backend="triton", chunk_size=self.blk.chunk_size, last_kv=cache is not None,
             )
         else:
             q, k = qk_prep(B, C, phase, self.b_norm, self.c_norm, self.b_bias, self.c_bias, H, self.eps,

@@ -73,8 +73,12 @@ def _check(B, C, phase, b_norm, c_norm, b_bias, c_bias, x, mimo_x, log_alpha, be
 
 
 def ssm_scan_fused(B, C, phase, b_norm, c_norm, b_bias, c_bias, x, mimo_x, log_alpha, beta, gamma, state=None, *,
-                   eps: float, seq_idx=None, cu_seqlens=None, backend: str = "auto", chunk_size: int | None = None):
-    """The scan of the Mamba-3 layer from its projections; returns ``(y, ScanState(h, k_last, v_last))``."""
+                   eps: float, seq_idx=None, cu_seqlens=None, backend: str = "auto", chunk_size: int | None = None,
+                   last_kv: bool = True):
+    """The scan of the Mamba-3 layer from its projections; returns ``(y, ScanState(h, k_last, v_last))``.
+
+    ``last_kv=False``: the returned state's k, v are None (a training step that drops the state skips
+    preparing the last position's k, v)."""
     if backend not in FUSED_BACKENDS:
         raise ValueError(f"ssm_scan_fused: unknown backend {backend!r}; choose one of {', '.join(FUSED_BACKENDS)}")
     _check(B, C, phase, b_norm, c_norm, b_bias, c_bias, x, mimo_x, log_alpha, beta, gamma)
@@ -85,7 +89,8 @@ def ssm_scan_fused(B, C, phase, b_norm, c_norm, b_bias, c_bias, x, mimo_x, log_a
         ok, why = fused_supported(B, x, mimo_x, chunk_size)
         if not ok:
             raise RuntimeError(f"ssm_scan_fused: backend 'triton': {why}")
-        return _kernels.ssm_scan_fused_triton(B, C, phase, b_norm, c_norm, b_bias, c_bias, x, mimo_x, log_alpha, beta, gamma, state,
-                                     eps=eps, seq_idx=seq_idx, chunk_size=chunk_size)
-    return ssm_scan_fused_reference(B, C, phase, b_norm, c_norm, b_bias, c_bias, x, mimo_x, log_alpha, beta, gamma, state,
-                                    eps=eps, seq_idx=seq_idx, chunk_size=chunk_size)
+        return _kernels.ssm_scan_fused_triton(B, C, phase, b_norm, c_norm, b_bias, c_bias, x, mimo_x, log_alpha, beta, gamma,
+                                              state, eps=eps, seq_idx=seq_idx, chunk_size=chunk_size, last_kv=last_kv)
+    y, final = ssm_scan_fused_reference(B, C, phase, b_norm, c_norm, b_bias, c_bias, x, mimo_x, log_alpha, beta, gamma, state,
+                                        eps=eps, seq_idx=seq_idx, chunk_size=chunk_size)
+    return y, final if last_kv else final._replace(k=None, v=None)

@@ -867,7 +867,7 @@ torch.library.register_autograd("hybridlab::ssm_scan_fused", _fused_backward, se
 
 
 def ssm_scan_fused_triton(B, C, phase, b_norm, c_norm, b_bias, c_bias, x, mimo_x, log_alpha, beta, gamma, state, *,
-                          eps: float, seq_idx=None, chunk_size=None):
+                          eps: float, seq_idx=None, chunk_size=None, last_kv: bool = True):
     """The ``triton`` backend of ``ssm_scan_fused`` (arguments checked by the dispatcher): ``(y, ScanState)``."""
     b, l, r, n = B.shape
     nh, p = x.shape[2], x.shape[3]
@@ -890,6 +890,8 @@ def ssm_scan_fused_triton(B, C, phase, b_norm, c_norm, b_bias, c_bias, x, mimo_x
         Bt, Ct, phase, params[0], params[1], params[2], params[3], xt, params[4], la, be, ga, h0, k0, v0, seq, float(eps),
         block, store,
     )
+    if not last_kv:
+        return y, ScanState(hf, None, None)
     # the last position's k, v (what a continuation's carry-in needs) from the reference prep of one position
     _, k_last = qk_prep_reference(B[:, -1:], C[:, -1:], phase[:, -1:] if phase is not None else None, b_norm, c_norm,
                                   b_bias, c_bias, nh, eps)
