@@ -104,23 +104,21 @@ def token_rows(t: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------ shared device functions
 
-_TWO_OVER_PI = 0.6366197723675814
-# π/2 in three parts (Cody–Waite): the first two have short mantissas, so j·part is exact for the
-# quadrant counts j a rotary phase reaches, and the reduced argument keeps fp32 accuracy.
-_PIO2_A = 1.5703125
-_PIO2_B = 4.837512969970703125e-4
-_PIO2_C = 7.549789948768648e-8
-
 
 @triton.jit
 def sincos(x):
     """(sin x, cos x) in fp32 from one range reduction and two short polynomials: about a third of
     the work of ``tl.sin`` + ``tl.cos`` (two full libdevice calls), to a few ulp for |x| < ~1e4
-    (beyond that the fp32 phase itself is coarser than the reduction's error)."""
-    j = tl.floor(x * _TWO_OVER_PI + 0.5)
-    r = x - j * _PIO2_A
-    r = r - j * _PIO2_B
-    r = r - j * _PIO2_C
+    (beyond that the fp32 phase itself is coarser than the reduction's error).
+
+    x = j·π/2 + r with |r| <= π/4, π/2 in three parts (Cody–Waite: the first two have short
+    mantissas, so j·part is exact for the quadrant counts a rotary phase reaches); minimax
+    polynomials for sin r and cos r; the quadrant j mod 4 picks and signs them. (Literals, not
+    module constants: jit functions may only read constexpr globals.)"""
+    j = tl.floor(x * 0.6366197723675814 + 0.5)
+    r = x - j * 1.5703125
+    r = r - j * 4.837512969970703125e-4
+    r = r - j * 7.549789948768648e-8
     z = r * r
     s = r + r * z * (-1.6666654611e-1 + z * (8.3321608736e-3 + z * -1.9515295891e-4))
     c = 1.0 - 0.5 * z + z * z * (4.166664568298827e-2 + z * (-1.388731625493765e-3 + z * 2.443315711809948e-5))

@@ -6,6 +6,7 @@
   x, mimo_x, log α, β, γ, the state) — R in {1, 2, 4}, with and without norm / bias / rotary,
   partial rotation (A odd) and full rotation (2A = N), non-power-of-two lengths, a carried state,
   packed documents; and the op saves no (b, l, H, R, N) / (b, l, H, R, P) tensor for backward;
+  the kernels' sincos (one range reduction for both) against float64 sin/cos up to |x| = 1e4;
 * the dispatcher: the torch backend is the reference chain, bad shapes raise;
 * full-size bf16 / fp32 checks on CUDA (marked gpu).
 """
@@ -20,6 +21,7 @@ from conftest import run_under_interpreter
 
 from hybridlab.kernels import ScanState, ssm_scan, ssm_scan_fused
 from hybridlab.kernels._deps import has_module
+from hybridlab.kernels._triton_utils import sincos, tl, triton
 from hybridlab.kernels.ssm_io import qk_prep_reference, rank_expand_reference
 
 
@@ -99,6 +101,26 @@ def saved_shapes_case(b=1, l=12, h=2, r=4, n=16, p=16, A=4):
     return [s for s in shapes if s in forbidden], shapes
 
 
+@triton.jit
+def _sincos_kernel(X, S, C, n, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    sn, cs = sincos(tl.load(X + i, mask=i < n))
+    tl.store(S + i, sn, mask=i < n)
+    tl.store(C + i, cs, mask=i < n)
+
+
+def sincos_errors():
+    """Max abs error of the kernels' shared sincos vs float64 sin/cos, per input magnitude."""
+    kernel = _sincos_kernel
+    out = {}
+    for scale in (1.0, 100.0, 1e4):
+        x = (torch.rand(4096, generator=torch.Generator().manual_seed(0)) * 2 - 1) * scale
+        sn, cs = torch.empty_like(x), torch.empty_like(x)
+        kernel[(4,)](x, sn, cs, 4096, BLOCK=1024)
+        out[scale] = max((sn.double() - x.double().sin()).abs().max().item(), (cs.double() - x.double().cos()).abs().max().item())
+    return out
+
+
 _INTERP_SCRIPT = textwrap.dedent(
     """
     import sys
@@ -109,6 +131,9 @@ _INTERP_SCRIPT = textwrap.dedent(
         errs = t.fused_case(*case)
         print(case[:11], {k: f"{v:.1e}" for k, v in errs.items()})
         fails += [(case[:11], k, v) for k, v in errs.items() if not v < 1e-4]
+    errs = t.sincos_errors()
+    print("sincos max abs err by |x| scale:", errs)
+    fails += [("sincos", k, v) for k, v in errs.items() if not v < 3e-7]
     bad, shapes = t.saved_shapes_case()
     print("saved for backward:", shapes)
     if bad:

@@ -52,9 +52,6 @@ from .triton import (
 
 __all__ = ["ssm_scan_fused_triton"]
 
-RP_ROWS = 16  # the R previous-position rows of a chunk's carry-in, padded to a dot-friendly 16 (so R <= 16)
-
-
 # ------------------------------------------------------------------ building q/k/v tiles
 #
 # d_state's columns as three tiles: the rotation pairs' halves lo = [0, A), hi = [A, 2A) and the
