@@ -315,24 +315,29 @@ def time_fused(shape, r, impl, dtype=torch.bfloat16):
     b, l, h, p, n = shape
     name = "ssm_scan_fused" if impl == "fused" else "qk_prep+rank_expand+ssm_scan"
     row = {"kind": "time", "op": name, "impl": "triton", "shape": shape_name(shape), "rank": r, "dtype": str(dtype).split(".")[-1]}
+    lv = make_fused_inputs(b, l, h, r, n, p, dtype=dtype, requires_grad=True)
+    dy = torch.randn(b, l, h, r, p, device="cuda", dtype=dtype)
+
+    def fb():
+        y, _ = _run_fused(lv, shape, r, impl)
+        y.backward(dy)
+
+    return _time_fwd_bwd(row, lambda: _run_fused(lv, shape, r, impl), fb, [t for t in lv.values() if t is not None])
+
+
+def _time_fwd_bwd(row, fwd, fwd_bwd, leaves):
+    """Fill ``row`` with fwd / fwd+bwd medians (ms) and the fwd+bwd's peak memory (MB); a failure becomes
+    its ``error`` (one failing impl must not stop the bench)."""
     try:
-        lv = make_fused_inputs(b, l, h, r, n, p, dtype=dtype, requires_grad=True)
-        leaves = [t for t in lv.values() if t is not None]
-        dy = torch.randn(b, l, h, r, p, device="cuda", dtype=dtype)
         with torch.no_grad():
-            row["fwd_ms"] = _bench(lambda: _run_fused(lv, shape, r, impl))
-
-        def fb():
-            y, _ = _run_fused(lv, shape, r, impl)
-            y.backward(dy)
-
-        row["fwdbwd_ms"] = _bench(fb, grad_to_none=leaves)
+            row["fwd_ms"] = _bench(fwd)
+        row["fwdbwd_ms"] = _bench(fwd_bwd, grad_to_none=leaves)
         for t in leaves:
             t.grad = None
-        row["fwdbwd_peak_MB"] = _peak_mb(fb)
+        row["fwdbwd_peak_MB"] = _peak_mb(fwd_bwd)
     except torch.cuda.OutOfMemoryError:
         row["error"] = "out of memory"
-    except Exception as e:  # noqa: BLE001 - one failing impl must not stop the bench
+    except Exception as e:  # noqa: BLE001
         row["error"] = f"{type(e).__name__}: {e}"[:300]
     finally:
         torch.cuda.empty_cache()
@@ -381,34 +386,20 @@ def time_layer(name, layer, u, compile_it=False):
     """fwd and fwd+bwd medians (ms) and the fwd+bwd's peak memory (MB) of ``layer`` on ``u``; compiled with
     ``torch.compile`` first when asked (its compile time reported)."""
     row = {"kind": "layer", "impl": name, "compiled": compile_it}
-    try:
-        fn = layer
-        if compile_it:
-            fn = torch.compile(layer)
+    fn = layer
+    if compile_it:
+        fn = torch.compile(layer)
+        try:
             t0 = _dt.datetime.now()
             fn(u).sum().backward()  # compile forward and backward
             torch.cuda.synchronize()
             row["compile_s"] = (_dt.datetime.now() - t0).total_seconds()
-        params = [p for p in layer.parameters() if p.requires_grad]
-        uu = u.detach().clone().requires_grad_()
-        dy = torch.randn_like(u)
-        with torch.no_grad():
-            row["fwd_ms"] = _bench(lambda: fn(u))
-
-        def fb():
-            fn(uu).backward(dy)
-
-        row["fwdbwd_ms"] = _bench(fb, grad_to_none=[uu, *params])
-        for t in [uu, *params]:
-            t.grad = None
-        row["fwdbwd_peak_MB"] = _peak_mb(fb)
-    except torch.cuda.OutOfMemoryError:
-        row["error"] = "out of memory"
-    except Exception as e:  # noqa: BLE001 - one failing layer must not stop the bench
-        row["error"] = f"{type(e).__name__}: {e}"[:300]
-    finally:
-        torch.cuda.empty_cache()
-    return row
+        except Exception as e:  # noqa: BLE001 - a failing compile is a result, not the end of the bench
+            row["error"] = f"compile: {type(e).__name__}: {e}"[:300]
+            return row
+    uu = u.detach().clone().requires_grad_()
+    dy = torch.randn_like(u)
+    return _time_fwd_bwd(row, lambda: fn(u), lambda: fn(uu).backward(dy), [uu, *(p for p in layer.parameters() if p.requires_grad)])
 
 
 def run_layer_bench(make_layer, out_dir="bench_out", d_model=2048, batch=8, seqlen=2048, d_states=(128, 64), ranks=(1, 4),

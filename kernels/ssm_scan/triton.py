@@ -281,6 +281,90 @@ def _state_block(Q, K, DHS, HS, qk_row, valid, p, pmask, st_off, n, nmask, N: tl
 
 
 @triton.jit
+def _next_chunk(LA, BETA, la_base, pos0, L, NH, T: tl.constexpr, SEQ, seq_base, HAS_SEQ: tl.constexpr):
+    """alpha, beta of the next chunk's first position (1, 0 after the last chunk; 0, 0 where it starts a document)."""
+    nx = pos0 + T
+    has_nx = nx < L
+    keep_nx = _doc_keep(SEQ, seq_base, nx, L, HAS_SEQ)
+    a_nx = tl.exp(tl.load(LA + la_base + nx * NH, mask=has_nx, other=0.0)) * keep_nx
+    b_nx = tl.load(BETA + la_base + nx * NH, mask=has_nx, other=0.0) * keep_nx
+    return a_nx, b_nx
+
+
+@triton.jit
+def _mask_phase(dy, v, S, Lp, Lnext, t_i, sq, gam, bnext, SCR, pid, BLOCK: tl.constexpr, IEEE: tl.constexpr,
+                HAS_SEQ: tl.constexpr):
+    """The intra-chunk mask's gradients (gamma, beta_{s+1} per column; the log-alpha vector before its
+    reverse cumsum), and M = S * W, dS = dM * W through a per-program scratch (L2): a dot whose result
+    feeds another dot gets a (num_warps, 1) warp layout, which for 64-row tiles replicates every tile
+    across the two warp groups (twice the registers); with the chain cut, the mask phase runs on
+    unreplicated (4, 2) tiles. Returns the scratch and its (i, j) / (j, i) offsets."""
+    i = tl.arange(0, BLOCK)
+    dM = _dot(dy, tl.trans(v), IEEE)
+    dW = dM * S
+    Dx = _decay_g(Lp, t_i, sq, HAS_SEQ)
+    dgam = tl.sum(dW * Dx, 0)
+    W = gam[None, :] * Dx
+    Dx = _decay_b(Lp, Lnext, t_i, sq, HAS_SEQ)
+    dbet = tl.sum(dW * Dx, 0)
+    W += bnext[None, :] * Dx
+    dMM = dW * W
+    vec = tl.sum(dMM, 1) - tl.sum(dMM, 0)
+    ij = i[:, None] * BLOCK + i[None, :]
+    ji = i[None, :] * BLOCK + i[:, None]
+    scr = SCR + pid.to(tl.int64) * (2 * BLOCK * BLOCK)
+    DT = SCR.dtype.element_ty
+    tl.store(scr + ij, (S * W).to(DT))
+    tl.store(scr + BLOCK * BLOCK + ij, (dM * W).to(DT))
+    tl.debug_barrier()
+    return dgam, dbet, vec, scr, ij, ji
+
+
+@triton.jit
+def _chunk_scalar_grads(dgam, dbet, vec, vq, z, hH, dy, vp, eL, QKP, HKP, a_nx, g_last, Llast, Lp, Lnext, wlast, in_last,
+                        t_i, pos0, L, NH, BETA, la_base, SEQ, seq_base, DLA, DBETA, DGAMMA,
+                        T: tl.constexpr, R: tl.constexpr, IEEE: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """Finish and store one chunk's log-alpha / beta / gamma gradients: the terms through h_out (z = v^T H k per
+    row, hH = <H, h'> by headdim rows), the carry-in's (position 0: d log_alpha_0 = <H_c, h'> - b0 d beta_0,
+    d beta_0 = sum_r vp_r^T H_c kp_r), then per position (the R rows summed), the reverse cumsum, and 0 at a
+    document's first position (nothing carries into it)."""
+    az = a_nx * z
+    dgam += az * tl.exp(Llast - Lp) * in_last
+    dbet += tl.where(t_i < T - 1, az * tl.exp(Llast - Lnext) * in_last, 0.0)
+    vec -= az * wlast
+    hH_s = tl.sum(hH, 0)
+    scal_last = tl.sum(az * wlast, 0) + g_last * hH_s
+
+    keep0 = _doc_keep(SEQ, seq_base, pos0, L, HAS_SEQ)
+    b0 = tl.load(BETA + la_base + pos0 * NH) * keep0
+    DVP = _dot(dy, tl.trans(vp), IEEE)  # (BLOCK, RP): dy_i . vp_r
+    db0 = tl.sum(tl.sum(eL[:, None] * QKP * DVP, 1), 0) + g_last * tl.sum(tl.sum(HKP * tl.trans(vp).to(tl.float32), 1), 0)
+    dla0 = (tl.sum(vq, 0) + g_last * hH_s - b0 * db0) * keep0
+    db0 = db0 * keep0
+
+    tt = tl.arange(0, T)
+    pos_t = pos0 + tt
+    valid_t = pos_t < L
+    if R == 1:
+        dgam_t = dgam
+        vec_t = vec
+    else:
+        dgam_t = _rows_to_pos(dgam, t_i, T, 0)
+        vec_t = _rows_to_pos(vec, t_i, T, 0)
+    dbet_sh = _rows_to_pos(dbet, t_i, T, 1)  # column s's beta_{s+1} term -> position s+1
+    keep_t = _doc_keep(SEQ, seq_base, pos_t, L, HAS_SEQ)
+    beta_t = tl.load(BETA + la_base + pos_t * NH, mask=valid_t & (tt > 0), other=0.0) * keep_t
+    rc = tl.cumsum(vec_t, 0, reverse=True)
+    first = tt == 0
+    dla_t = tl.where(first, dla0, (rc + scal_last - beta_t * dbet_sh) * keep_t)
+    dbeta_t = tl.where(first, db0, dbet_sh * keep_t)
+    out_off = la_base + pos_t * NH
+    tl.store(DLA + out_off, dla_t, mask=valid_t)
+    tl.store(DBETA + out_off, dbeta_t, mask=valid_t)
+    tl.store(DGAMMA + out_off, dgam_t, mask=valid_t)
+
+
+@triton.jit
 def _bwd_chunk_kernel(
     Q, K, V, LA, BETA, GAMMA, K0, V0, SEQ, HS, DHS, DY,
     DQ, DK, DV, DLA, DBETA, DGAMMA, SCR,
@@ -345,11 +429,7 @@ def _bwd_chunk_kernel(
         LA, BETA, GAMMA, la_base, pos_i, t_i, r_i, L, NH, T, SEQ, bb * L, pos0, HAS_SEQ)
     eL = tl.exp(Lp) * same0
     eLast = tl.exp(Llast) * same_last
-    nx = pos0 + T
-    has_nx = nx < L
-    keep_nx = _doc_keep(SEQ, bb * L, nx, L, HAS_SEQ)
-    a_nx = tl.exp(tl.load(LA + la_base + nx * NH, mask=has_nx, other=0.0)) * keep_nx
-    b_nx = tl.load(BETA + la_base + nx * NH, mask=has_nx, other=0.0) * keep_nx
+    a_nx, b_nx = _next_chunk(LA, BETA, la_base, pos0, L, NH, T, SEQ, bb * L, HAS_SEQ)
     g_last = eLast * a_nx
 
     # previous position's (k, v) rows (this chunk's carry-in): the chunk before, or the state
@@ -381,26 +461,7 @@ def _bwd_chunk_kernel(
         hH += tl.sum(Hc.to(tl.float32) * hp.to(tl.float32), 1)
 
     # --- intra-chunk: mask gradients
-    dM = _dot(dy, tl.trans(v), IEEE)
-    dW = dM * S
-    Dx = _decay_g(Lp, t_i, sq, HAS_SEQ)
-    dgam = tl.sum(dW * Dx, 0)
-    W = gam[None, :] * Dx
-    Dx = _decay_b(Lp, Lnext, t_i, sq, HAS_SEQ)
-    dbet = tl.sum(dW * Dx, 0)
-    W += bnext[None, :] * Dx
-    dMM = dW * W
-    vec = tl.sum(dMM, 1) - tl.sum(dMM, 0)
-    # M = S * W and dS = dM * W go through a per-program scratch (L2) and come back as
-    # loads: a dot whose result feeds another dot gets a (num_warps, 1) warp layout, which
-    # for 64-row tiles replicates every tile across the two warp groups (twice the
-    # registers); with the chain cut, the mask phase runs on unreplicated (4, 2) tiles.
-    ij = i[:, None] * BLOCK + i[None, :]
-    ji = i[None, :] * BLOCK + i[:, None]
-    scr = SCR + pid.to(tl.int64) * (2 * BLOCK * BLOCK)
-    tl.store(scr + ij, (S * W).to(DT))
-    tl.store(scr + BLOCK * BLOCK + ij, (dM * W).to(DT))
-    tl.debug_barrier()
+    dgam, dbet, vec, scr, ij, ji = _mask_phase(dy, v, S, Lp, Lnext, t_i, sq, gam, bnext, SCR, pid, BLOCK, IEEE, HAS_SEQ)
 
     # --- dv: intra + through h_out (and the next chunk's carry-in)
     vf = v.to(tl.float32)
@@ -427,42 +488,8 @@ def _bwd_chunk_kernel(
         tl.store(DK + qk_off, dk.to(DK.dtype.element_ty), mask=qk_mask)
     vec += vq
 
-    az = a_nx * z
-    dgam += az * tl.exp(Llast - Lp) * in_last
-    dbet += tl.where(t_i < T - 1, az * tl.exp(Llast - Lnext) * in_last, 0.0)
-    vec -= az * wlast
-    hH_s = tl.sum(hH, 0)
-    scal_last = tl.sum(az * wlast, 0) + g_last * hH_s
-
-    # --- this chunk's carry-in: d log_alpha_0, d beta_0
-    keep0 = _doc_keep(SEQ, bb * L, pos0, L, HAS_SEQ)
-    b0 = tl.load(BETA + la_base + pos0 * NH) * keep0
-    DVP = _dot(dy, tl.trans(vp), IEEE)  # (BLOCK, RP): dy_i . vp_r
-    db0 = tl.sum(tl.sum(eL[:, None] * QKP * DVP, 1), 0) + g_last * tl.sum(tl.sum(HKP * tl.trans(vp).to(tl.float32), 1), 0)
-    dla0 = (tl.sum(vq, 0) + g_last * hH_s - b0 * db0) * keep0
-    db0 = db0 * keep0
-
-    # --- per position (sum over the R rows of a position), reverse cumsum, store
-    tt = tl.arange(0, T)
-    pos_t = pos0 + tt
-    valid_t = pos_t < L
-    if R == 1:
-        dgam_t = dgam
-        vec_t = vec
-    else:
-        dgam_t = _rows_to_pos(dgam, t_i, T, 0)
-        vec_t = _rows_to_pos(vec, t_i, T, 0)
-    dbet_sh = _rows_to_pos(dbet, t_i, T, 1)  # column s's beta_{s+1} term -> position s+1
-    keep_t = _doc_keep(SEQ, bb * L, pos_t, L, HAS_SEQ)  # 0 at a document's first position: nothing carries in
-    beta_t = tl.load(BETA + la_base + pos_t * NH, mask=valid_t & (tt > 0), other=0.0) * keep_t
-    rc = tl.cumsum(vec_t, 0, reverse=True)
-    first = tt == 0
-    dla_t = tl.where(first, dla0, (rc + scal_last - beta_t * dbet_sh) * keep_t)
-    dbeta_t = tl.where(first, db0, dbet_sh * keep_t)
-    out_off = la_base + pos_t * NH
-    tl.store(DLA + out_off, dla_t, mask=valid_t)
-    tl.store(DBETA + out_off, dbeta_t, mask=valid_t)
-    tl.store(DGAMMA + out_off, dgam_t, mask=valid_t)
+    _chunk_scalar_grads(dgam, dbet, vec, vq, z, hH, dy, vp, eL, QKP, HKP, a_nx, g_last, Llast, Lp, Lnext, wlast, in_last,
+                        t_i, pos0, L, NH, BETA, la_base, SEQ, bb * L, DLA, DBETA, DGAMMA, T, R, IEEE, HAS_SEQ)
 
 
 # ------------------------------------------------------------------ launch / autotune

@@ -41,13 +41,15 @@ from .reference import ScanState, normalize_state
 from .triton import (
     _block_rows,
     _chunk_docs,
+    _chunk_scalar_grads,
     _chunk_vectors,
     _decay_b,
     _decay_g,
     _doc_keep,
     _dot,
     _head_program,
-    _rows_to_pos,
+    _mask_phase,
+    _next_chunk,
 )
 
 __all__ = ["ssm_scan_fused_triton"]
@@ -88,14 +90,16 @@ def _angles(PH, ph_off, rmask, cols, cmask, sp_a):
 
 @triton.jit
 def _prep3(X, row_off, rmask, rstd, W, BIAS, brow_off, sn, cs, a, amask, e, emask, A: tl.constexpr,
-           HAS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ROT: tl.constexpr, HAS_REST: tl.constexpr):
+           HAS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ROT: tl.constexpr, HAS_REST: tl.constexpr,
+           ROTATE: tl.constexpr = True):
     """The prepared rows as (lo, hi, rest) fp32 tiles (an absent tile comes back as another one, unused)."""
     if HAS_REST:
         re = _normed(X, row_off, rmask, rstd, W, BIAS, brow_off, e, emask, HAS_NORM, HAS_BIAS)
     if HAS_ROT:
         lo = _normed(X, row_off, rmask, rstd, W, BIAS, brow_off, a, amask, HAS_NORM, HAS_BIAS)
         hi = _normed(X, row_off, rmask, rstd, W, BIAS, brow_off, a + A, amask, HAS_NORM, HAS_BIAS)
-        lo, hi = lo * cs - hi * sn, lo * sn + hi * cs
+        if ROTATE:
+            lo, hi = lo * cs - hi * sn, lo * sn + hi * cs
         if not HAS_REST:
             re = lo
     else:
@@ -123,19 +127,9 @@ def _dot3(x_lo, x_hi, x_re, y_lo, y_hi, y_re, IEEE: tl.constexpr, HAS_ROT: tl.co
 
 @triton.jit
 def _load3(Ptr, row_off, rmask, a, amask, e, emask, A: tl.constexpr, HAS_ROT: tl.constexpr, HAS_REST: tl.constexpr):
-    """(lo, hi, rest) tiles of a d_state-minor tensor's rows (fp32)."""
-    if HAS_REST:
-        re = tl.load(Ptr + row_off[:, None] + e[None, :], mask=rmask[:, None] & emask[None, :], other=0.0).to(tl.float32)
-    if HAS_ROT:
-        m = rmask[:, None] & amask[None, :]
-        lo = tl.load(Ptr + row_off[:, None] + a[None, :], mask=m, other=0.0).to(tl.float32)
-        hi = tl.load(Ptr + row_off[:, None] + A + a[None, :], mask=m, other=0.0).to(tl.float32)
-        if not HAS_REST:
-            re = lo
-    else:
-        lo = re
-        hi = re
-    return lo, hi, re
+    """(lo, hi, rest) tiles of a d_state-minor tensor's rows (fp32): ``_prep3`` with nothing to apply."""
+    return _prep3(Ptr, row_off, rmask, 0.0, Ptr, Ptr, row_off, 0.0, 1.0, a, amask, e, emask, A, False, False, HAS_ROT,
+                  HAS_REST, ROTATE=False)
 
 
 @triton.jit
@@ -466,11 +460,7 @@ def _fused_bwd_chunk_kernel(
         LA, BETA, GAMMA, la_base, pos_i, t_i, r_i, L, NH, T, SEQ, bb * L, pos0, HAS_SEQ)
     eL = tl.exp(Lp) * same0
     eLast = tl.exp(Llast) * same_last
-    nx = pos0 + T
-    has_nx = nx < L
-    keep_nx = _doc_keep(SEQ, bb * L, nx, L, HAS_SEQ)
-    a_nx = tl.exp(tl.load(LA + la_base + nx * NH, mask=has_nx, other=0.0)) * keep_nx
-    b_nx = tl.load(BETA + la_base + nx * NH, mask=has_nx, other=0.0) * keep_nx
+    a_nx, b_nx = _next_chunk(LA, BETA, la_base, pos0, L, NH, T, SEQ, bb * L, HAS_SEQ)
     g_last = eLast * a_nx
 
     # previous position's (k, v) rows (this chunk's carry-in): the chunk before, or the state
@@ -515,23 +505,7 @@ def _fused_bwd_chunk_kernel(
         hH += tl.sum(HcU.to(tl.float32) * hpU.to(tl.float32), 1) + tl.sum(HcV.to(tl.float32) * hpV.to(tl.float32), 1)
 
     # --- intra-chunk: mask gradients
-    dM = _dot(dy, tl.trans(v), IEEE)
-    dW = dM * S
-    Dx = _decay_g(Lp, t_i, sq, HAS_SEQ)
-    dgam = tl.sum(dW * Dx, 0)
-    W = gam[None, :] * Dx
-    Dx = _decay_b(Lp, Lnext, t_i, sq, HAS_SEQ)
-    dbet = tl.sum(dW * Dx, 0)
-    W += bnext[None, :] * Dx
-    dMM = dW * W
-    vec = tl.sum(dMM, 1) - tl.sum(dMM, 0)
-    # M = S * W and dS = dM * W through a per-program scratch (see triton._bwd_chunk_kernel)
-    ij = i[:, None] * BLOCK + i[None, :]
-    ji = i[None, :] * BLOCK + i[:, None]
-    scr = SCR + pid.to(tl.int64) * (2 * BLOCK * BLOCK)
-    tl.store(scr + ij, (S * W).to(DT))
-    tl.store(scr + BLOCK * BLOCK + ij, (dM * W).to(DT))
-    tl.debug_barrier()
+    dgam, dbet, vec, scr, ij, ji = _mask_phase(dy, v, S, Lp, Lnext, t_i, sq, gam, bnext, SCR, pid, BLOCK, IEEE, HAS_SEQ)
 
     # --- dv: intra + through h_out (and the next chunk's carry-in); then dx = sum_r dv W_x, d W_x
     vf = v.to(tl.float32)
@@ -602,39 +576,8 @@ def _fused_bwd_chunk_kernel(
         tl.atomic_add(GB + g_row[:, None] + vcol[None, :], dkV, mask=mV)
     vec += vq
 
-    az = a_nx * z
-    dgam += az * tl.exp(Llast - Lp) * in_last
-    dbet += tl.where(t_i < T - 1, az * tl.exp(Llast - Lnext) * in_last, 0.0)
-    vec -= az * wlast
-    hH_s = tl.sum(hH, 0)
-    scal_last = tl.sum(az * wlast, 0) + g_last * hH_s
-
-    # --- this chunk's carry-in: d log_alpha_0, d beta_0
-    keep0 = _doc_keep(SEQ, bb * L, pos0, L, HAS_SEQ)
-    b0 = tl.load(BETA + la_base + pos0 * NH) * keep0
-    DVP = _dot(dy, tl.trans(vp), IEEE)  # (BLOCK, RP): dy_i . vp_r
-    db0 = tl.sum(tl.sum(eL[:, None] * QKP * DVP, 1), 0) + g_last * tl.sum(tl.sum(HKP * tl.trans(vp).to(tl.float32), 1), 0)
-    dla0 = (tl.sum(vq, 0) + g_last * hH_s - b0 * db0) * keep0
-    db0 = db0 * keep0
-
-    # --- per position (sum over the R rows of a position), reverse cumsum, store
-    if R == 1:
-        dgam_t = dgam
-        vec_t = vec
-    else:
-        dgam_t = _rows_to_pos(dgam, t_i, T, 0)
-        vec_t = _rows_to_pos(vec, t_i, T, 0)
-    dbet_sh = _rows_to_pos(dbet, t_i, T, 1)
-    keep_t = _doc_keep(SEQ, bb * L, pos_t, L, HAS_SEQ)
-    beta_t = tl.load(BETA + la_base + pos_t * NH, mask=valid_t & (tt > 0), other=0.0) * keep_t
-    rc = tl.cumsum(vec_t, 0, reverse=True)
-    first = tt == 0
-    dla_t = tl.where(first, dla0, (rc + scal_last - beta_t * dbet_sh) * keep_t)
-    dbeta_t = tl.where(first, db0, dbet_sh * keep_t)
-    out_off = la_base + pos_t * NH
-    tl.store(DLA + out_off, dla_t, mask=valid_t)
-    tl.store(DBETA + out_off, dbeta_t, mask=valid_t)
-    tl.store(DGAMMA + out_off, dgam_t, mask=valid_t)
+    _chunk_scalar_grads(dgam, dbet, vec, vq, z, hH, dy, vp, eL, QKP, HKP, a_nx, g_last, Llast, Lp, Lnext, wlast, in_last,
+                        t_i, pos0, L, NH, BETA, la_base, SEQ, bb * L, DLA, DBETA, DGAMMA, T, R, IEEE, HAS_SEQ)
 
 
 # ------------------------------------------------------------------ the norm's backward, after the heads are summed
