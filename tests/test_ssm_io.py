@@ -1,9 +1,11 @@
 """ssm_io: the fused pre/post-processing stages of the Mamba-3 scan against their references.
 
 * the Triton kernels under TRITON_INTERPRET=1 (subprocess, as in test_ssm_scan):
-  qk_prep and gated_output, forward and every gradient (inputs and parameters),
-  over ranks 1/2/4, with and without norm / bias / rotary / MIMO / pre-gate
-  norm, non-power-of-two sizes, strided inputs (views of a projection);
+  every stage, forward and every gradient (inputs and parameters), over ranks
+  1/2/4, with and without norm / bias / rotary / MIMO / pre-gate norm,
+  non-power-of-two sizes, strided inputs (views of a projection); scan
+  coefficients with both A activations and without an A bias; the cumulative
+  phase of packed documents against each document alone;
 * a whole Mamba-3 layer whose stages and scan run on Triton equals the torch
   layer, forward and all parameter gradients (interpreter);
 * bad shapes raise one clear ValueError; an unusable backend raises;

@@ -3,10 +3,12 @@
 * torch chunked vs torch recurrent, lengths 1/63/64/65/200, ranks 1 and 4, with
   and without an initial state; split-and-carry equals the whole sequence;
   gradcheck of the chunked form in float64 (all six inputs and the state).
-* the dispatcher: backends, unknown backend, bad shapes.
+* the dispatcher: backends, unknown backend, bad shapes; packed documents
+  (seq_idx / cu_seqlens) on the torch backends equal each document alone.
 * the Triton kernel under TRITON_INTERPRET=1 (in a subprocess, so the env var
   is set before triton is imported and nothing else in the suite is affected):
-  forward and gradients vs the reference, ranks 1 and 4, with state.
+  forward and gradients vs the reference, ranks 1 and 4, with state; a packed
+  batch equals each document run alone (values and every gradient).
 * full-size Triton tests on CUDA (marked gpu, skipped without it).
 """
 

@@ -3,11 +3,13 @@
     qk_prep(B, C, phase, b_norm, c_norm, b_bias, c_bias, heads, eps) -> (q, k)             qk_prep.py
         B, C (b, l, R, N) shared by the heads -> RMSNorm, + per-head bias (H, R, N),
         rotate dims (i, i + A) by phase (b, l, H, A) -> q, k (b, l, H, R, N)
-    scan_coefficients(dt_raw, a_raw, lam_raw, dt_bias, a_bias, a_floor, valid)              scan_coefficients.py
+    scan_coefficients(dt_raw, a_raw, lam_raw, dt_bias, a_bias, a_floor, valid, *, activation)  scan_coefficients.py
         -> (dt, log_alpha, beta, gamma): the scan's per-(token, head) scalars from the raw
-        projections (b, l, H); lam_raw None: Euler
-    cumulative_phase(theta, dt) -> phase                                                     cumulative_phase.py
-        θ (b, l, A) shared by the heads, dt (b, l, H) -> φ (b, l, H, A) = Σ_{s<=t} θ_s·dt_s (fp32)
+        projections (b, l, H); lam_raw None: Euler; a_bias may be None; A's activation
+        "heavy_tail" (default, the official Mamba-3's) or "softplus"
+    cumulative_phase(theta, dt, *, seq_idx) -> phase                                         cumulative_phase.py
+        θ (b, l, A) shared by the heads, dt (b, l, H) -> φ (b, l, H, A) = Σ_{s<=t} θ_s·dt_s (fp32),
+        restarting at each document start of seq_idx (packed documents)
     rank_expand(x, mimo_x) -> v                                                              rank_expand.py
         x (b, l, H, P), mimo_x (H, R, P) -> the scan's value v = x ⊙ mimo_x (b, l, H, R, P)
     gated_output(y, x, z, D, norm_w, mimo_x, mimo_z, mimo_o, eps) -> (b, l, H, P)            gated_output.py
@@ -19,7 +21,10 @@
 inside, parameter gradients included). ``auto`` picks triton on CUDA (or under TRITON_INTERPRET=1)
 for 16/32-bit floats, torch otherwise (float64 gradcheck runs on the reference); see ``io_backend``.
 Each file reads top to bottom: the reference, the op (checks + dispatch), then the Triton kernels
-and their autograd.
+and their autograd. Each Triton forward and backward is a ``torch.library`` custom op
+(``torch.ops.hybridlab.<op>`` / ``<op>_bwd``, fake implementation + registered autograd), so
+``torch.compile`` keeps each as one graph node. ``ssm_scan_fused`` (in ``ssm_scan``) runs
+qk_prep and rank_expand inside the scan kernels instead.
 """
 
 from ._dispatch import IO_BACKENDS, io_backend
