@@ -520,7 +520,8 @@ def _fused_bwd_chunk_kernel(
         xr = tl.load(X + (tok_i * s_x + hd * P)[:, None] + p[None, :], mask=v_mask, other=0.0).to(tl.float32)
         mx = tl.load(MX + (hd * R + r_i)[:, None] * P + p[None, :], mask=v_mask, other=0.0).to(tl.float32)
         dmx = _per_rank(dv * xr, T, R, BP)
-        tl.atomic_add(DMX + (hd * R + r_ar)[:, None] * P + p[None, :], dmx, mask=(r_ar[:, None] < R) & pmask[None, :])
+        tl.atomic_add(DMX + (hd * R + r_ar)[:, None] * P + p[None, :], dmx, mask=(r_ar[:, None] < R) & pmask[None, :],
+                      sem="relaxed")
         dx = _per_position(dv * mx, T, R, BP)
     else:
         dx = dv
@@ -528,7 +529,8 @@ def _fused_bwd_chunk_kernel(
              mask=valid_t[:, None] & pmask[None, :])
 
     # --- second pass over d_state: dq, dk, taken back through the rotation, the bias and (after the
-    # heads are summed) the norm
+    # heads are summed) the norm. The atomics are relaxed: only their sum matters (no ordering), so
+    # they compile to fire-and-forget reductions.
     dS = tl.load(scr + BLOCK * BLOCK + ij)
     dST = tl.load(scr + BLOCK * BLOCK + ji)
     vq = tl.zeros([BLOCK], dtype=tl.float32)
@@ -565,15 +567,15 @@ def _fused_bwd_chunk_kernel(
         bmU = (r_ar[:, None] < R) & umask[None, :]
         bmV = (r_ar[:, None] < R) & vmask[None, :]
         if C_BIAS:
-            tl.atomic_add(DCB + b_row + ucol[None, :], _per_rank(dqU, T, R, BW), mask=bmU)
-            tl.atomic_add(DCB + b_row + vcol[None, :], _per_rank(dqV, T, R, BW), mask=bmV)
+            tl.atomic_add(DCB + b_row + ucol[None, :], _per_rank(dqU, T, R, BW), mask=bmU, sem="relaxed")
+            tl.atomic_add(DCB + b_row + vcol[None, :], _per_rank(dqV, T, R, BW), mask=bmV, sem="relaxed")
         if B_BIAS:
-            tl.atomic_add(DBB + b_row + ucol[None, :], _per_rank(dkU, T, R, BW), mask=bmU)
-            tl.atomic_add(DBB + b_row + vcol[None, :], _per_rank(dkV, T, R, BW), mask=bmV)
-        tl.atomic_add(GC + g_row[:, None] + ucol[None, :], dqU, mask=mU)
-        tl.atomic_add(GC + g_row[:, None] + vcol[None, :], dqV, mask=mV)
-        tl.atomic_add(GB + g_row[:, None] + ucol[None, :], dkU, mask=mU)
-        tl.atomic_add(GB + g_row[:, None] + vcol[None, :], dkV, mask=mV)
+            tl.atomic_add(DBB + b_row + ucol[None, :], _per_rank(dkU, T, R, BW), mask=bmU, sem="relaxed")
+            tl.atomic_add(DBB + b_row + vcol[None, :], _per_rank(dkV, T, R, BW), mask=bmV, sem="relaxed")
+        tl.atomic_add(GC + g_row[:, None] + ucol[None, :], dqU, mask=mU, sem="relaxed")
+        tl.atomic_add(GC + g_row[:, None] + vcol[None, :], dqV, mask=mV, sem="relaxed")
+        tl.atomic_add(GB + g_row[:, None] + ucol[None, :], dkU, mask=mU, sem="relaxed")
+        tl.atomic_add(GB + g_row[:, None] + vcol[None, :], dkV, mask=mV, sem="relaxed")
     vec += vq
 
     _chunk_scalar_grads(dgam, dbet, vec, vq, z, hH, dy, vp, eL, QKP, HKP, a_nx, g_last, Llast, Lp, Lnext, wlast, in_last,
