@@ -215,7 +215,7 @@ def layer_case(mode, rank, out_norm, overrides, *, device="cpu", dtype=torch.flo
     from hybridlab.arch.spec import load_model_spec
 
     sets = [f"blocks.m3.mode={mode}", f"blocks.m3.rank={rank}", f"blocks.m3.out_norm={out_norm}", "blocks.m3.d_state=16",
-            "blocks.m3.headdim=16", f"blocks.m3.chunk_size={16 // rank}"] + [f"blocks.m3.{o}" for o in overrides]
+            "blocks.m3.headdim=16", f"blocks.m3.chunk_size={16 // rank}", "d_model=48"] + [f"blocks.m3.{o}" for o in overrides]
     spec = load_model_spec("zoo:tiny-mamba3", sets)
     torch.manual_seed(0)
     ref = Mamba3(spec.d_model, spec.blocks["m3"], backend="torch").to(device)
