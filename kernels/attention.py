@@ -10,8 +10,9 @@ last lq positions. Backends: ``flash_attn`` (FA2/FA3), ``flash_attn_cute``
 Under ``torch.compile`` nothing here breaks the graph: which packages are
 installed is looked up once at import, the device's compute capability through
 ``torch.cuda.get_device_properties`` (which dynamo folds to a constant), SDPA and
-FA2 (whose ops are torch.library ops) trace as they are, and flash-attn-4 runs as
-the ``hybridlab::flash_attn_cute`` custom op (forward and backward one node each).
+FA2 (whose ops are torch.library ops) trace as they are, and flash-attn-4, when
+asked for by name, runs as the ``hybridlab::flash_attn_cute`` custom op (forward
+and backward one node each); ``auto`` takes SDPA under compile.
 """
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ def attention(q, k, v, causal: bool = True, backend: str = "auto"):
         raise ValueError(f"attention: unknown backend {backend!r}; choose one of {', '.join(ATTN_BACKENDS)}")
     if backend == "auto":
         backend, _ = select_attention_backend(q.device, q.dtype)
+        if backend == "flash_attn_cute" and torch.compiler.is_compiling():
+            # under torch.compile, auto takes SDPA (flash / cuDNN kernels inside, traced by inductor as is)
+            # until the flash-attn-4 op below has been measured on the device; ask for it by name meanwhile
+            backend = "sdpa"
     if backend == "flash_attn_cute":
         if torch.compiler.is_compiling():
             return torch.ops.hybridlab.flash_attn_cute(q, k, v, causal)[0]
