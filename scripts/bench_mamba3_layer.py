@@ -5,7 +5,8 @@ official ``mamba_ssm`` Mamba3 layer when it imports (issue 14's layer targets).
                                          [--no-compile] [--no-official]
 
 d_model 2048, 64 heads x 64, expand 2, no output norm (the official layer's defaults), bf16 weights and
-activations, the backend ``auto`` (on CUDA: the fused Triton scan, q/k/v built in the kernels). Writes
+activations, the backend ``auto`` (on CUDA: the fused Triton scan, q/k/v built in the kernels; run with
+HYBRIDLAB_SSM_FUSED=0 for the unfused chain qk_prep -> rank_expand -> ssm_scan instead). Writes
 layer_bench.json / layer_bench.md into --out (default bench-results) and prints the table. The timing
 code is ``hybridlab.kernels.bench.ssm.run_layer_bench``; this script only supplies the layer (kernels
 imports nothing of the model code).

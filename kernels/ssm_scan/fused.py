@@ -19,6 +19,7 @@ triton on CUDA (or under TRITON_INTERPRET=1) when the kernels take the sizes, el
 from __future__ import annotations
 
 import importlib
+import os
 
 import torch
 
@@ -34,6 +35,10 @@ __all__ = ["ssm_scan_fused", "ssm_scan_fused_reference", "FUSED_BACKENDS", "fuse
 
 FUSED_BACKENDS = ("auto", "torch", "triton")
 
+# HYBRIDLAB_SSM_FUSED=0 turns the Triton fused path off (auto then takes torch here, and the Mamba-3 layer the
+# unfused chain qk_prep -> rank_expand -> ssm_scan): an escape hatch and an A/B switch, read once at import.
+ENABLED = os.environ.get("HYBRIDLAB_SSM_FUSED", "1") != "0"
+
 
 def ssm_scan_fused_reference(B, C, phase, b_norm, c_norm, b_bias, c_bias, x, mimo_x, log_alpha, beta, gamma, state=None, *,
                              eps: float, seq_idx=None, chunk_size=None, scan_backend: str = "torch"):
@@ -45,6 +50,8 @@ def ssm_scan_fused_reference(B, C, phase, b_norm, c_norm, b_bias, c_bias, x, mim
 
 def fused_supported(B, x, mimo_x, chunk_size=None) -> tuple[bool, str]:
     """Whether the Triton kernels take these tensors (device, dtype, sizes), and why not."""
+    if not ENABLED:
+        return False, "off (HYBRIDLAB_SSM_FUSED=0)"
     if not (_TRITON_FILE and triton_usable(B)):
         return False, "needs CUDA (or TRITON_INTERPRET=1) and triton"
     if B.dtype not in KERNEL_DTYPES or x.dtype != B.dtype:
