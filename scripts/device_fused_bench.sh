@@ -6,6 +6,7 @@
 #          as a custom op, chunked cross-entropy)                                               (~4 min)
 #   bench  `bench ssm` on the first shape: scan, fused scan vs the unfused chain (+ peak memory), checks (~3 min)
 #   layer  whole Mamba-3 layers: ours eager / compiled vs the official mamba_ssm Mamba3 (when carried) (~5 min)
+#   layer-unfused  ours eager with HYBRIDLAB_SSM_FUSED=0 (qk_prep -> rank_expand -> ssm_scan): the A/B (~2 min)
 #   run from the repo root:  bash scripts/device_fused_bench.sh tests bench     # then: ... layer
 set -u
 export PYTHONUNBUFFERED=1
@@ -24,6 +25,9 @@ for part in $PARTS; do
       timeout ${BENCH_TIMEOUT:-240} python3 -m hybridlab.kernels.bench.ssm --out "$OUT" --quick --no-peers 2>&1 | tee "$OUT/bench.log" | tail -40 ;;
     layer) echo "== layer bench"
       timeout ${LAYER_TIMEOUT:-420} python3 scripts/bench_mamba3_layer.py --out "$OUT" 2>&1 | tee "$OUT/layer.log" | tail -20 ;;
-    *) echo "unknown part $part (tests | bench | layer)"; exit 2 ;;
+    layer-unfused) echo "== layer bench, unfused chain"
+      HYBRIDLAB_SSM_FUSED=0 timeout ${LAYER_TIMEOUT:-420} python3 scripts/bench_mamba3_layer.py --out "$OUT/unfused" \
+        --no-compile --no-official 2>&1 | tee "$OUT/layer_unfused.log" | tail -12 ;;
+    *) echo "unknown part $part (tests | bench | layer | layer-unfused)"; exit 2 ;;
   esac
 done
