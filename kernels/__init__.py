@@ -3,6 +3,6 @@
 Imports nothing else of hybridlab (DESIGN.md §1).
 """
 
-from .ssm_scan import BACKENDS, ScanState, default_chunk_size, select_backend, ssm_scan
+from .ssm_scan import BACKENDS, ScanState, default_chunk_size, select_backend, ssm_scan, ssm_scan_fused
 
-__all__ = ["ssm_scan", "ScanState", "select_backend", "default_chunk_size", "BACKENDS"]
+__all__ = ["ssm_scan", "ssm_scan_fused", "ScanState", "select_backend", "default_chunk_size", "BACKENDS"]

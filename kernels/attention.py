@@ -1,6 +1,7 @@
 """Causal attention: one contract, backend dispatch.
 
-    attention(q, k, v, causal=True) -> o      q: (b, lq, heads, d)  k, v: (b, lk, kv_heads, d)
+    attention(q, k, v, causal=True, backend="auto", seq_idx=None) -> o
+        q: (b, lq, heads, d)  k, v: (b, lk, kv_heads, d)
 
 GQA is handled here (kv heads are shared by heads // kv_heads query heads).
 When lq < lk (decode / chunked prefill with a KV cache), queries sit at the
@@ -11,11 +12,20 @@ Packed documents: ``seq_idx`` (b, l) int, nondecreasing per row (lq == lk): a
 query sees only keys of its own document (a block-diagonal causal mask). The
 flash backends run it as varlen attention over the flattened batch
 (``cu_seqlens``); SDPA takes the mask.
+
+Under ``torch.compile`` nothing here breaks the graph: which packages are
+installed is looked up once at import, the device's compute capability through
+``torch.cuda.get_device_properties`` (which dynamo folds to a constant), SDPA and
+FA2 (whose ops are torch.library ops) trace as they are, and flash-attn-4, when
+asked for by name, runs as the ``hybridlab::flash_attn_cute`` custom op (forward
+and backward one node each); ``auto`` takes SDPA under compile, and so do packed
+documents (the masked SDPA: varlen needs a host sync per batch).
 """
 
 from __future__ import annotations
 
 import importlib
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +33,15 @@ import torch.nn.functional as F
 from ._deps import has_module
 
 ATTN_BACKENDS = ("auto", "sdpa", "flash_attn", "flash_attn_cute")
+
+_HAS_FA_CUTE = has_module("flash_attn.cute")
+_HAS_FA = has_module("flash_attn")
+_FA2 = None
+if _HAS_FA and torch.cuda.is_available():  # imported now: an import inside a traced call breaks the graph
+    try:
+        _FA2 = importlib.import_module("flash_attn")
+    except Exception:  # noqa: BLE001 - a broken install must not stop hybridlab; select_attention_backend skips it
+        _HAS_FA = False
 
 
 def select_attention_backend(device, dtype=torch.bfloat16) -> tuple[str, str]:
@@ -32,10 +51,10 @@ def select_attention_backend(device, dtype=torch.bfloat16) -> tuple[str, str]:
         return "sdpa", f"no CUDA ({device.type}): torch SDPA"
     if dtype not in (torch.float16, torch.bfloat16):
         return "sdpa", f"{dtype} is not fp16/bf16: torch SDPA"
-    major, _ = torch.cuda.get_device_capability(device)
-    if major >= 9 and has_module("flash_attn.cute"):
+    major = torch.cuda.get_device_properties(device).major
+    if major >= 9 and _HAS_FA_CUTE:
         return "flash_attn_cute", f"sm{major}x with flash-attn-4: CuTe DSL FlashAttention"
-    if has_module("flash_attn"):
+    if _HAS_FA:
         return "flash_attn", "flash-attn installed: FlashAttention 2/3"
     return "sdpa", "flash-attn not installed: torch SDPA (cuDNN/flash inside)"
 
@@ -45,6 +64,10 @@ def attention(q, k, v, causal: bool = True, backend: str = "auto", seq_idx=None)
         raise ValueError(f"attention: unknown backend {backend!r}; choose one of {', '.join(ATTN_BACKENDS)}")
     if backend == "auto":
         backend, _ = select_attention_backend(q.device, q.dtype)
+        if backend == "flash_attn_cute" and torch.compiler.is_compiling():
+            # under torch.compile, auto takes SDPA (flash / cuDNN kernels inside, traced by inductor as is)
+            # until the flash-attn-4 op below has been measured on the device; ask for it by name meanwhile
+            backend = "sdpa"
     if seq_idx is not None:
         b, lq = q.shape[:2]
         if k.shape[1] != lq or tuple(seq_idx.shape) != (b, lq):
@@ -52,17 +75,19 @@ def attention(q, k, v, causal: bool = True, backend: str = "auto", seq_idx=None)
                              f"got seq_idx {tuple(seq_idx.shape)}, {k.shape[1]} keys")
         if not causal:
             raise ValueError("attention: packed documents (seq_idx) are for causal attention")
-        if backend in ("flash_attn", "flash_attn_cute"):
+        if backend in ("flash_attn", "flash_attn_cute") and not torch.compiler.is_compiling():
             out = _varlen(q, k, v, seq_idx, backend)
             if out is not None:
                 return out
         return _sdpa_packed(q, k, v, seq_idx)
     if backend == "flash_attn_cute":
-        fn = importlib.import_module("flash_attn.cute").flash_attn_func
-        out = fn(q, k, v, causal=causal)
+        if torch.compiler.is_compiling():
+            return torch.ops.hybridlab.flash_attn_cute(q, k, v, causal)[0]
+        out = _fa4().flash_attn_func(q, k, v, causal=causal)
         return out[0] if isinstance(out, tuple) else out
     if backend == "flash_attn":
-        return importlib.import_module("flash_attn").flash_attn_func(q, k, v, causal=causal)
+        fa2 = _FA2 if _FA2 is not None else importlib.import_module("flash_attn")
+        return fa2.flash_attn_func(q, k, v, causal=causal)
     return _sdpa(q, k, v, causal)
 
 
@@ -116,7 +141,7 @@ def _varlen(q, k, v, seq_idx, backend: str):
     """flash-attn varlen over the flattened batch; None when this flash-attn has no usable varlen entry."""
     if backend in _VARLEN_BROKEN:
         return None
-    mod = importlib.import_module("flash_attn.cute" if backend == "flash_attn_cute" else "flash_attn")
+    mod = _fa4() if backend == "flash_attn_cute" else (_FA2 if _FA2 is not None else importlib.import_module("flash_attn"))
     fn = getattr(mod, "flash_attn_varlen_func", None)
     if fn is None:
         _VARLEN_BROKEN.add(backend)
@@ -152,3 +177,56 @@ def _sdpa_packed(q, k, v, seq_idx):
         vt = vt.repeat_interleave(groups, dim=1)
     o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=packed_mask(seq_idx))
     return o.transpose(1, 2)
+
+
+# ------------------------------------------------------------------ flash-attn-4 as a torch.library op
+
+
+def _fa4():
+    return importlib.import_module("flash_attn.cute")
+
+
+def _fa4_interface():
+    return importlib.import_module("flash_attn.cute.interface")
+
+
+@torch.library.custom_op("hybridlab::flash_attn_cute", mutates_args=())
+def _fa4_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """flash-attn-4's forward -> (out (b, lq, H, d), its log-sum-exp for the backward)."""
+    res = _fa4_interface()._flash_attn_fwd(q, k, v, causal=causal, return_lse=True)
+    return res[0], res[1]
+
+
+@_fa4_op.register_fake
+def _(q, k, v, causal):
+    # flash-attn-4 itself knows its outputs' shapes: under a fake mode it allocates them and launches nothing
+    res = _fa4_interface()._flash_attn_fwd(q, k, v, causal=causal, return_lse=True)
+    return res[0], res[1]
+
+
+@torch.library.custom_op("hybridlab::flash_attn_cute_bwd", mutates_args=())
+def _fa4_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                dout: torch.Tensor, causal: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    res = _fa4_interface()._flash_attn_bwd(q, k, v, out, dout.contiguous(), lse, None, causal)
+    return res[0], res[1], res[2]
+
+
+@_fa4_bwd_op.register_fake
+def _(q, k, v, out, lse, dout, causal):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _fa4_setup(ctx, inputs, output):
+    q, k, v, causal = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1])
+    ctx.causal = causal
+    ctx.mark_non_differentiable(output[1])
+
+
+def _fa4_backward(ctx, dout, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.hybridlab.flash_attn_cute_bwd(q, k, v, out, lse, dout, ctx.causal)
+    return dq, dk, dv, None
+
+
+torch.library.register_autograd("hybridlab::flash_attn_cute", _fa4_backward, setup_context=_fa4_setup)

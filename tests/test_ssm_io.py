@@ -1,9 +1,11 @@
 """ssm_io: the fused pre/post-processing stages of the Mamba-3 scan against their references.
 
 * the Triton kernels under TRITON_INTERPRET=1 (subprocess, as in test_ssm_scan):
-  qk_prep and gated_output, forward and every gradient (inputs and parameters),
-  over ranks 1/2/4, with and without norm / bias / rotary / MIMO / pre-gate
-  norm, non-power-of-two sizes, strided inputs (views of a projection);
+  every stage, forward and every gradient (inputs and parameters), over ranks
+  1/2/4, with and without norm / bias / rotary / MIMO / pre-gate norm,
+  non-power-of-two sizes, strided inputs (views of a projection); scan
+  coefficients with both A activations and without an A bias; the cumulative
+  phase of packed documents against each document alone;
 * a whole Mamba-3 layer whose stages and scan run on Triton equals the torch
   layer, forward and all parameter gradients (interpreter);
 * bad shapes raise one clear ValueError; an unusable backend raises;
@@ -87,6 +89,38 @@ def phase_case(b, l, h, A, *, device="cpu", seed=0):
     return {nm: rel(a.cpu(), b_.cpu()) for nm, a, b_ in zip(["phase", "dtheta", "ddt"], out["triton"], out["torch"])}
 
 
+def phase_packed_case(b, l, h, A, docs, *, backend="triton", device="cpu", seed=0):
+    """Errors of the packed cumulative phase (``seq_idx`` = ``docs``) vs each document alone through the
+    float64 reference: [phase, dθ, ddt]."""
+    from hybridlab.kernels.ssm_io import cumulative_phase_reference
+
+    g = torch.Generator().manual_seed(seed)
+    theta, dt = torch.randn(b, l, A, generator=g), torch.rand(b, l, h, generator=g)
+    dphase = torch.randn(b, l, h, A, generator=g)
+    seq = torch.tensor(docs, dtype=torch.int32)
+    th, d = theta.to(device).requires_grad_(), dt.to(device).requires_grad_()
+    ph = cumulative_phase(th, d, seq_idx=seq.to(device), backend=backend)
+    got = [ph, *torch.autograd.grad((ph.double() * dphase.to(device, torch.float64)).sum(), [th, d])]
+    th2, d2 = theta.double().requires_grad_(), dt.double().requires_grad_()
+    ref, loss = torch.zeros(b, l, h, A, dtype=torch.float64), 0
+    for row in range(b):
+        ids = seq[row]
+        cuts = [0, *(torch.nonzero(ids[1:] != ids[:-1]).flatten() + 1).tolist(), l]
+        for a, e in zip(cuts[:-1], cuts[1:]):
+            part = cumulative_phase_reference(th2[row : row + 1, a:e], d2[row : row + 1, a:e])
+            ref[row, a:e] = part[0].detach()
+            loss = loss + (part * dphase[row : row + 1, a:e].double()).sum()
+    want = [ref, *torch.autograd.grad(loss, [th2, d2])]
+    return {nm: rel(a.cpu(), b_) for nm, a, b_ in zip(["phase", "dtheta", "ddt"], got, want)}
+
+
+# sequences over several of the kernel's position blocks (A = 17: 32-wide angle tiles, 32-position blocks)
+PHASE_PACKED_CASES = [
+    (2, 70, 5, 17, [[0] * 3 + [1] * 29 + [2] * 1 + [3] * 31 + [4] * 6, [7] * 32 + [8] * 38]),
+    (1, 9, 2, 3, [[0, 1, 1, 2, 2, 2, 3, 3, 3]]),
+]
+
+
 def expand_case(b, l, h, r, p, *, dtype=torch.float32, device="cpu", seed=0):
     """Errors of the fused MIMO rank expansion vs the float64 reference: [v, dx (via a strided view), dw]."""
     g = torch.Generator().manual_seed(seed)
@@ -129,6 +163,8 @@ COEF_CASES = [  # b, l, h, trapezoid, valid mask, A activation, A bias
     (2, 5, 3, True, False), (1, 70, 6, True, True), (2, 9, 1, False, True), (1, 300, 4, False, False),
     (2, 5, 3, True, False, "softplus", True), (1, 70, 6, True, True, "softplus", True),
     (1, 40, 5, True, True, "heavy_tail", True), (2, 9, 2, False, False, "softplus", False),
+    (2, 9, 1, False, True, "softplus", True), (1, 300, 4, False, False, "softplus", True),
+    (2, 33, 5, True, True, "heavy_tail", False), (1, 40, 3, False, False, "heavy_tail", True),
 ]
 
 EXPAND_CASES = [(2, 5, 3, 4, 16), (1, 70, 2, 2, 24), (1, 9, 1, 8, 16)]
@@ -189,7 +225,7 @@ def layer_case(mode, rank, out_norm, overrides, *, device="cpu", dtype=torch.flo
     from hybridlab.arch.spec import load_model_spec
 
     sets = [f"blocks.m3.mode={mode}", f"blocks.m3.rank={rank}", f"blocks.m3.out_norm={out_norm}", "blocks.m3.d_state=16",
-            "blocks.m3.headdim=16", f"blocks.m3.chunk_size={16 // rank}"] + [f"blocks.m3.{o}" for o in overrides]
+            "blocks.m3.headdim=16", f"blocks.m3.chunk_size={16 // rank}", "d_model=48"] + [f"blocks.m3.{o}" for o in overrides]
     spec = load_model_spec("zoo:tiny-mamba3", sets)
     torch.manual_seed(0)
     ref = Mamba3(spec.d_model, spec.blocks["m3"], backend="torch").to(device)
@@ -213,6 +249,7 @@ INTERPRETER_CHECKS = [  # (name, cases, check function, tolerance on every relat
     ("coef", COEF_CASES, "coef_case", 1e-5),
     ("expand", EXPAND_CASES, "expand_case", 1e-5),
     ("phase", PHASE_CASES, "phase_case", 1e-5),
+    ("phase_packed", PHASE_PACKED_CASES, "phase_packed_case", 1e-5),
     ("qk", QK_CASES, "qk_case", 1e-5),
     ("out", OUT_CASES, "out_case", 1e-5),
     ("layer", LAYER_CASES, "layer_case", 1e-4),
@@ -222,6 +259,53 @@ INTERPRETER_CHECKS = [  # (name, cases, check function, tolerance on every relat
 @pytest.mark.skipif(not has_module("triton"), reason="triton not installed")
 def test_triton_io_interpreter_matches_reference():
     run_under_interpreter(_INTERP_SCRIPT, HYBRIDLAB_IO_BWD_PROGRAMS="2")
+
+
+# ---------------------------------------------------------------- references
+
+
+def test_heavy_tail_activation_is_the_official_form():
+    """A = -max(f(a_raw [+ a_bias]), a_floor), f = 1 + x (x >= 0), 1 / (1 - x) (x < 0); finite grads both sides."""
+    from hybridlab.kernels.ssm_io.scan_coefficients import a_activation
+
+    u = torch.tensor([-3.0, -1.0, 0.0, 0.5, 2.0], dtype=torch.float64, requires_grad=True)
+    f = a_activation(u, "heavy_tail")
+    assert torch.allclose(f, torch.tensor([0.25, 0.5, 1.0, 1.5, 3.0], dtype=torch.float64))
+    (g,) = torch.autograd.grad(f.sum(), u)
+    assert torch.allclose(g, torch.tensor([1 / 16, 0.25, 1.0, 1.0, 1.0], dtype=torch.float64))
+    dt_raw, a_raw = torch.randn(1, 4, 2, dtype=torch.float64), torch.tensor([[[-3.0, 2.0]] * 4], dtype=torch.float64)
+    dt, la, beta, gamma = scan_coefficients(dt_raw, a_raw, None, torch.zeros(2, dtype=torch.float64), None, 0.3, backend="torch")
+    assert torch.allclose(la, -torch.tensor([0.3, 3.0], dtype=torch.float32) * dt)  # -3 -> 1/4, floored to 0.3
+    dt2, la2, _, _ = scan_coefficients(dt_raw, a_raw, None, torch.zeros(2, dtype=torch.float64), torch.zeros(2), 0.3,
+                                       activation="softplus", backend="torch")
+    assert torch.allclose(la2, -torch.nn.functional.softplus(a_raw.float()).clamp(min=0.3) * dt2)
+
+
+def test_scan_coefficients_reference_gradcheck_heavy_tail():
+    g = torch.Generator().manual_seed(3)
+    raws = [(torch.randn(1, 6, 3, generator=g, dtype=torch.float64) * 2).requires_grad_() for _ in range(3)]
+    dtb = torch.randn(3, generator=g, dtype=torch.float64).requires_grad_()
+
+    def f(dtr, ar, lr, dtb):
+        return scan_coefficients(dtr, ar, lr, dtb, None, 0.2, backend="torch")
+
+    # float64 inputs stay float64 in the reference (at_least_fp32): gradcheck at its own tolerances
+    assert all(t.dtype == torch.float64 for t in f(*raws, dtb))
+    assert torch.autograd.gradcheck(f, (*raws, dtb))
+
+
+def test_cumulative_phase_packed_torch_backend():
+    for case in PHASE_PACKED_CASES:
+        for nm, e in phase_packed_case(*case, backend="torch").items():
+            assert e < 1e-6, f"{case[:4]} {nm}: {e:.2e}"
+
+
+def test_scan_coefficients_bad_activation_and_bias():
+    x = torch.zeros(1, 2, 3)
+    with pytest.raises(ValueError, match="activation"):
+        scan_coefficients(x, x, None, torch.zeros(3), None, 0.1, activation="relu", backend="torch")
+    with pytest.raises(ValueError, match="a_bias"):
+        scan_coefficients(x, x, None, torch.zeros(3), torch.zeros(4), 0.1, backend="torch")
 
 
 # ---------------------------------------------------------------- dispatch and bad input

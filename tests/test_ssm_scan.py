@@ -3,10 +3,12 @@
 * torch chunked vs torch recurrent, lengths 1/63/64/65/200, ranks 1 and 4, with
   and without an initial state; split-and-carry equals the whole sequence;
   gradcheck of the chunked form in float64 (all six inputs and the state).
-* the dispatcher: backends, unknown backend, bad shapes.
+* the dispatcher: backends, unknown backend, bad shapes; packed documents
+  (seq_idx / cu_seqlens) on the torch backends equal each document alone.
 * the Triton kernel under TRITON_INTERPRET=1 (in a subprocess, so the env var
   is set before triton is imported and nothing else in the suite is affected):
-  forward and gradients vs the reference, ranks 1 and 4, with state.
+  forward and gradients vs the reference, ranks 1 and 4, with state; a packed
+  batch equals each document run alone (values and every gradient).
 * full-size Triton tests on CUDA (marked gpu, skipped without it).
 """
 
@@ -56,6 +58,50 @@ def assert_close(a, b, tol):
     a, b = a.double(), b.double()
     err = (a - b).norm() / b.norm().clamp_min(1e-30)
     assert err < tol, f"rel err {err:.3e} >= {tol:g}"
+
+
+def docs_of(seq_row):
+    """[(start, end)] of each document of one seq_idx row."""
+    cuts = [0, *(torch.nonzero(seq_row[1:] != seq_row[:-1]).flatten() + 1).tolist(), len(seq_row)]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def packed_case(b, l, h, r, n, p, chunk, docs, with_state, backend="triton", device="cpu", dtype=torch.float32):
+    """Relative errors of a packed batch (``seq_idx`` = ``docs``) through ``backend`` against each
+    document run alone through the float64 chunked reference (the state only for a row's first document):
+    y, the final h, and the gradients of every input and of the state."""
+    q, k, v, la, beta, gamma, st = make_inputs(b, l, h, r, n, p, dtype=dtype, seed=l + r, with_state=with_state, device=device)
+    seq = torch.tensor(docs, dtype=torch.int32, device=device)
+    leaves = [t.clone().requires_grad_() for t in [q, k, v, la, beta, gamma] + (list(st) if with_state else [])]
+    g = torch.Generator().manual_seed(1)
+    dy, dh = torch.randn(v.shape, generator=g).to(device), torch.randn(b, h, p, n, generator=g).to(device)
+    y, fs = ssm_scan(*leaves[:6], ScanState(*leaves[6:]) if with_state else None, backend=backend, chunk_size=chunk, seq_idx=seq)
+    ((y.float() * dy).sum() + (fs.h * dh).sum()).backward()
+    got = [y.detach(), fs.h.detach()] + [t.grad for t in leaves]
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    y_ref, h_ref, loss = torch.zeros(v.shape, dtype=torch.float64, device=device), [], 0
+    for row in range(b):
+        for a, e in docs_of(seq[row].cpu()):
+            sl = (slice(row, row + 1), slice(a, e))
+            s0 = ScanState(*(t[row : row + 1] for t in ref_leaves[6:])) if with_state and a == 0 else None
+            yy, final = scan_chunked(*(t[sl] for t in ref_leaves[:6]), s0, chunk_size=16)
+            loss = loss + (yy * dy[sl].double()).sum()
+            y_ref[sl] = yy.detach()
+        loss = loss + (final.h * dh[row : row + 1].double()).sum()
+        h_ref.append(final.h.detach())
+    loss.backward()
+    ref = [y_ref, torch.cat(h_ref)] + [t.grad for t in ref_leaves]
+    names = ["y", "h", "dq", "dk", "dv", "dla", "dbeta", "dgamma", "dh0", "dk0", "dv0"]
+    return {nm: ((a.double() - b_).norm() / b_.norm().clamp_min(1e-30)).item() for nm, a, b_ in zip(names, got, ref)}
+
+
+PACKED_CASES = [
+    # b, l, h, r, n, p, chunk (positions), docs (seq_idx rows), with_state
+    # boundaries inside a chunk, at chunk starts (16, 32) and a one-position document (16)
+    (2, 37, 2, 1, 16, 16, 16, [[0] * 5 + [1] * 11 + [2] * 16 + [3] * 5, [0] * 16 + [1] * 1 + [2] * 20], True),
+    (1, 40, 1, 4, 16, 16, 4, [[0] * 1 + [1] * 3 + [2] * 8 + [3] * 13 + [4] * 15], True),  # MIMO, many chunk starts
+    (2, 21, 2, 2, 16, 32, 8, [[0] * 21, [5] * 7 + [6] * 1 + [7] * 13], False),  # one row unpacked; ids need not start at 0
+]
 
 
 # ---------------------------------------------------------------- reference forms
@@ -152,6 +198,44 @@ def test_dispatcher_backends_agree():
         assert_close(s.h, s_ref.h, 1e-10)
     y, _ = ssm_scan(q, k, v, la, beta, gamma, st, backend="torch_chunked", chunk_size=8)
     assert_close(y, y_ref, 1e-10)
+
+
+@pytest.mark.parametrize("backend", ["torch", "torch_chunked", "torch_recurrent"])
+def test_packed_documents_torch_backends(backend):
+    """The torch backends' packed path equals each document run alone (values and gradients)."""
+    for nm, e in packed_case(*PACKED_CASES[0][:7], PACKED_CASES[0][7], True, backend=backend).items():
+        assert e < 1e-5, f"{nm}: {e:.2e}"
+
+
+def test_cu_seqlens_equals_seq_idx():
+    q, k, v, la, beta, gamma, st = make_inputs(1, 30, 2, 1, 8, 4, dtype=torch.float64, seed=4, with_state=True)
+    seq = torch.tensor([[0] * 7 + [1] * 13 + [2] * 10])
+    y1, s1 = ssm_scan(q, k, v, la, beta, gamma, st, backend="torch", seq_idx=seq)
+    y2, s2 = ssm_scan(q, k, v, la, beta, gamma, st, backend="torch", cu_seqlens=torch.tensor([0, 7, 20, 30]))
+    assert torch.equal(y1, y2) and torch.equal(s1.h, s2.h)
+    y3, _ = ssm_scan(q[:, 20:], k[:, 20:], v[:, 20:], la[:, 20:], beta[:, 20:], gamma[:, 20:], backend="torch")
+    assert_close(y1[:, 20:], y3, 1e-12)  # the last document alone, from a zero state
+    y4, _ = ssm_scan(q, k, v, la, beta, gamma, st, backend="torch")
+    assert not torch.allclose(y1[:, 7:], y4[:, 7:])  # packing changes what follows a boundary
+
+
+@pytest.mark.parametrize("bad", ["both", "batch2", "not_rising", "float_seq", "seq_shape"])
+def test_packed_arguments_raise(bad):
+    q, k, v, la, beta, gamma, _ = make_inputs(2, 10, 1, 1, 8, 4)
+    kw = {}
+    if bad == "both":
+        kw = dict(seq_idx=torch.zeros(2, 10, dtype=torch.int32), cu_seqlens=torch.tensor([0, 10]))
+    elif bad == "batch2":
+        kw = dict(cu_seqlens=torch.tensor([0, 4, 10]))
+    elif bad == "not_rising":
+        q, k, v, la, beta, gamma = (t[:1] for t in (q, k, v, la, beta, gamma))
+        kw = dict(cu_seqlens=torch.tensor([0, 6, 4, 10]))
+    elif bad == "float_seq":
+        kw = dict(seq_idx=torch.zeros(2, 10))
+    elif bad == "seq_shape":
+        kw = dict(seq_idx=torch.zeros(2, 9, dtype=torch.int32))
+    with pytest.raises(ValueError, match="ssm_scan"):
+        ssm_scan(q, k, v, la, beta, gamma, backend="torch", **kw)
 
 
 def test_unknown_backend_raises():
@@ -255,6 +339,13 @@ _INTERP_SCRIPT = textwrap.dedent(
             print(tag)
             if not e < 1e-4:
                 fails.append(tag)
+    from test_ssm_scan import PACKED_CASES, packed_case
+    for case in PACKED_CASES:  # packed documents: the batch equals each document alone
+        for nm, e in packed_case(*case).items():
+            tag = f"packed case={case[:7]} {nm} rel={e:.2e}"
+            print(tag)
+            if not e < 1e-4:
+                fails.append(tag)
     print("FAILS", fails)
     sys.exit(1 if fails else 0)
     """
@@ -263,7 +354,7 @@ _INTERP_SCRIPT = textwrap.dedent(
 
 @pytest.mark.skipif(not has_module("triton"), reason="triton not installed")
 def test_triton_interpreter_matches_reference():
-    """Kernel forward + backward under TRITON_INTERPRET=1, fp32, ranks 1/2/4, with state."""
+    """Kernel forward + backward under TRITON_INTERPRET=1, fp32, ranks 1/2/4, with state; packed documents."""
     run_under_interpreter(_INTERP_SCRIPT, HYBRIDLAB_SSM_DH_BP="16")
 
 
@@ -301,6 +392,17 @@ def test_triton_gpu_matches_reference(r, dtype):
         assert torch.isfinite(a).all(), name
         err = ((a.double() - b_).norm() / b_.norm()).item()
         assert err < tol, f"{name}: rel err {err:.3e}"
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("r,dtype", [(1, torch.bfloat16), (4, torch.bfloat16), (1, torch.float32), (4, torch.float32)])
+def test_triton_gpu_packed_documents(r, dtype):
+    """A packed batch equals each document alone at the bench's head and state sizes (values and gradients)."""
+    docs = [[0] * 200 + [1] * 1 + [2] * 63 + [3] * 300 + [4] * 436, [9] * 1000]
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    for nm, e in packed_case(2, 1000, 4, r, 128, 64, None, docs, True, device="cuda", dtype=dtype).items():
+        assert e < tol, f"{nm}: rel err {e:.2e}"
 
 
 @gpu

@@ -26,8 +26,11 @@ the output projection. No short convolution.
 
 The stages before and after the scan (B/C norm + bias + rotary; D, norm, gate,
 rank combination) are ``hybridlab.kernels.ssm_io``: fused Triton kernels on
-CUDA, the PyTorch reference elsewhere. One-token decode steps on Hopper+ run
-as one CuTe kernel (``kernels.ssm_scan.cute.FusedStep``, held by the layer).
+CUDA, the PyTorch reference elsewhere. With the triton / auto backend on CUDA
+the q/k/v preparation runs inside the scan kernels (``ssm_scan_fused``: B, C,
+the phase and x in; no (b, l, H, R, ·) tensor in memory). One-token decode
+steps on Hopper+ run as one CuTe kernel (``kernels.ssm_scan.cute.FusedStep``,
+held by the layer).
 
 Rotary pairs are (i, i + n_angles) of d_state here; the official layer's
 (2i, 2i+1) (SISO) and (i, N/2 + i) (MIMO) are a permutation of d_state that
@@ -43,8 +46,9 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
-from hybridlab.kernels import ScanState, ssm_scan
+from hybridlab.kernels import ScanState, ssm_scan, ssm_scan_fused
 from hybridlab.kernels.norm_rotary import at_least_fp32
+from hybridlab.kernels.ssm_scan.fused import fused_supported
 from hybridlab.kernels.ssm_io import cumulative_phase, gated_output, qk_prep, rank_expand, scan_coefficients
 from hybridlab.kernels.ssm_scan.cute import STEP_PARAMS, FusedStep, StepSpec
 
@@ -150,6 +154,19 @@ class Mamba3(nn.Module):
         ``seq_idx`` (b, l) int: packed documents; the phase restarts at each document start
         (``phase0``, a cache's running phase, belongs to the first document only).
         """
+        B, C, x, z, log_alpha, beta, gamma, phase = self.projections(u, phase0, valid, seq_idx)
+        return ScanInputs(*self.qkv(B, C, x, phase), log_alpha, beta, gamma, x, z, phase)
+
+    def qkv(self, B, C, x, phase):
+        """The unfused q/k/v preparation (ssm_io): (q, k) by qk_prep, v = x ⊙ W_x (MIMO) or x."""
+        q, k = qk_prep(B, C, phase, self.b_norm, self.c_norm, self.b_bias, self.c_bias, self.H, self.eps, backend=self.io_backend)
+        v = rank_expand(x, self.mimo_x, backend=self.io_backend) if self.blk.mode == "mimo" else x[:, :, :, None].contiguous()
+        return q, k, v
+
+    def projections(self, u: torch.Tensor, phase0: torch.Tensor | None = None, valid: torch.Tensor | None = None,
+                    seq_idx: torch.Tensor | None = None):
+        """in_proj and the per-token scalars: B, C (b, l, R, N), x (b, l, H, P), z, log α, β, γ, phase
+        (``valid``, ``seq_idx`` and ``phase0`` as for ``scan_inputs``)."""
         b, l, _ = u.shape
         H, P, N, R = self.H, self.P, self.N, self.R
         blk = self.blk
@@ -173,13 +190,7 @@ class Mamba3(nn.Module):
                 else:
                     first = (seq_idx == seq_idx[:, :1]).to(phase.dtype)  # (b, l): the cache's document
                     phase = phase + phase0[:, None] * first[:, :, None, None]
-        q, k = qk_prep(
-            B.view(b, l, R, N), C.view(b, l, R, N), phase, self.b_norm, self.c_norm, self.b_bias, self.c_bias,
-            H, self.eps, backend=self.io_backend,
-        )
-        x = x.view(b, l, H, P)
-        v = rank_expand(x, self.mimo_x, backend=self.io_backend) if blk.mode == "mimo" else x[:, :, :, None].contiguous()
-        return ScanInputs(q, k, v, log_alpha, beta, gamma, x, z, phase)
+        return B.view(b, l, R, N), C.view(b, l, R, N), x.view(b, l, H, P), z, log_alpha, beta, gamma, phase
 
     def standard_phase(self, b: int, l: int, device, phase0=None, valid=None, seq_idx=None) -> torch.Tensor:
         """``rope: standard``: φ (b, l, H, n_angles) fp32 = position x the fixed RoPE frequencies, the
@@ -215,18 +226,26 @@ class Mamba3(nn.Module):
         if cache is not None and l == 1 and cache.valid is None and self.fused_step_ok(u, cache):
             return self.fused_step(u, cache)
         valid = cache.valid if cache is not None else None
-        ins = self.scan_inputs(u, cache.phase if cache is not None else None, valid, seq_idx)
-        y, final = ssm_scan(
-            *ins[:6], cache.scan if cache is not None else None,
-            backend=self.backend, chunk_size=self.blk.chunk_size, seq_idx=seq_idx,
-        )
+        state = cache.scan if cache is not None else None
+        B, C, x, z, log_alpha, beta, gamma, phase = self.projections(u, cache.phase if cache is not None else None, valid,
+                                                                     seq_idx)
+        if self.backend in ("auto", "triton") and l > 1 and fused_supported(B, x, self.mimo_x, self.blk.chunk_size)[0]:
+            # q, k, v built inside the scan kernels: no (b, l, H, R, N) tensor in memory, forward or backward
+            y, final = ssm_scan_fused(
+                B, C, phase, self.b_norm, self.c_norm, self.b_bias, self.c_bias, x, self.mimo_x, log_alpha, beta, gamma,
+                state, eps=self.eps, seq_idx=seq_idx, backend="triton", chunk_size=self.blk.chunk_size,
+                last_kv=cache is not None,
+            )
+        else:
+            y, final = ssm_scan(*self.qkv(B, C, x, phase), log_alpha, beta, gamma, state, backend=self.backend,
+                                chunk_size=self.blk.chunk_size, seq_idx=seq_idx)
         if cache is not None:  # in place: the cache's buffers stay put (CUDA graphs replay on them)
             for dst, src in zip(cache.scan, final):
                 if dst.data_ptr() != src.data_ptr():
                     dst.copy_(src)
-            if ins.phase is not None:
-                cache.phase.copy_(ins.phase[:, -1])
-        return self.out_proj(self.output(y, ins.x, ins.z).reshape(b, l, H * P))
+            if phase is not None:
+                cache.phase.copy_(phase[:, -1])
+        return self.out_proj(self.output(y, x, z).reshape(b, l, H * P))
 
     # ------------------------------------------------------------------ fused decode step (CUDA)
     def fused_step_ok(self, u: torch.Tensor, cache: Mamba3Cache) -> bool:

@@ -4,12 +4,20 @@
 
 Times (``triton.testing.do_bench`` medians, bf16) forward and forward+backward of
 the ``triton`` backend (SISO and MIMO R=4, same heads/d_state), the torch
-reference, causal attention of the same width through SDPA (16 heads x 128),
-and the peers that import (flash-attn-4's ``flash_attn.cute``, fla-core's gated
-DeltaNet); checks the kernel against the torch reference at the same shapes;
+reference, the scan with the q/k/v preparation fused in (``ssm_scan_fused``,
+against the chain qk_prep -> rank_expand -> ssm_scan it replaces, with peak
+memory), causal attention of the same width through SDPA (16 heads x 128), and
+the peers that import (flash-attn-4's ``flash_attn.cute``, fla-core's gated
+DeltaNet); checks the kernels against the torch reference at the same shapes;
 writes ``ssm_bench.json`` and ``ssm_bench.md`` (ratios vs the official figures
 of ../shared/STACK.md) into the output folder. ``run_ssm_bench`` is the entry
 point that ``hybridlab bench ssm`` calls.
+
+``run_layer_bench(make_layer)`` times whole Mamba-3 layers (in_proj -> scan ->
+out_proj) fwd and fwd+bwd with peak memory, eager and ``torch.compile``d, next to
+the official ``mamba_ssm`` Mamba3 layer when it imports. It takes the layer
+factory as an argument (kernels imports nothing of hybridlab's model code):
+``scripts/bench_mamba3_layer.py`` passes ``hybridlab.arch``'s layer.
 """
 
 from __future__ import annotations
@@ -24,8 +32,8 @@ from pathlib import Path
 import torch
 
 try:  # installed package, or run from the repo root without installing
-    from hybridlab.kernels import ssm_scan
-    from hybridlab.kernels.ssm_io import gated_output, qk_prep
+    from hybridlab.kernels import ssm_scan, ssm_scan_fused
+    from hybridlab.kernels.ssm_io import gated_output, qk_prep, rank_expand
 except ImportError:  # pragma: no cover - device fallback: map ./kernels to hybridlab.kernels
     import importlib.util
     import types
@@ -40,8 +48,8 @@ except ImportError:  # pragma: no cover - device fallback: map ./kernels to hybr
     _mod = importlib.util.module_from_spec(_spec)
     sys.modules["hybridlab.kernels"] = _mod
     _spec.loader.exec_module(_mod)
-    from hybridlab.kernels import ssm_scan
-    from hybridlab.kernels.ssm_io import gated_output, qk_prep
+    from hybridlab.kernels import ssm_scan, ssm_scan_fused
+    from hybridlab.kernels.ssm_io import gated_output, qk_prep, rank_expand
 
 # (b, l, h, p, n)
 DEFAULT_SHAPES = [(8, 2048, 32, 64, 128), (4, 8192, 32, 64, 128), (8, 2048, 32, 64, 64)]
@@ -251,6 +259,224 @@ def time_fla_gdn(b, l, h=32, dk=128, dv=64):
     return row
 
 
+def make_fused_inputs(b, l, h, r, n, p, dtype=torch.bfloat16, device="cuda", seed=0, requires_grad=False):
+    """What the layer hands the fused scan: B, C and x as views of projections, the phase (A = n/4 angles),
+    B/C norms and biases, W_x (MIMO), and the scan's scalars."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    rnd = lambda *s, scale=1.0: torch.randn(*s, device=device, generator=g) * scale  # noqa: E731
+    bc = rnd(b, l, 2 * r * n).to(dtype)
+    xz = rnd(b, l, 2 * h * p).to(dtype)
+    leaves = dict(bc=bc, xz=xz, phase=rnd(b, l, h, n // 4, scale=3.0), b_norm=rnd(n).abs() + 0.5, c_norm=rnd(n).abs() + 0.5,
+                  b_bias=rnd(h, r, n), c_bias=rnd(h, r, n), mimo_x=rnd(h, r, p) if r > 1 else None)
+    dt = torch.nn.functional.softplus(rnd(b, l, h) - 1.0)
+    la = -(torch.rand(h, device=device, generator=g) * 2 + 0.1) * dt
+    lam = torch.sigmoid(rnd(b, l, h))
+    leaves.update(la=la, beta=(1 - lam) * dt * la.exp(), gamma=lam * dt)
+    if requires_grad:
+        for t in leaves.values():
+            if t is not None:
+                t.requires_grad_()
+    return leaves
+
+
+def _fused_args(lv, b, l, h, r, n, p):
+    B, C = lv["bc"][..., : r * n].view(b, l, r, n), lv["bc"][..., r * n :].view(b, l, r, n)
+    x = lv["xz"][..., : h * p].view(b, l, h, p)
+    return B, C, x
+
+
+def _run_fused(lv, shape, r, impl, scan_backend="triton"):
+    b, l, h, p, n = shape
+    B, C, x = _fused_args(lv, b, l, h, r, n, p)
+    if impl == "fused":
+        return ssm_scan_fused(B, C, lv["phase"], lv["b_norm"], lv["c_norm"], lv["b_bias"], lv["c_bias"], x, lv["mimo_x"],
+                              lv["la"], lv["beta"], lv["gamma"], eps=1e-5, backend="triton" if scan_backend == "triton" else "torch",
+                              last_kv=False)
+    # the unfused chain the fused op replaces (each stage its own Triton kernel)
+    io = "triton" if scan_backend == "triton" else "torch"
+    q, k = qk_prep(B, C, lv["phase"], lv["b_norm"], lv["c_norm"], lv["b_bias"], lv["c_bias"], h, 1e-5, backend=io)
+    v = rank_expand(x, lv["mimo_x"], backend=io) if r > 1 else x[:, :, :, None].contiguous()
+    return ssm_scan(q, k, v, lv["la"], lv["beta"], lv["gamma"], backend=scan_backend)
+
+
+def _peak_mb(fn):
+    """Peak memory above what was allocated before ``fn`` (MB)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def time_fused(shape, r, impl, dtype=torch.bfloat16):
+    """``impl`` "fused" (ssm_scan_fused, Triton) or "chain" (qk_prep -> rank_expand -> ssm_scan, each Triton):
+    fwd, fwd+bwd and the fwd+bwd's peak memory."""
+    b, l, h, p, n = shape
+    name = "ssm_scan_fused" if impl == "fused" else "qk_prep+rank_expand+ssm_scan"
+    row = {"kind": "time", "op": name, "impl": "triton", "shape": shape_name(shape), "rank": r, "dtype": str(dtype).split(".")[-1]}
+    lv = make_fused_inputs(b, l, h, r, n, p, dtype=dtype, requires_grad=True)
+    dy = torch.randn(b, l, h, r, p, device="cuda", dtype=dtype)
+
+    def fb():
+        y, _ = _run_fused(lv, shape, r, impl)
+        y.backward(dy)
+
+    return _time_fwd_bwd(row, lambda: _run_fused(lv, shape, r, impl), fb, [t for t in lv.values() if t is not None])
+
+
+def _time_fwd_bwd(row, fwd, fwd_bwd, leaves):
+    """Fill ``row`` with fwd / fwd+bwd medians (ms) and the fwd+bwd's peak memory (MB); a failure becomes
+    its ``error`` (one failing impl must not stop the bench)."""
+    try:
+        with torch.no_grad():
+            row["fwd_ms"] = _bench(fwd)
+        row["fwdbwd_ms"] = _bench(fwd_bwd, grad_to_none=leaves)
+        for t in leaves:
+            t.grad = None
+        row["fwdbwd_peak_MB"] = _peak_mb(fwd_bwd)
+    except torch.cuda.OutOfMemoryError:
+        row["error"] = "out of memory"
+    except Exception as e:  # noqa: BLE001
+        row["error"] = f"{type(e).__name__}: {e}"[:300]
+    finally:
+        torch.cuda.empty_cache()
+    return row
+
+
+def check_fused(shape, r, dtype=torch.bfloat16, seed=1):
+    """ssm_scan_fused (Triton) vs the torch reference chain (fp32 math) at one shape: rel errors of y, h and
+    every gradient."""
+    b, l, h, p, n = shape
+    lv = make_fused_inputs(b, l, h, r, n, p, dtype=dtype, seed=seed)
+    g = torch.Generator(device="cuda").manual_seed(seed + 7)
+    dy = torch.randn(b, l, h, r, p, device="cuda", generator=g)
+    dh = torch.randn(b, h, p, n, device="cuda", generator=g)
+
+    def run(leaves, scan_backend):
+        ls = {k: (v.detach().clone().requires_grad_() if v is not None else None) for k, v in leaves.items()}
+        y, s = _run_fused(ls, shape, r, "fused", scan_backend=scan_backend)
+        ((y.float() * dy).sum() + (s.h * dh).sum()).backward()
+        return {"y": y.detach(), "h": s.h.detach(), **{"d" + k: v.grad for k, v in ls.items() if v is not None}}
+
+    got = run(lv, "triton")
+    ref = run({k: (v.float() if v is not None else None) for k, v in lv.items()}, "torch")
+    errs = {k: _rel(got[k], ref[k]) for k in got}
+    finite = all(bool(torch.isfinite(t).all()) for t in got.values())
+    del got, ref
+    torch.cuda.empty_cache()
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    return {"kind": "check", "op": "ssm_scan_fused", "shape": shape_name(shape), "rank": r, "dtype": str(dtype).replace("torch.", ""),
+            "errors": errs, "max_err": max(errs.values()), "tol": tol, "ok": finite and max(errs.values()) < tol}
+
+
+# ------------------------------------------------------------------ whole Mamba-3 layers
+
+
+def official_layer(d_model, mode, rank, d_state, dtype=torch.bfloat16):
+    """The official ``mamba_ssm`` Mamba3 layer at these sizes (raises ImportError when it does not import)."""
+    from mamba_ssm.modules.mamba3 import Mamba3 as OfficialMamba3  # type: ignore
+
+    r = rank if mode == "mimo" else 1
+    return OfficialMamba3(d_model=d_model, d_state=d_state, headdim=64, expand=2, is_mimo=mode == "mimo", mimo_rank=r,
+                          chunk_size=64 // r, device="cuda", dtype=dtype)
+
+
+def time_layer(name, layer, u, compile_it=False):
+    """fwd and fwd+bwd medians (ms) and the fwd+bwd's peak memory (MB) of ``layer`` on ``u``; compiled with
+    ``torch.compile`` first when asked (its compile time reported)."""
+    row = {"kind": "layer", "impl": name, "compiled": compile_it}
+    fn = layer
+    if compile_it:
+        fn = torch.compile(layer)
+        try:
+            t0 = _dt.datetime.now()
+            fn(u).sum().backward()  # compile forward and backward
+            torch.cuda.synchronize()
+            row["compile_s"] = (_dt.datetime.now() - t0).total_seconds()
+        except Exception as e:  # noqa: BLE001 - a failing compile is a result, not the end of the bench
+            row["error"] = f"compile: {type(e).__name__}: {e}"[:300]
+            return row
+    uu = u.detach().clone().requires_grad_()
+    dy = torch.randn_like(u)
+    return _time_fwd_bwd(row, lambda: fn(u), lambda: fn(uu).backward(dy), [uu, *(p for p in layer.parameters() if p.requires_grad)])
+
+
+def run_layer_bench(make_layer, out_dir="bench_out", d_model=2048, batch=8, seqlen=2048, d_states=(128, 64), ranks=(1, 4),
+                    compile_too=True, official=True, dtype=torch.bfloat16, log=print) -> list[dict]:
+    """Whole Mamba-3 layers fwd / fwd+bwd (ms) and peak memory: ours (``make_layer(d_model, mode, rank, d_state)``
+    -> a CUDA module in ``dtype``) eager and compiled, and the official layer when it imports. Writes
+    layer_bench.json / layer_bench.md (ratios: ours / official, MIMO / our SISO)."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("the layer bench needs a CUDA GPU")
+    device, date = torch.cuda.get_device_name(), _dt.date.today().isoformat()
+    rows = []
+    for n in d_states:
+        for r in ranks:
+            mode = "mimo" if r > 1 else "siso"
+            shape = f"d{d_model} b{batch} l{seqlen} n{n}"
+            u = torch.randn(batch, seqlen, d_model, device="cuda", dtype=dtype)
+            impls = [("hybridlab", False)] + ([("hybridlab", True)] if compile_too else [])
+            for name, comp in impls:
+                layer = make_layer(d_model, mode, r, n)
+                row = time_layer(name, layer, u, compile_it=comp)
+                row.update(shape=shape, mode=mode, rank=r, device=device, date=date, dtype=str(dtype).split(".")[-1])
+                rows.append(row)
+                log(json.dumps(row, default=str))
+                del layer
+            if official:
+                row = {"kind": "layer", "impl": "official mamba_ssm", "compiled": False, "shape": shape, "mode": mode,
+                       "rank": r, "device": device, "date": date, "dtype": str(dtype).split(".")[-1]}
+                try:
+                    layer = official_layer(d_model, mode, r, n, dtype)
+                except Exception as e:  # noqa: BLE001 - absent or broken: say so and go on
+                    row["error"] = f"official mamba_ssm Mamba3 not importable here: {type(e).__name__}: {e}"[:300]
+                else:
+                    row.update({k: v for k, v in time_layer("official mamba_ssm", layer, u).items() if k not in row})
+                    del layer
+                rows.append(row)
+                log(json.dumps(row, default=str))
+            del u
+            torch.cuda.empty_cache()
+    _layer_ratios(rows)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "layer_bench.json").write_text(json.dumps(rows, indent=1, default=str))
+    (out / "layer_bench.md").write_text(layer_markdown(rows, device, date))
+    return rows
+
+
+def _layer_ratios(rows):
+    key = lambda r: (r["shape"], r["rank"])  # noqa: E731
+    official = {key(r): r for r in rows if r["impl"].startswith("official") and "fwdbwd_ms" in r}
+    siso = {(r["shape"], r["compiled"]): r for r in rows if r["impl"] == "hybridlab" and r["rank"] == 1 and "fwdbwd_ms" in r}
+    for r in rows:
+        if r["impl"] != "hybridlab" or "fwdbwd_ms" not in r:
+            continue
+        off = official.get(key(r))
+        if off:
+            r["fwdbwd_vs_official"] = r["fwdbwd_ms"] / off["fwdbwd_ms"]
+            r["fwd_vs_official"] = r["fwd_ms"] / off["fwd_ms"]
+        base = siso.get((r["shape"], r["compiled"]))
+        if base and r["rank"] != 1:
+            r["fwdbwd_vs_our_siso"] = r["fwdbwd_ms"] / base["fwdbwd_ms"]
+
+
+def layer_markdown(rows, device, date):
+    out = [f"Device: {device}; date {date}; whole Mamba-3 layer (in_proj -> scan -> out_proj), 64 heads x 64, no output "
+           "norm (the official layer's defaults); `triton.testing.do_bench` medians (ms).", "",
+           "| layer | shape | R | compiled | fwd ms | fwd+bwd ms | peak MB (fwd+bwd) | fwd+bwd ÷ official | ÷ our SISO | note |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        note = r.get("error", "")
+        if "compile_s" in r:
+            note = (note + f" compile {r['compile_s']:.1f} s").strip()
+        out.append(f"| {r['impl']} | {r['shape']} | {r['rank']} | {'yes' if r['compiled'] else 'no'} | {_fmt(r.get('fwd_ms'))} "
+                   f"| {_fmt(r.get('fwdbwd_ms'))} | {_fmt(r.get('fwdbwd_peak_MB'), 0)} | {_fmt(r.get('fwdbwd_vs_official'), 2)} "
+                   f"| {_fmt(r.get('fwdbwd_vs_our_siso'), 2)} | {note} |")
+    return "\n".join(out) + "\n"
+
+
 def _add_ratios(rows):
     ours = {(r["shape"], r["rank"]): r for r in rows if r.get("op") == "ssm_scan" and r.get("impl") == "triton"}
     for r in rows:
@@ -269,6 +495,15 @@ def _add_ratios(rows):
                 for key in ("fwd_ms", "fwdbwd_ms"):
                     if key in r and key in siso:
                         r[f"ratio_{key[:-3]}_vs_our_siso"] = r[key] / siso[key]
+        elif r["op"] == "ssm_scan_fused":
+            chain = next((c for c in rows if c.get("op") == "qk_prep+rank_expand+ssm_scan" and c["shape"] == r["shape"]
+                          and c["rank"] == r["rank"] and "fwdbwd_ms" in c), None)
+            siso = next((c for c in rows if c.get("op") == "ssm_scan_fused" and c["shape"] == r["shape"] and c["rank"] == 1
+                         and "fwdbwd_ms" in c), None)
+            if chain and "fwdbwd_ms" in r:
+                r["fwd_vs_chain"], r["fwdbwd_vs_chain"] = r["fwd_ms"] / chain["fwd_ms"], r["fwdbwd_ms"] / chain["fwdbwd_ms"]
+            if siso and r["rank"] != 1 and "fwdbwd_ms" in r:
+                r["ratio_fwd_vs_our_siso"], r["ratio_fwdbwd_vs_our_siso"] = r["fwd_ms"] / siso["fwd_ms"], r["fwdbwd_ms"] / siso["fwdbwd_ms"]
         elif r["op"] == "attention":
             b, l = (int(x[1:]) for x in r["shape"].split()[:2])
             off = OFFICIAL["fa4" if r["impl"] == "flash-attn-4" else "sdpa"].get((b, l))
@@ -301,6 +536,10 @@ def markdown(rows, device, date):
                     f" saved for bwd {r['qk_saved_MB']:.0f} + {r['out_saved_MB']:.0f} MB").strip()
         if "fwd_TBps" in r:
             note = (note + f" fwd {r['fwd_TBps']:.2f} TB/s (q,k,v,y bytes)").strip()
+        if "fwdbwd_peak_MB" in r:
+            note = (note + f" peak {r['fwdbwd_peak_MB']:.0f} MB (fwd+bwd)").strip()
+        if "fwdbwd_vs_chain" in r:
+            note = (note + f"; ÷ unfused chain {r['fwd_vs_chain']:.2f} / {r['fwdbwd_vs_chain']:.2f}").strip()
         out.append(
             f"| {r['op']} | {r['impl']} | {r['shape']} | {_fmt(r['rank'])} | {_fmt(r.get('fwd_ms'))} | {_fmt(r.get('fwdbwd_ms'))} "
             f"| {_fmt(vs_off_f, 2)} | {_fmt(vs_off_b, 2)} | {siso} | {note} |"
@@ -310,11 +549,13 @@ def markdown(rows, device, date):
         out += ["", "| check | shape | R | dtype | max rel err | tol | ok | errors |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in checks:
             errs = " ".join(f"{k}={v:.1e}" for k, v in r.get("errors", {}).items())
-            out.append(f"| triton vs torch | {r['shape']} | {r['rank']} | {r['dtype']} | {_fmt(r.get('max_err'), 5)} | {r['tol']:g} | {r['ok']} | {errs or r.get('error', '')} |")
+            what = "fused triton vs torch chain" if r.get("op") == "ssm_scan_fused" else "triton vs torch"
+            out.append(f"| {what} | {r['shape']} | {r['rank']} | {r['dtype']} | {_fmt(r.get('max_err'), 5)} | {r['tol']:g} | {r['ok']} | {errs or r.get('error', '')} |")
     return "\n".join(out) + "\n"
 
 
-def run_ssm_bench(shapes=None, out_dir="bench_out", ranks=RANKS, check=True, reference=True, peers=True, io=True, log=print) -> list[dict]:
+def run_ssm_bench(shapes=None, out_dir="bench_out", ranks=RANKS, check=True, reference=True, peers=True, io=True, fused=True,
+                  log=print) -> list[dict]:
     """Run the benchmark; write ssm_bench.json / ssm_bench.md into out_dir; return the rows."""
     if not torch.cuda.is_available():
         raise RuntimeError("hybridlab bench ssm needs a CUDA GPU")
@@ -341,6 +582,16 @@ def run_ssm_bench(shapes=None, out_dir="bench_out", ranks=RANKS, check=True, ref
                 add(check_scan(shapes[0], r, dtype=torch.float32))
             except Exception as e:  # noqa: BLE001
                 add({"kind": "check", "shape": shape_name(shapes[0]), "rank": r, "dtype": "float32", "ok": False, "tol": 1e-4, "error": f"{type(e).__name__}: {e}"[:300]})
+        if fused:
+            b, l, h, p, n = shapes[0]
+            small = (2, l, h, p, n)  # the fp32 reference chain of the check holds (b, l, H, R, N) tensors: 2 rows
+            for r in ranks:
+                for dt in (torch.bfloat16, torch.float32):
+                    try:
+                        add(check_fused(small, r, dtype=dt))
+                    except Exception as e:  # noqa: BLE001
+                        add({"kind": "check", "op": "ssm_scan_fused", "shape": shape_name(small), "rank": r, "dtype": str(dt).split(".")[-1],
+                             "ok": False, "tol": 1e-2, "error": f"{type(e).__name__}: {e}"[:300]})
     for s in shapes:
         for r in ranks:
             add(time_scan(s, r, "triton"))
@@ -351,6 +602,10 @@ def run_ssm_bench(shapes=None, out_dir="bench_out", ranks=RANKS, check=True, ref
             for r in ranks:
                 for impl in ("triton", "torch"):
                     add(time_io(s, r, impl))
+        if fused:
+            for r in ranks:
+                for impl in ("fused", "chain"):
+                    add(time_fused(s, r, impl))
     if peers:
         seen = set()
         for b, l, h, p, n in shapes:
@@ -383,6 +638,7 @@ def main(argv=None):
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--no-io", action="store_true", help="skip the pre/post stages (ssm_io)")
+    ap.add_argument("--no-fused", action="store_true", help="skip the fused scan (ssm_scan_fused) vs the unfused chain")
     ap.add_argument("--quick", action="store_true", help="first shape only")
     ap.add_argument("--shapes", default=None, help="indices into the default shapes, e.g. 1,2")
     ap.add_argument("--ranks", default="1,4")
@@ -391,7 +647,8 @@ def main(argv=None):
     if a.shapes:
         shapes = [DEFAULT_SHAPES[int(i)] for i in a.shapes.split(",")]
     ranks = tuple(int(x) for x in a.ranks.split(","))
-    rows = run_ssm_bench(shapes, a.out, ranks=ranks, check=not a.no_check, reference=not a.no_reference, peers=not a.no_peers, io=not a.no_io)
+    rows = run_ssm_bench(shapes, a.out, ranks=ranks, check=not a.no_check, reference=not a.no_reference, peers=not a.no_peers,
+                         io=not a.no_io, fused=not a.no_fused)
     print(markdown(rows, rows[0]["device"] if rows else "?", rows[0]["date"] if rows else "?"))
     return 0 if all(r.get("ok", True) for r in rows if r.get("kind") == "check") else 1
 

@@ -86,8 +86,12 @@ def seq_idx_from_cu_seqlens(cu_seqlens, b: int, l: int) -> torch.Tensor:
     if b != 1:
         raise ValueError(f"ssm_scan: cu_seqlens describes a single-row batch; got batch {b} (pass seq_idx instead)")
     cu = torch.as_tensor(cu_seqlens)
-    if cu.dim() != 1 or cu.numel() < 2 or cu.dtype.is_floating_point:
+    if cu.dim() != 1 or cu.numel() < 2 or cu.dtype.is_floating_point or cu.dtype == torch.bool:
         raise ValueError(f"ssm_scan: cu_seqlens must be a 1-D integer tensor of n_docs + 1 >= 2 offsets; got {tuple(cu.shape)} {cu.dtype}")
+    if not torch.compiler.is_compiling():  # a host sync: checked in eager mode only
+        offs = cu.tolist()
+        if offs[0] != 0 or offs[-1] != l or any(a > c for a, c in zip(offs, offs[1:])):
+            raise ValueError(f"ssm_scan: cu_seqlens must rise from 0 to seqlen {l}; got {offs}")
     pos = torch.arange(l, device=cu.device)
     # the document of position t: how many document starts after the first lie at or before t
     return torch.bucketize(pos, cu[1:-1].to(pos.dtype), right=True).to(torch.int32)[None]
