@@ -7,7 +7,8 @@
   coefficients with both A activations and without an A bias; the cumulative
   phase of packed documents against each document alone;
 * a whole Mamba-3 layer whose stages and scan run on Triton equals the torch
-  layer, forward and all parameter gradients (interpreter);
+  layer, forward and all parameter gradients (interpreter), also on packed
+  documents (seq_idx through the fused scan and the phase kernels);
 * bad shapes raise one clear ValueError; an unusable backend raises;
 * full-size bf16 checks on CUDA (marked gpu).
 """
@@ -219,8 +220,9 @@ LAYER_CASES = [
 ]
 
 
-def layer_case(mode, rank, out_norm, overrides, *, device="cpu", dtype=torch.float32, b=2, l=24):
-    """One Mamba-3 layer on Triton (fused stages + scan) vs the same layer on torch: output and every gradient."""
+def layer_case(mode, rank, out_norm, overrides, *, device="cpu", dtype=torch.float32, b=2, l=24, seq_idx=None):
+    """One Mamba-3 layer on Triton (fused stages + scan) vs the same layer on torch: output and every gradient
+    (``seq_idx``: a packed batch, through the fused scan and the packed phase kernels vs the references)."""
     from hybridlab.arch.layers.mamba3 import Mamba3
     from hybridlab.arch.spec import load_model_spec
 
@@ -238,11 +240,22 @@ def layer_case(mode, rank, out_norm, overrides, *, device="cpu", dtype=torch.flo
     res = {}
     for name, layer in (("triton", fused.to(dtype)), ("torch", ref.double())):
         uu = u.to(torch.float64 if name == "torch" else dtype).detach().requires_grad_()
-        y = layer(uu)
+        y = layer(uu, seq_idx=seq_idx.to(device) if seq_idx is not None else None)
         dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(device)
         (y.double() * dy.double()).sum().backward()
         res[name] = {"y": y.detach(), "du": uu.grad, **{n: prm.grad for n, prm in layer.named_parameters()}}
     return {n: rel(res["triton"][n].cpu(), res["torch"][n].cpu()) for n in res["torch"]}
+
+
+LAYER_PACKED_CASES = [  # as LAYER_CASES, plus the document lengths of each row (l = 24)
+    ("mimo", 2, "pre_gate_grouped", [], [[5, 11, 8], [24]]),
+    ("siso", 1, "none", ["rope=standard", "a_activation=softplus", "a_bias=true"], [[1, 16, 7], [12, 12]]),
+]
+
+
+def layer_packed_case(mode, rank, out_norm, overrides, lengths, **kw):
+    seq = torch.stack([torch.cat([torch.full((n,), i, dtype=torch.int32) for i, n in enumerate(row)]) for row in lengths])
+    return layer_case(mode, rank, out_norm, overrides, b=len(lengths), l=seq.shape[1], seq_idx=seq, **kw)
 
 
 INTERPRETER_CHECKS = [  # (name, cases, check function, tolerance on every relative error)
@@ -253,6 +266,7 @@ INTERPRETER_CHECKS = [  # (name, cases, check function, tolerance on every relat
     ("qk", QK_CASES, "qk_case", 1e-5),
     ("out", OUT_CASES, "out_case", 1e-5),
     ("layer", LAYER_CASES, "layer_case", 1e-4),
+    ("layer_packed", LAYER_PACKED_CASES, "layer_packed_case", 1e-4),
 ]
 
 
