@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 
 from hybridlab.jobs.data import build_task, eval_task_options
-from hybridlab.jobs.metric_names import EVAL_METRIC_RE, metric_name
+from hybridlab.jobs.record import EVAL_METRIC_RE, metric_name
 from hybridlab.jobs.tasks import batch_seed
 
 EVAL_SEED = 10_007  # base seed of eval batches: never a training seed stream (those use rank >= 0 with job seeds)

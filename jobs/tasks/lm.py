@@ -307,9 +307,9 @@ class LM(Task):
         try:
             self.shards = TokenShards(self.path)
         except TaskError as e:
-            raise _err(f"lm: bad value for 'path': {self.path!r} ({e})") from None
+            raise _err(f"lm: bad value for 'path': {self.path!r} ({e})", "path") from None
         if self.split not in self.index_splits():
-            raise _err(f"lm: bad value for 'split': {self.split!r} (splits here: {', '.join(self.shards.splits) or 'none'})")
+            raise _err(f"lm: bad value for 'split': {self.split!r} (splits here: {', '.join(self.shards.splits) or 'none'})", "split")
         self._vocab_size = self._check_vocab_knob(self.shards.vocab_size)
         self._answer_tokens = torch.arange(self.shards.vocab_size)
 

@@ -51,14 +51,14 @@ class ModArith(Task):
             self.target = "final" if self.brackets else "running"
             self.config["target"] = self.target
         if self.brackets and self.target == "running":
-            raise _err("modarith: bad value for 'target': 'running' (only 'final' with brackets: true)")
+            raise _err("modarith: bad value for 'target': 'running' (only 'final' with brackets: true)", "target")
         self._vocab_size = self._check_vocab_knob(m + 7)
         self._answer_tokens = torch.arange(NUM0, NUM0 + m)
         self._check_len(self.seq_len)
 
     def _check_len(self, L):
         if self.target == "final" and L < 2:
-            raise _err(f"modarith: bad value for 'seq_len': {L} (target=final needs >= 2)")
+            raise _err(f"modarith: bad value for 'seq_len': {L} (target=final needs >= 2)", "seq_len")
 
     def _expr_len(self, L):
         E = L if self.target == "running" else L - 1

@@ -14,7 +14,6 @@ point that ``hybridlab bench ssm`` calls.
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import json
 import sys
@@ -25,6 +24,7 @@ import torch
 
 try:  # installed package, or run from the repo root without installing
     from hybridlab.kernels import ssm_scan
+    from hybridlab.kernels.bench.options import SsmBench, int_list, parse
     from hybridlab.kernels.ssm_io import gated_output, qk_prep
 except ImportError:  # pragma: no cover - device fallback: map ./kernels to hybridlab.kernels
     import importlib.util
@@ -41,11 +41,12 @@ except ImportError:  # pragma: no cover - device fallback: map ./kernels to hybr
     sys.modules["hybridlab.kernels"] = _mod
     _spec.loader.exec_module(_mod)
     from hybridlab.kernels import ssm_scan
+    from hybridlab.kernels.bench.options import SsmBench, int_list, parse
     from hybridlab.kernels.ssm_io import gated_output, qk_prep
 
 # (b, l, h, p, n)
 DEFAULT_SHAPES = [(8, 2048, 32, 64, 128), (4, 8192, 32, 64, 128), (8, 2048, 32, 64, 64)]
-RANKS = (1, 4)
+RANKS = int_list(SsmBench.ranks)
 
 # Official figures, H100 bf16 medians (../shared/STACK.md, measured 2026-11-22).
 OFFICIAL = {
@@ -314,7 +315,7 @@ def markdown(rows, device, date):
     return "\n".join(out) + "\n"
 
 
-def run_ssm_bench(shapes=None, out_dir="bench_out", ranks=RANKS, check=True, reference=True, peers=True, io=True, log=print) -> list[dict]:
+def run_ssm_bench(shapes=None, out_dir=SsmBench.out, ranks=RANKS, check=True, reference=True, peers=True, io=True, log=print) -> list[dict]:
     """Run the benchmark; write ssm_bench.json / ssm_bench.md into out_dir; return the rows."""
     if not torch.cuda.is_available():
         raise RuntimeError("hybridlab bench ssm needs a CUDA GPU")
@@ -376,24 +377,19 @@ def run_ssm_bench(shapes=None, out_dir="bench_out", ranks=RANKS, check=True, ref
     return rows
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="bench_out")
-    ap.add_argument("--no-check", action="store_true")
-    ap.add_argument("--no-reference", action="store_true")
-    ap.add_argument("--no-peers", action="store_true")
-    ap.add_argument("--no-io", action="store_true", help="skip the pre/post stages (ssm_io)")
-    ap.add_argument("--quick", action="store_true", help="first shape only")
-    ap.add_argument("--shapes", default=None, help="indices into the default shapes, e.g. 1,2")
-    ap.add_argument("--ranks", default="1,4")
-    a = ap.parse_args(argv)
-    shapes = DEFAULT_SHAPES[:1] if a.quick else None
-    if a.shapes:
-        shapes = [DEFAULT_SHAPES[int(i)] for i in a.shapes.split(",")]
-    ranks = tuple(int(x) for x in a.ranks.split(","))
-    rows = run_ssm_bench(shapes, a.out, ranks=ranks, check=not a.no_check, reference=not a.no_reference, peers=not a.no_peers, io=not a.no_io)
+def run_options(opts: SsmBench) -> int:
+    """Run the benchmark as ``opts`` says (``hybridlab bench ssm`` and :func:`main`); print the table; the exit code."""
+    shapes = DEFAULT_SHAPES[:1] if opts.quick else None
+    if opts.shapes:
+        shapes = [DEFAULT_SHAPES[i] for i in int_list(opts.shapes)]
+    rows = run_ssm_bench(shapes, opts.out, ranks=int_list(opts.ranks), check=opts.check, reference=opts.reference,
+                         peers=opts.peers, io=opts.io)
     print(markdown(rows, rows[0]["device"] if rows else "?", rows[0]["date"] if rows else "?"))
     return 0 if all(r.get("ok", True) for r in rows if r.get("kind") == "check") else 1
+
+
+def main(argv=None):
+    return run_options(parse(SsmBench, argv, __doc__.splitlines()[0]))
 
 
 if __name__ == "__main__":
