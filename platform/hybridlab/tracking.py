@@ -438,9 +438,13 @@ def check_reachable(uri: str) -> None:
         raise UserError(f"MLflow tracking server at {uri} is not reachable ({_short(e)})") from None
 
 
+UI_STOP_GRACE_S = 10.0
+
+
 def run_ui(store: str, host: str, port: int) -> int:
     """``mlflow ui`` on ``store`` in its own process group; SIGINT/SIGTERM stop the whole group (the server
-    and its workers) before this returns 128 + the signal. Otherwise the UI's own exit status."""
+    and its workers: SIGTERM, SIGKILL after a grace period) before this returns 128 + the signal.
+    Otherwise the UI's own exit status."""
     import signal
     import subprocess
 
@@ -449,41 +453,35 @@ def run_ui(store: str, host: str, port: int) -> int:
     child = subprocess.Popen(cmd, start_new_session=True)
     got: list[int] = []
 
-    def stop(signum, frame):
+    def stop(signum, frame):  # only signal here: the main thread is inside child.wait()
+        if not got:
+            _signal_group(child.pid, signal.SIGTERM)
+            timer = threading.Timer(UI_STOP_GRACE_S, _kill_if_alive, (child,))
+            timer.daemon = True
+            timer.start()
         got.append(signum)
-        _stop_group(child)
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         code = child.wait()
     finally:
-        _stop_group(child)
         for s, h in previous.items():
             signal.signal(s, h)
     return 128 + got[0] if got else code
 
 
-def _stop_group(child, grace_s: float = 10.0) -> None:
+def _kill_if_alive(child) -> None:
+    """SIGKILL the UI's group while its leader lives (then the group id is still the UI's, never reused)."""
     import signal
-    import subprocess
 
-    if child.poll() is not None:
-        try:  # the server may be gone while its workers are not
-            os.killpg(child.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        return
+    if child.poll() is None:
+        _signal_group(child.pid, signal.SIGKILL)
+
+
+def _signal_group(pgid: int, sig) -> None:
     try:
-        os.killpg(child.pid, signal.SIGTERM)
-        child.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(child.pid, signal.SIGKILL)
-        child.wait(5)
-    except ProcessLookupError:
-        pass
-    try:
-        os.killpg(child.pid, signal.SIGKILL)  # anything of the group still there
-    except ProcessLookupError:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:  # the group is gone
         pass
 
 
