@@ -72,13 +72,14 @@ class ResumeTarget:
 
 
 class StopSignals:
-    """SIGINT/SIGTERM while a job runs. The first one is remembered (``requested``) and handed to the
-    current run (``on_stop``); a second one raises :class:`ForcedStop` in the main thread."""
+    """SIGINT/SIGTERM while a job runs. While workers train (``graceful``), the first one is remembered
+    (``requested``) and handed to the run by :meth:`relay`; outside of that (setting up, closing), or on
+    a second signal, :class:`ForcedStop` is raised in the main thread at once."""
 
     def __init__(self):
         self.signum: Optional[int] = None
         self.event = threading.Event()
-        self._on_stop = None
+        self.graceful = False
         self._previous: dict = {}
 
     def install(self) -> None:
@@ -106,10 +107,12 @@ class StopSignals:
         return signal.Signals(self.signum or signal.SIGINT).name
 
     def _handle(self, signum, frame) -> None:
-        if self.signum is not None:
+        first = self.signum is None
+        if first:
+            self.signum = signum
+            self.event.set()
+        if not first or not self.graceful:
             raise ForcedStop(signum)
-        self.signum = signum
-        self.event.set()
 
     def relay(self, stop_run, done: threading.Event) -> threading.Thread:
         """A thread that, on the first signal, calls ``stop_run()`` and, if the run is not ``done`` within
@@ -279,7 +282,7 @@ def run_job(job_file: str, overrides=(), resume: Optional[str] = None, plain: Op
             if signals.requested:
                 break
             driver = RunDriver(j, tracker, experiment, parent_id, i if len(jobs) > 1 else None, target, progress,
-                               signals)
+                               signals, local=head is not None)
             try:
                 outcomes.append(driver.run())
             finally:
@@ -425,8 +428,9 @@ class RunDriver:
     """The driver's side of one run: MLflow record, trainer, progress, end."""
 
     def __init__(self, job, tracker, experiment: str, parent_id: Optional[str], index: Optional[int],
-                 resume: Optional[ResumeTarget], progress: Progress, signals: StopSignals):
+                 resume: Optional[ResumeTarget], progress: Progress, signals: StopSignals, local: bool = False):
         self.job, self.tracker, self.experiment = job, tracker, experiment
+        self.local = local  # the private local Ray: its workers' process group stays on loopback too
         self.parent_id, self.index, self.resume = parent_id, index, resume
         self.progress, self.signals = progress, signals
         self.label = job.label or job.spec.name or job.spec.experiment
@@ -441,9 +445,9 @@ class RunDriver:
 
     def run(self) -> RunOutcome:
         t0 = time.time()
-        self.open()
         error: Optional[BaseException] = None
         try:
+            self.open()
             self.fit()
         except ForcedStop as e:
             self.signals.signum = self.signals.signum or int(e.args[0])
@@ -451,8 +455,9 @@ class RunDriver:
             error = e
             raise
         finally:
-            self.out.wall_s = time.time() - t0
-            self.close(error)
+            if self.out is not None:  # the MLflow run exists: close it, however this ended
+                self.out.wall_s = time.time() - t0
+                self.close(error)
         return self.out
 
     # ------------------------------------------------------------ set-up: the MLflow run and its folder
@@ -471,6 +476,7 @@ class RunDriver:
                 n, _ = replay_file(path, mlflow_client=tracker.client)
                 self.progress.note(f"replayed {n} MLflow writes left unsent in {path}")
             tracker.reopen(self.run_id)
+            self.out = RunOutcome(run_id=self.run_id, run_name=run_name, label=job.label)
             tracker.set_tags(self.run_id, {Tag.DRIVER_PID: _driver_id(), Tag.HOST: socket.gethostname()})
             self.logged_upto = tracker.last_step(self.run_id, Metric.LOSS)
         else:
@@ -489,12 +495,12 @@ class RunDriver:
                 tags[Tag.SWEEP_VALUES] = job.label
             mlflow_name = spec.tracking.run_name or job.label or spec.name or run_name
             self.run_id = tracker.create_run(self.experiment, mlflow_name, tags, self.parent_id)
+            self.out = RunOutcome(run_id=self.run_id, run_name=run_name, label=job.label)
             tracker.log_params(self.run_id, flatten(job.resolved))
             tracker.log_text(self.run_id, job.to_yaml(), "job.yaml")
             tracker.log_text(self.run_id, check_text(job), "check.txt")
             tracker.log_text(self.run_id, f"{run_dir}\n", "checkpoint_location.txt")
         self.run_name, self.storage, self.run_dir = run_name, storage, run_dir
-        self.out = RunOutcome(run_id=self.run_id, run_name=run_name, label=job.label)
         if "://" not in storage:
             Path(run_dir).mkdir(parents=True, exist_ok=True)
             (Path(run_dir) / "job.yaml").write_text(job.to_yaml())
@@ -511,6 +517,8 @@ class RunDriver:
 
         from hybridlab.jobs.control import make_run_control
 
+        from .localray import loopback_torch_config
+
         spec, res = self.job.spec, self.job.spec.resources
         self.sink = Queue(actor_options={"num_cpus": 0})
         self.control = make_run_control()
@@ -523,7 +531,7 @@ class RunDriver:
                                "sink": self.sink, "control": self.control},
             scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=use_gpu, resources_per_worker=per_worker,
                                          placement_strategy=res.placement),
-            torch_config=TorchConfig(backend=backend),
+            torch_config=loopback_torch_config(backend) if self.local else TorchConfig(backend=backend),
             run_config=RunConfig(name=self.run_name, storage_path=self.storage,
                                  failure_config=FailureConfig(max_failures=res.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=spec.storage.keep)),
@@ -539,13 +547,13 @@ class RunDriver:
         consumer = threading.Thread(target=self._consume, args=(done,), name="hybridlab-progress", daemon=True)
         consumer.start()
         self.signals.relay(lambda: self.control.request_stop.remote(self.signals.name), done)
-        if self.signals.requested:  # a signal arrived while the run was being set up
-            self.control.request_stop.remote(self.signals.name)
         try:
+            self.signals.graceful = True
             trainer.fit()
         except ray.train.TrainingFailedError as e:
             self.failure = e
         finally:
+            self.signals.graceful = False
             self._drain_sink()
             done.set()
             consumer.join(timeout=15)
