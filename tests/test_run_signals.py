@@ -29,7 +29,15 @@ LOOPBACK = ("127.0.0.1", "::ffff:127.0.0.1", "::1")
 
 JOB = """\
 experiment: {exp}
-model: zoo:tiny-hybrid
+model:                              # vocabulary 32, as synthetic-task models have (the byte tokenizer needs 256)
+  name: sig-tiny
+  d_model: 64
+  vocab_size: 32
+  blocks:
+    m3: {{mixer: mamba3, d_state: 16, headdim: 16, chunk_size: 16}}
+    attn: {{mixer: attention, heads: 2}}
+    mlp: {{mixer: swiglu, hidden: 128}}
+  layout: m3 mlp attn mlp
 data: {{task: mqar, vocab: 32, seq_len: 32, num_kv_pairs: 2}}
 train: {{steps: {steps}, micro_batch: 4, lr: 3.0e-3, warmup: 2, zero_stage: 2, checkpoint_every: {every}, log_every: 1}}
 resources: {{workers: {workers}}}

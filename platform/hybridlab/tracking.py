@@ -53,21 +53,65 @@ _FILE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 
 
 def client(uri: str, timeout_s: int = 10):
-    """An ``MlflowClient`` for ``uri``; a URI MLflow cannot use becomes a one-line UserError."""
+    """An ``MlflowClient`` for ``uri``; a URI MLflow cannot use becomes a one-line UserError.
+
+    A sqlite store is opened under an exclusive file lock (``<db>.lock``): MLflow creates and migrates
+    its tables on first use, and two processes doing that at once on a new file collide
+    ("duplicate column name"); the second one waits and finds the tables made."""
     # fail fast inside MLflow's REST client; callers report or retry themselves
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(timeout_s))
     from mlflow import MlflowClient
-
     from mlflow.exceptions import MlflowException
 
+    errors = (MlflowException, ValueError, OSError) + _sql_errors()
     try:
-        return MlflowClient(tracking_uri=uri)
-    except (MlflowException, ValueError, OSError) as e:
+        with _sqlite_init_lock(uri):
+            c = MlflowClient(tracking_uri=uri)
+            if uri.startswith("sqlite:"):
+                c.search_experiments(max_results=1)  # create (or migrate) the tables now, under the lock
+            return c
+    except errors as e:
         u, hint = str(uri), ""
         if "://" not in u and (u.startswith(("/", ".", "~")) or u.endswith(_FILE_SUFFIXES)):
             hint = f" (did you mean sqlite:///{os.path.expanduser(u)}?)"
         raise UserError(f"cannot use MLflow tracking URI {uri!r}{hint}: {_short(e)}") from None
+
+
+def _sql_errors() -> tuple:
+    try:
+        from sqlalchemy.exc import SQLAlchemyError
+
+        return (SQLAlchemyError,)
+    except ImportError:
+        return ()
+
+
+class _sqlite_init_lock:
+    """``flock`` on ``<db file>.lock`` for a ``sqlite:///`` URI; nothing for other stores."""
+
+    def __init__(self, uri: str):
+        self.path = None
+        if uri.startswith("sqlite:///") and ":memory:" not in uri:
+            db = uri[len("sqlite:///"):]
+            self.path = (db if db.startswith("/") else os.path.abspath(db)) + ".lock"
+        self.fd = None
+
+    def __enter__(self):
+        if self.path and os.path.isdir(os.path.dirname(self.path)):
+            import fcntl
+
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            import fcntl
+
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+        return False
 
 
 # ---------------------------------------------------------------- ops
@@ -168,14 +212,7 @@ def _transient_errors() -> tuple:
     """What a send may raise while the store is away (server down, sqlite busy)."""
     from mlflow.exceptions import MlflowException
 
-    errors = [MlflowException, OSError]  # requests' errors are OSErrors
-    try:
-        from sqlalchemy.exc import SQLAlchemyError
-
-        errors.append(SQLAlchemyError)
-    except ImportError:
-        pass
-    return tuple(errors)
+    return (MlflowException, OSError) + _sql_errors()  # requests' errors are OSErrors
 
 
 class Tracker:
