@@ -136,12 +136,15 @@ class Start:
 
 
 @dataclass
-class Metrics:
-    """Rank 0's training metrics at a log point (``Metric`` names -> values)."""
-
+class _StepMetrics:
     step: int
     metrics: dict
     time: float = field(default_factory=_now)
+
+
+@dataclass
+class Metrics(_StepMetrics):
+    """Rank 0's training metrics at a log point (``Metric`` names -> values)."""
 
 
 @dataclass
@@ -155,12 +158,8 @@ class Checkpoint:
 
 
 @dataclass
-class Eval:
+class Eval(_StepMetrics):
     """The evals after training (``metric_name`` names -> values)."""
-
-    step: int
-    metrics: dict
-    time: float = field(default_factory=_now)
 
 
 @dataclass

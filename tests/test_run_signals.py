@@ -16,7 +16,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -27,22 +26,20 @@ pytestmark = pytest.mark.slow
 HYBRIDLAB = [sys.executable, "-m", "hybridlab"]
 LOOPBACK = ("127.0.0.1", "::ffff:127.0.0.1", "::1")
 
-JOB = """\
-experiment: {exp}
-model:                              # vocabulary 32, as synthetic-task models have (the byte tokenizer needs 256)
-  name: sig-tiny
-  d_model: 64
-  vocab_size: 32
-  blocks:
-    m3: {{mixer: mamba3, d_state: 16, headdim: 16, chunk_size: 16}}
-    attn: {{mixer: attention, heads: 2}}
-    mlp: {{mixer: swiglu, hidden: 128}}
-  layout: m3 mlp attn mlp
-data: {{task: mqar, vocab: 32, seq_len: 32, num_kv_pairs: 2}}
-train: {{steps: {steps}, micro_batch: 4, lr: 3.0e-3, warmup: 2, zero_stage: 2, checkpoint_every: {every}, log_every: 1}}
-resources: {{workers: {workers}}}
-storage: {{path: {storage}}}
-"""
+def job_text(exp: str, steps: int, every: int, workers: int, storage: Path) -> str:
+    """A tiny job; its model has a vocabulary of 32, as synthetic-task models do (the byte tokenizer needs 256)."""
+    import yaml
+
+    model = {"name": "sig-tiny", "d_model": 64, "vocab_size": 32, "layout": "m3 mlp attn mlp",
+             "blocks": {"m3": {"mixer": "mamba3", "d_state": 16, "headdim": 16, "chunk_size": 16},
+                        "attn": {"mixer": "attention", "heads": 2}, "mlp": {"mixer": "swiglu", "hidden": 128}}}
+    return yaml.safe_dump({
+        "experiment": exp, "model": model,
+        "data": {"task": "mqar", "vocab": 32, "seq_len": 32, "num_kv_pairs": 2},
+        "train": {"steps": steps, "micro_batch": 4, "lr": 3.0e-3, "warmup": 2, "zero_stage": 2,
+                  "checkpoint_every": every, "log_every": 1},
+        "resources": {"workers": workers}, "storage": {"path": str(storage)},
+    }, sort_keys=False)
 
 
 def env_for(tmp_path: Path) -> dict:
@@ -57,7 +54,7 @@ def client(tmp_path: Path):
 
 def job_file(tmp_path: Path, exp: str, steps: int, every: int = 0, workers: int = 2) -> str:
     p = tmp_path / f"{exp}.yaml"
-    p.write_text(textwrap.dedent(JOB.format(exp=exp, steps=steps, every=every, workers=workers, storage=tmp_path / "runs")))
+    p.write_text(job_text(exp, steps, every, workers, tmp_path / "runs"))
     return str(p)
 
 
