@@ -202,6 +202,26 @@ def test_dead_tracking_server_bounded_wait_then_replay(tmp_path):
     assert "not a line of an mlflow_unsent file" in _one_error_line(_cli(["mlflow-replay", str(bad)], tmp_path))
 
 
+def test_a_run_left_running_by_a_dead_driver_is_closed(tmp_path):
+    from mlflow import MlflowClient
+
+    from hybridlab.runner import _driver_id, close_orphaned_runs
+    from hybridlab.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    c = MlflowClient(uri)
+    exp = c.create_experiment("orphans")
+    host = socket.gethostname()
+    dead = c.create_run(exp, tags={"hybridlab.host": host, "hybridlab.driver_pid": "999999999:1"}).info.run_id
+    alive = c.create_run(exp, tags={"hybridlab.host": host, "hybridlab.driver_pid": _driver_id()}).info.run_id
+    elsewhere = c.create_run(exp, tags={"hybridlab.host": "other", "hybridlab.driver_pid": "999999999:1"}).info.run_id
+    t = Tracker(uri)
+    close_orphaned_runs(t, "orphans")
+    t.close()
+    assert c.get_run(dead).info.status == "FAILED" and "exited without closing" in c.get_run(dead).data.tags["hybridlab.error"]
+    assert c.get_run(alive).info.status == "RUNNING" and c.get_run(elsewhere).info.status == "RUNNING"
+
+
 # ---------------------------------------------------------------- compare: status, one value per step
 
 

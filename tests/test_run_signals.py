@@ -140,7 +140,10 @@ def test_sigint_sigterm_kill_cleanly_and_resume(tmp_path):
     second = max(int(p.name.split("_")[1]) for p in run_dir.glob("step_*") if (p / "hybridlab.json").exists())
     assert second >= stop_at
 
-    # and once more, to the end: a finished run with one value per step, steps 1..N without a gap
+    # and once more, to the end: a finished run with one value per step, steps 1..N without a gap; writes
+    # that an earlier driver could not send (a spill file in the run's folder) are replayed first
+    spill = run_dir / f"mlflow_unsent_{rid}_1.jsonl"
+    spill.write_text(json.dumps({"kind": "metrics", "run_id": rid, "metrics": [["test/replayed", 7.0, 1000, 1]]}) + "\n")
     final = second + 3
     r = subprocess.run(HYBRIDLAB + ["run", job, "--resume", rid, "--set", f"train.steps={final}"], cwd=tmp_path,
                        env=env_for(tmp_path), capture_output=True, text=True, timeout=600)
@@ -149,6 +152,7 @@ def test_sigint_sigterm_kill_cleanly_and_resume(tmp_path):
     assert run.info.status == "FINISHED" and run.data.tags["hybridlab.status"] == "finished"
     hist = c.get_metric_history(rid, "train/loss")
     assert sorted(m.step for m in hist) == list(range(1, final + 1)), (first_stop, [m.step for m in hist])
+    assert run.data.metrics["test/replayed"] == 7.0 and not spill.exists() and "replayed 1 MLflow writes" in r.stdout
 
     # generate works on this synthetic-task checkpoint (vocab 32 < the byte tokenizer's 256)
     g = subprocess.run(HYBRIDLAB + ["generate", str(run_dir), "--tokens", "1,2,3", "--tokens", "4,5", "-n", "3", "--json"],

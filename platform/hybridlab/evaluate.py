@@ -320,6 +320,24 @@ def _check_entry(entry: dict, t: Target) -> None:
     if vocab and task.vocab_size > vocab:
         raise UserError(f"task {entry['task']!r} needs a vocabulary of {task.vocab_size} tokens; "
                         f"the model's vocab_size is {vocab}")
+    _check_memory(entry, t)
+
+
+def _check_memory(entry: dict, t: Target) -> None:
+    """Every length's eval batch must fit next to the model on this machine (the pre-flight rule of jobs)."""
+    from hybridlab.arch import count_params, load_model_spec
+    from hybridlab.jobs.preflight import HostLimits, eval_bytes
+
+    spec = load_model_spec(t.job["model"])
+    host = HostLimits.detect()
+    cap = host.gpu_memory or host.memory
+    weights = 4 * count_params(spec)
+    for L in entry["seq_lens"]:
+        need = weights + eval_bytes(spec, entry["batch_size"], int(L))
+        if need > cap:
+            raise UserError(f"--lengths {L}: an eval batch of {entry['batch_size']} x {L} tokens needs about "
+                            f"{need / 1e9:.1f} GB with the model, this machine has {cap / 1e9:.1f} GB "
+                            f"(lower the length or --batch-size)")
 
 
 def _log(client, uri: str, t: Target, entry: dict, metrics: dict, table: str, child: bool) -> str:

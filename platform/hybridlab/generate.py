@@ -7,7 +7,7 @@ Prompts (:class:`Prompts`) come as one of:
   vocabularies: the quickstart's has 64); the output is token ids;
 * ``--task-prompts N``: N sequences of the run's own training task (its eval batches), each cut
   just before its first scored answer; the output shows the tokens the model generated and the
-  task's expected answer tokens.
+  task's expected continuation (the scored tokens right after the prompt).
 
 A checkpoint is one of:
 
@@ -178,7 +178,12 @@ def _task_rows(job: Optional[dict], n: int) -> tuple[list[list[int]], list[list[
     for inp, tgt in zip(b.inputs.tolist(), b.targets.tolist()):
         first = next((i for i, t in enumerate(tgt) if t != IGNORE), len(tgt) - 1)
         prompts.append(inp[: first + 1])
-        answers.append([t for t in tgt[first:] if t != IGNORE])
+        run = []  # the expected continuation: the scored positions right after the prompt, up to the first gap
+        for t in tgt[first:]:
+            if t == IGNORE:
+                break
+            run.append(t)
+        answers.append(run)
     return prompts, answers
 
 
