@@ -410,18 +410,15 @@ def close_orphaned_runs(tracker, experiment: str) -> None:
 # ---------------------------------------------------------------- one run
 
 
-class _Trainer:
-    """``TorchTrainer`` without its own SIGINT handler: hybridlab's StopSignals stop the run cleanly."""
+def _trainer(*args, **kwargs):
+    """A ``TorchTrainer`` without its own SIGINT handler: hybridlab's StopSignals stop the run cleanly."""
+    from ray.train.torch import TorchTrainer
 
-    @staticmethod
-    def make(*args, **kwargs):
-        from ray.train.torch import TorchTrainer
+    class Trainer(TorchTrainer):
+        def _register_sigint_handler(self, controller):  # noqa: D401 - see the docstring above
+            return None
 
-        class Trainer(TorchTrainer):
-            def _register_sigint_handler(self, controller):  # noqa: D401 - see the class docstring
-                return None
-
-        return Trainer(*args, **kwargs)
+    return Trainer(*args, **kwargs)
 
 
 class RunDriver:
@@ -439,6 +436,7 @@ class RunDriver:
         self.starts = 0
         self.logged_upto = 0  # metrics of steps up to here are in MLflow already (a restart re-runs some)
         self.end: Optional[rec.End] = None
+        self.failure: Optional[BaseException] = None  # Ray Train's TrainingFailedError, when training failed
         self.out: Optional[RunOutcome] = None
 
     # ------------------------------------------------------------ the whole run
@@ -525,7 +523,7 @@ class RunDriver:
         use_gpu, backend, per_worker = worker_resources(res)
         from hybridlab.jobs.train import train_loop_per_worker
 
-        return _Trainer.make(
+        return _trainer(
             train_loop_per_worker,
             train_loop_config={"job": self.job.resolved, "run": {"name": self.run_name, "storage": self.storage},
                                "sink": self.sink, "control": self.control},
@@ -562,8 +560,6 @@ class RunDriver:
                     ray.kill(actor)
                 except (ValueError, ray.exceptions.RayError):  # already gone
                     pass
-
-    failure: Optional[BaseException] = None
 
     def _drain_sink(self, timeout: float = 10.0) -> None:
         import ray
