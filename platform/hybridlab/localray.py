@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from .errors import UserError
 
@@ -74,7 +74,21 @@ class LocalRay:
         self.address: Optional[str] = None
         self.proc: Optional[subprocess.Popen] = None
 
-    def start(self, aborted: Callable[[], bool] = lambda: False) -> None:
+    def start(self) -> None:
+        """Start the head and join it; on any failure (or a signal meanwhile) nothing is left running."""
+        try:
+            auth, port = self._launch_head()
+            self._wait_ready()
+            _join_env(auth)
+            os.environ["RAY_ADDRESS"] = self.address = f"{LOOPBACK}:{port}"  # this process's helpers find it too
+            import ray
+
+            ray.init(address=self.address, log_to_driver=self.verbose, logging_level="WARNING")
+        except BaseException:
+            self.stop()
+            raise
+
+    def _launch_head(self) -> tuple[dict, int]:
         self.dir = tempfile.mkdtemp(prefix="hlray-")
         token = Path(self.dir) / "auth_token"
         token.write_text(secrets.token_hex(32))
@@ -95,24 +109,19 @@ class LocalRay:
                "--node-ip-address", LOOPBACK, "--port", str(port), "--num-cpus", str(self.num_cpus),
                "--include-dashboard", "false", "--temp-dir", self.dir, "--disable-usage-stats",
                *[x for kv in ports.items() for x in kv]]
-        log_path = Path(self.dir) / "head.log"
-        with open(log_path, "w") as log:
+        with open(Path(self.dir) / "head.log", "w") as log:
             self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          preexec_fn=_die_with_parent)
+        return auth, port
+
+    def _wait_ready(self) -> None:
+        log_path = Path(self.dir) / "head.log"
         deadline = time.time() + START_TIMEOUT_S
         while READY_LINE not in log_path.read_text(errors="replace"):
-            if self.proc.poll() is not None or time.time() > deadline or aborted():
+            if self.proc.poll() is not None or time.time() > deadline:
                 tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
-                self.stop()
-                if aborted():
-                    return
                 raise UserError("the local Ray did not start: " + (" | ".join(tail) or "no output"))
             time.sleep(0.2)
-        _join_env(auth)
-        os.environ["RAY_ADDRESS"] = self.address = f"{LOOPBACK}:{port}"  # this process's helpers find this Ray too
-        import ray
-
-        ray.init(address=f"{LOOPBACK}:{port}", log_to_driver=self.verbose, logging_level="WARNING")
 
     def stop(self) -> None:
         if "ray" in sys.modules:
@@ -206,7 +215,7 @@ def _join_env(auth: dict) -> None:
         Config.initialize("")  # re-read RAY_AUTH_MODE / RAY_AUTH_TOKEN_PATH
 
 
-def ensure_ray(verbose: bool = False, aborted: Callable[[], bool] = lambda: False) -> Optional[LocalRay]:
+def ensure_ray(verbose: bool = False) -> Optional[LocalRay]:
     """Join the Ray of a submitted job ($RAY_ADDRESS), or start the private local one (returned: stop it)."""
     if "ray" in sys.modules:
         import ray
@@ -223,5 +232,5 @@ def ensure_ray(verbose: bool = False, aborted: Callable[[], bool] = lambda: Fals
             raise UserError(f"cannot join the Ray cluster at {os.environ['RAY_ADDRESS']}: {e}") from None
         return None
     head = LocalRay(num_cpus=os.cpu_count() or 1, verbose=verbose)
-    head.start(aborted)
+    head.start()
     return head

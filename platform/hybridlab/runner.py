@@ -274,7 +274,7 @@ def run_job(job_file: str, overrides=(), resume: Optional[str] = None, plain: Op
     try:
         close_orphaned_runs(tracker, experiment)
         target = _resume_target(tracker, resume, jobs) if resume else None
-        head = ensure_ray(verbose, aborted=lambda: signals.requested)
+        head = ensure_ray(verbose)
         signals.install()  # ray.init sets its own SIGTERM handler
         if len(jobs) > 1:
             parent_id = _open_parent(tracker, job, experiment, len(jobs), progress)
