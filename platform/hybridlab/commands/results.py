@@ -6,12 +6,13 @@ from typing import List, Literal, Optional
 
 import typer
 
+from ..compare import METRIC_CHOICES, STATUS_CHOICES
 from .options import UriOpt
 
 app = typer.Typer()
 
-MetricChoice = Literal["auto", "acc", "final_acc", "seq_acc", "loss"]
-StatusChoice = Literal["finished", "failed", "killed", "running", "all"]
+MetricChoice = Literal[METRIC_CHOICES]
+StatusChoice = Literal[STATUS_CHOICES]
 
 
 @app.command("eval")
