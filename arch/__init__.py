@@ -4,6 +4,7 @@ Never imports Ray, DeepSpeed or MLflow (DESIGN.md §1).
 """
 
 from .counting import count_params, count_spec
+from .layers.mamba3 import bench_layer
 from .model import HybridLM, ModelCache, sample
 from .spec import (
     AttentionBlock,
@@ -19,6 +20,6 @@ from .specio import SpecError, Source
 
 __all__ = [
     "AttentionBlock", "HybridLM", "Mamba3Block", "ModelCache", "ModelFolderError", "ModelSpec", "Source", "SpecError",
-    "SwiGLUBlock", "count_params", "count_spec", "is_model_dir", "load_model_spec", "load_pretrained", "parse_model_spec",
+    "SwiGLUBlock", "bench_layer", "count_params", "count_spec", "is_model_dir", "load_model_spec", "load_pretrained", "parse_model_spec",
     "sample", "save_pretrained", "zoo_names",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Union
@@ -17,6 +18,7 @@ from .layout import LayoutError, parse_layout
 from .specio import SpecError, Source, apply_overrides, build, did_you_mean, load_yaml_file, positive
 
 ZOO_DIR = Path(__file__).parent / "zoo"
+ZOO_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")  # a file stem in ZOO_DIR; ".." is refused as well
 
 # The format of saved specs. Version 1 (before the official heavy-tail A): a mamba3 block without
 # `a_activation` / `a_bias` meant softplus with a bias. Version 2 (now): they default to heavy_tail and
@@ -152,6 +154,9 @@ def resolve_ref(ref: str) -> Path:
     """``zoo:NAME`` -> the zoo file; a model folder -> its ``model.yaml``; anything else is a path."""
     if ref.startswith("zoo:"):
         name = ref[4:]
+        if not ZOO_NAME.fullmatch(name) or ".." in name:  # a plain name: never a path out of the zoo folder
+            raise SpecError(f"bad zoo name {name!r}: zoo names are plain names (letters, digits, '-', '_', '.'; "
+                            f"no '/' and no '..'); `hybridlab zoo` lists them", ref)
         path = ZOO_DIR / f"{name}.yaml"
         if not path.exists():
             names = sorted(p.stem for p in ZOO_DIR.glob("*.yaml"))

@@ -76,32 +76,139 @@ class Source:
         return SpecError(message, self.file, self.line_of(path), path)
 
 
-def parse_yaml(text: str, file: str = "<spec>") -> tuple[Any, Source]:
-    """Parse YAML text safely; return the data and its :class:`Source`."""
-    src = Source(file)
+# Bounds on every spec/job file: YAML aliases share one node, so a few hundred bytes of nested
+# aliases (a "billion laughs" file) describe an exponentially large document. Everything that
+# walks the data (the line index, overrides, validation, flattening into MLflow params) would do
+# that exponential work, so a document is measured on its node graph first (linear time) and
+# rejected when its expanded form is larger or deeper than any real spec.
+MAX_FILE_BYTES = 1 << 20  # 1 MiB
+MAX_VALUES = 100_000  # scalars + mappings + lists after aliases are expanded
+MAX_DEPTH = 64  # nesting levels
+
+
+def _children(node) -> list:
+    if isinstance(node, yaml.MappingNode):
+        return [n for kv in node.value for n in kv]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def check_bounds(root, file: str = "<spec>") -> None:
+    """Raise SpecError when the document under ``root`` expands beyond MAX_VALUES values or
+    MAX_DEPTH levels, or refers to itself; linear in the number of distinct nodes."""
+    size: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    open_: set[int] = set()
+    stack = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if key in size:
+            continue
+        kids = _children(node)
+        if children_done:
+            open_.discard(key)
+            size[key] = 1 + sum(size[id(k)] for k in kids)
+            depth[key] = 1 + max((depth[id(k)] for k in kids), default=0)
+            line = node.start_mark.line + 1
+            if size[key] > MAX_VALUES:
+                raise SpecError(f"the YAML expands to more than {MAX_VALUES:,} values (aliases are expanded "
+                                f"once each: is this an alias bomb?)", file, line)
+            if depth[key] > MAX_DEPTH:
+                raise SpecError(f"the YAML is nested more than {MAX_DEPTH} levels deep", file, line)
+            continue
+        if key in open_:
+            raise SpecError("a YAML alias refers to the node that contains it", file, node.start_mark.line + 1)
+        open_.add(key)
+        stack.append((node, True))
+        for k in kids:
+            if id(k) in open_:
+                raise SpecError("a YAML alias refers to the node that contains it", file, k.start_mark.line + 1)
+            if id(k) not in size:
+                stack.append((k, False))
+
+
+def _unshare(x):
+    """A tree copy of constructed data: every alias becomes its own copy (bounded by check_bounds),
+    so editing one place (an override) never edits another."""
+    if isinstance(x, dict):
+        return {k: _unshare(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_unshare(v) for v in x]
+    return x
+
+
+def _compose(text: str, file: str):
+    """(the loader, the document's root node or None), the node graph bounded."""
+    loader = yaml.SafeLoader(text)
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = loader.get_single_node()
     except yaml.YAMLError as e:
         raise _yaml_error(e, file) from None
+    except RecursionError:
+        raise SpecError(f"the YAML is nested more than {MAX_DEPTH} levels deep", file) from None
+    if node is not None:
+        check_bounds(node, file)
+    return loader, node
+
+
+def _construct(loader, node, file: str):
+    try:
+        return _unshare(loader.construct_document(node))
+    except yaml.YAMLError as e:
+        raise _yaml_error(e, file) from None
+    finally:
+        loader.dispose()
+
+
+def load_value(text: str, file: str = "<value>"):
+    """One YAML value (a ``--set`` value, a task ``--option``) with the same bounds as a file."""
+    if len(text.encode()) > MAX_FILE_BYTES:
+        raise SpecError(f"the value is larger than {MAX_FILE_BYTES >> 20} MiB", file)
+    loader, node = _compose(text, file)
     if node is None:
+        loader.dispose()
+        return None
+    _index(node, (), Source(file))  # the same tag rules as a file
+    return _construct(loader, node, file)
+
+
+def parse_yaml(text: str, file: str = "<spec>") -> tuple[Any, Source]:
+    """Parse YAML text safely and with bounded work; return the data and its :class:`Source`."""
+    src = Source(file)
+    if len(text.encode()) > MAX_FILE_BYTES:
+        raise SpecError(f"the file is larger than {MAX_FILE_BYTES >> 20} MiB (a spec or job file is a few KB)", file)
+    loader, node = _compose(text, file)
+    if node is None:
+        loader.dispose()
         raise SpecError("the file is empty", file, 1)
     _index(node, (), src)
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise _yaml_error(e, file) from None
-    return data, src
+    return _construct(loader, node, file), src
 
 
 def load_yaml_file(path: str | Path) -> tuple[Any, Source]:
     p = Path(path)
     try:
-        text = p.read_text()
+        with open(p, "rb") as f:  # read at most the limit: a device file or a huge file never fills memory
+            raw = f.read(MAX_FILE_BYTES + 1)
     except FileNotFoundError:
         raise SpecError("file not found", str(path)) from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
+    except (IsADirectoryError, PermissionError) as e:
         raise SpecError(f"cannot read: {e.__class__.__name__}", str(path)) from None
+    except OSError as e:
+        raise SpecError(f"cannot read: {e.strerror or e.__class__.__name__}", str(path)) from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise SpecError(f"the file is larger than {MAX_FILE_BYTES >> 20} MiB (a spec or job file is a few KB)", str(path))
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SpecError("cannot read: UnicodeDecodeError", str(path)) from None
     return parse_yaml(text, str(path))
+
+
+class YamlSyntaxError(SpecError):
+    """The text is not YAML (a SpecError located at the offending line)."""
 
 
 def _yaml_error(e: yaml.YAMLError, file: str) -> SpecError:
@@ -111,7 +218,7 @@ def _yaml_error(e: yaml.YAMLError, file: str) -> SpecError:
     if ctx and ctx_mark is not None and ctx_mark is not mark:
         ctx = f"{ctx} started at line {ctx_mark.line + 1}"
     msg = f"YAML syntax error: {problem}" + (f" ({ctx})" if ctx else "")
-    return SpecError(msg, file, mark.line + 1 if mark else None)
+    return YamlSyntaxError(msg, file, mark.line + 1 if mark else None)
 
 
 def _index(node, path: Path_, src: Source) -> None:
@@ -149,9 +256,11 @@ def apply_overrides(data: dict, overrides, src: Source, prefix: Path_ = ()) -> d
         if not all(keys):
             raise SpecError(f"--set {item!r}: empty key in the path", src.file)
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            raise SpecError(f"--set {item!r}: the value is not valid YAML", src.file) from None
+            value = load_value(raw, f"--set {key.strip()}") if raw.strip() else ""
+        except SpecError as e:
+            if isinstance(e, YamlSyntaxError):
+                raise SpecError(f"--set {item!r}: the value is not valid YAML", src.file) from None
+            raise
         node = data
         path = tuple(prefix)
         for k in keys[:-1]:

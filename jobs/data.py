@@ -55,7 +55,7 @@ def eval_task_options(eval_entry: dict, data: dict) -> tuple[str, dict]:
 def _canonical(name: str) -> str:
     try:
         return _tasks.canonical_name(name)
-    except Exception:
+    except _tasks.TaskError:  # an unknown name is reported where the task is built
         return str(name)
 
 
@@ -112,3 +112,21 @@ class TrainStream:
             self.packed.reset()
             return False
         return True
+
+
+class RandomTokens:
+    """Uniform random tokens with a stream's interface (``get(step, micro)``), for throughput benchmarks:
+    the same host-to-device path as a task's batches, without a task's generation cost."""
+
+    def __init__(self, vocab_size: int, seq_len: int, micro_batch: int, seed: int = 0, rank: int = 0):
+        import torch
+
+        self.seq_len, self.micro_batch = seq_len, micro_batch
+        self._gen = torch.Generator().manual_seed(_tasks.batch_seed(seed, 0, rank))
+        self._vocab = vocab_size
+
+    def get(self, step: int, micro: int = 0) -> Any:
+        import torch
+
+        tokens = torch.randint(0, self._vocab, (self.micro_batch, self.seq_len + 1), generator=self._gen)
+        return _tasks.Batch(inputs=tokens[:, :-1], targets=tokens[:, 1:])

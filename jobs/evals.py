@@ -2,7 +2,7 @@
 
 ``run_evals(model, evals, data, device)`` returns a flat dict
 ``{"eval/<task>/len_<L>/acc": ..., "eval/<task>/len_<L>/seq_acc": ...}`` with every
-metric of ``metric_names.EVAL_METRICS`` the task reports (``scaled_acc`` included); the
+metric of ``record.EVAL_METRICS`` the task reports (``scaled_acc`` included); the
 text evals (``niah``, ``ppl_by_pos``, ``lm_eval``: ``jobs/text_evals.py``) add their own names. The
 batches come from ``tasks`` with their own seeds (disjoint from training's), so
 every run of a job scores the same sequences.
@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 
 from hybridlab.jobs.data import build_task, eval_task_options
-from hybridlab.jobs.metric_names import EVAL_METRIC_RE, EVAL_METRICS, metric_name
+from hybridlab.jobs.record import EVAL_METRIC_RE, EVAL_METRICS, metric_name
 from hybridlab.jobs.tasks import batch_seed
 from hybridlab.jobs.text_evals import is_text_eval, run_text_eval
 

@@ -25,7 +25,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from hybridlab.jobs.metric_names import lm_eval_metric
+from hybridlab.jobs.record import lm_eval_metric
 from hybridlab.jobs.tasks.base import TaskError
 
 try:
@@ -214,7 +214,7 @@ def find_tasks(tasks: Sequence[str], include: Sequence[str] = ()):
 
         raise TaskError(f"lm_eval: bad value for 'tasks': unknown lm-eval task {missing[0]!r}"
                         f"{did_you_mean(missing[0], list(tm.all_tasks))}"
-                        + ("" if include else " (custom task YAMLs: give 'include')"))
+                        + ("" if include else " (custom task YAMLs: give 'include')"), "tasks")
     return tm
 
 

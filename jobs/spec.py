@@ -231,11 +231,14 @@ def dump_yaml(data: dict) -> str:
 # ---------------------------------------------------------------- loading
 
 
-def load_job(job: str | Path | dict, overrides=(), file: str | None = None, check_data: bool = True) -> Job:
+def load_job(job: str | Path | dict, overrides=(), file: str | None = None, check_data: bool = True,
+             limits: bool = True) -> Job:
     """Load and validate a job from a file path, YAML text source or plain dict.
 
     ``overrides`` are ``key.path=value`` strings (``--set``); keys under
-    ``model.`` go to the model spec when the model is a reference.
+    ``model.`` go to the model spec when the model is a reference. ``limits``:
+    also check this machine's limits (memory per worker, eval lengths, the
+    storage path; ``jobs.preflight``) — off where the job runs elsewhere.
     """
     if isinstance(job, dict):
         data, src = copy.deepcopy(job), Source(file or "<job>")
@@ -244,7 +247,7 @@ def load_job(job: str | Path | dict, overrides=(), file: str | None = None, chec
     if not isinstance(data, dict):
         raise src.error((), f"a job file must be a mapping, got {specio._kind(data)}")
     data, model_overrides = _apply(data, list(overrides or ()), src)
-    return _validate(data, src, model_overrides, check_data=check_data)
+    return _validate(data, src, model_overrides, check_data=check_data, limits=limits)
 
 
 def _apply(data: dict, overrides: list[str], src: Source) -> tuple[dict, list[str]]:
@@ -282,7 +285,7 @@ def _split_flat(cls, data: Any, src: Source, path: tuple, fixed: tuple[str, ...]
     return obj
 
 
-def _validate(data: dict, src: Source, model_overrides: list[str], check_data: bool = True) -> Job:
+def _validate(data: dict, src: Source, model_overrides: list[str], check_data: bool = True, limits: bool = True) -> Job:
     for key in data:
         if key not in TOP_KEYS:
             raise src.error((key,), f"unknown key{specio.did_you_mean(key, TOP_KEYS)}; allowed: {', '.join(TOP_KEYS)}")
@@ -356,6 +359,10 @@ def _validate(data: dict, src: Source, model_overrides: list[str], check_data: b
     if spec.data.seq_len is None:
         raise src.error(("data",), "missing required key 'seq_len'")
 
+    if limits:
+        from hybridlab.jobs.preflight import HostLimits, check_limits
+
+        check_limits(spec, model_spec, src, HostLimits.detect())
     resolved = _resolved_dict(spec, model_spec, model_overrides)
     return Job(spec=spec, model_spec=model_spec, resolved=resolved, src=src)
 
@@ -564,26 +571,22 @@ def _load_model(ref: Any, overrides: list[str], src: Source):
 
 
 def _make_task(name: str, options: dict, src: Source, path: tuple, seq_len=None, build=None):
-    """Build a task (or run ``build(name, options)``), turning its one-line TaskError into a located SpecError."""
-    import re
-
+    """Build a task (or run ``build(name, options)``), turning its one-line TaskError into a SpecError
+    located at the option it names (``dataset.path`` points into the mapping)."""
     from hybridlab.jobs.data import build_task
+    from hybridlab.jobs.tasks import TaskError, UnknownTask
 
     try:
         if build is not None:
             return build(name, options)
         return build_task(name, options, seq_len)
-    except SpecError:
-        raise
-    except (ValueError, TypeError, KeyError) as e:
-        msg = " ".join(str(e).strip("'\"").split())
-        if msg.startswith("unknown task"):
-            raise src.error(path + ("task",), msg) from None
-        m = re.search(r"(?:option|value for) '([A-Za-z_0-9.]+)'", msg)
-        key = m.group(1) if m else None
+    except UnknownTask as e:
+        raise src.error(path + ("task",), str(e)) from None
+    except TaskError as e:
+        key = e.option
         top = key.split(".")[0] if key else None
         where = path + tuple(key.split(".")) if top and (top in options or top == "seq_len") else path
-        raise src.error(where, msg) from None
+        raise src.error(where, str(e)) from None
 
 
 # ---------------------------------------------------------------- resolving
@@ -651,23 +654,23 @@ def resume_job(job_file: str | Path, overrides, job: Job, saved: dict) -> Job:
 def from_resolved(resolved: dict) -> Job:
     """Re-load a resolved job dict (e.g. inside a worker); no task construction."""
     d = {k: v for k, v in resolved.items() if k in TOP_KEYS}
-    return load_job(d, file="<resolved job>", check_data=False)
+    return load_job(d, file="<resolved job>", check_data=False, limits=False)
 
 
 # ---------------------------------------------------------------- sweeps
 
 
-def expand_sweep(job_file: str | Path | dict, overrides=(), job: Job | None = None) -> list[Job]:
+def expand_sweep(job_file: str | Path | dict, overrides=(), job: Job | None = None, limits: bool = True) -> list[Job]:
     """One job per combination of the ``sweep`` (the job itself if no sweep): for each
     product in turn, every combination of its axes (the last key varies fastest)."""
-    job = job or load_job(job_file, overrides)
+    job = job or load_job(job_file, overrides, limits=limits)
     sweep = job.spec.sweep
     if not sweep:
         return [job]
     out = []
     for combo in sweep.combinations():
         extra = [f"{k}={json.dumps(v)}" for k, v in combo.items()]
-        j = load_job(job_file, list(overrides or ()) + extra)
+        j = load_job(job_file, list(overrides or ()) + extra, limits=limits)
         j.resolved.pop("sweep", None)
         j.spec.sweep = Sweep()
         j.sweep_values = dict(combo)

@@ -20,7 +20,7 @@ entry gives its own::
 * ``lm_eval`` — lm-evaluation-harness tasks through ``hybridlab.jobs.lm_harness`` (the registered
   ``hybridlab`` LM); ``include`` names folders of task YAMLs (local data, no downloads).
 
-Metric names: ``hybridlab.jobs.metric_names`` (``eval/niah/len_<L>/depth_<D>/acc``,
+Metric names: ``hybridlab.jobs.record`` (``eval/niah/len_<L>/depth_<D>/acc``,
 ``eval/ppl_by_pos/len_<L>/pos_<a>_<b>/loss``, ``eval/lm_eval/<task>/<metric>``).
 """
 
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hybridlab.jobs.metric_names import metric_name, niah_metric, ppl_pos_metric
+from hybridlab.jobs.record import metric_name, niah_metric, ppl_pos_metric
 from hybridlab.jobs.tasks.base import Opt, TaskError, parse_options
 
 TEXT_EVALS = ("niah", "ppl_by_pos", "lm_eval")
@@ -71,20 +71,20 @@ def parse_text_eval(name: str, options: dict) -> dict:
             if isinstance(v, str):
                 v = [t.strip() for t in v.split(",") if t.strip()]
             if not v or not isinstance(v, (list, tuple)) or not all(isinstance(t, str) and t for t in v):
-                raise TaskError(f"lm_eval: bad value for 'tasks': {v!r} (a list of lm-eval task names)")
+                raise TaskError(f"lm_eval: bad value for 'tasks': {v!r} (a list of lm-eval task names)", "tasks")
         elif key == "include":
             v = [v] if isinstance(v, str) else list(v or ())
             if not all(isinstance(p, str) and p for p in v):
-                raise TaskError(f"lm_eval: bad value for 'include': {v!r} (folders of task YAMLs)")
+                raise TaskError(f"lm_eval: bad value for 'include': {v!r} (folders of task YAMLs)", "include")
             import os
 
             for p in v:
                 if not os.path.isdir(os.path.expanduser(p)):
-                    raise TaskError(f"lm_eval: bad value for 'include': {p!r} (no such folder)")
+                    raise TaskError(f"lm_eval: bad value for 'include': {p!r} (no such folder)", "include")
         elif key == "depths":
             if not isinstance(v, (list, tuple)) or not v or not all(
                     isinstance(d, (int, float)) and not isinstance(d, bool) and 0 <= d <= 1 for d in v):
-                raise TaskError(f"niah: bad value for 'depths': {v!r} (a list of fractions in [0, 1])")
+                raise TaskError(f"niah: bad value for 'depths': {v!r} (a list of fractions in [0, 1])", "depths")
             v = [float(d) for d in v]
         lists[key] = list(v)
     out = parse_options(name, OPTIONS[name], opts)
@@ -133,7 +133,7 @@ class TextCorpus:
                 self.shards = TokenShards(opts["path"])
                 base = load_tokenizer(opts["path"])
             except TaskError as e:
-                raise TaskError(f"{name}: bad value for 'path': {opts['path']!r} ({e})") from None
+                raise TaskError(f"{name}: bad value for 'path': {opts['path']!r} ({e})", "path") from None
             self.tokenizer = textdata.as_text_tokenizer(base, opts["path"])
         else:
             self.tokenizer = textdata.load_text_tokenizer(opts["tokenizer"], opts.get("eos_token"), task=name)

@@ -53,7 +53,7 @@ DATASET_KEYS = ("format", "path", "name", "split", "text_field", "sample_by")
 
 
 def _err(task: str, key: str, value: Any, why: str) -> TaskError:
-    return TaskError(_one_line(f"{task}: bad value for '{key}': {value!r} ({why})"))
+    return TaskError(_one_line(f"{task}: bad value for '{key}': {value!r} ({why})"), key)
 
 
 # --------------------------------------------------------------------------- the dataset mapping
@@ -77,7 +77,7 @@ class DatasetSpec:
                 from hybridlab.arch.specio import did_you_mean
 
                 raise TaskError(f"{task}: unknown option 'dataset.{k}'{did_you_mean(k, DATASET_KEYS)}; "
-                                f"options: {', '.join(DATASET_KEYS)}")
+                                f"options: {', '.join(DATASET_KEYS)}", f"dataset.{k}")
         fmt = d.get("format")
         if fmt not in FORMATS:
             raise _err(task, "dataset.format", fmt, f"choose one of: {', '.join(FORMATS)}")

@@ -1,10 +1,12 @@
 """Training throughput of a spec on this machine: tokens/s, MFU, peak memory.
 
-``hybridlab bench train`` runs this in one process per GPU, without Ray: it is
-the same model and DeepSpeed config as a job's training step, measured on
-random tokens, so kernel backends and layouts can be compared quickly. With
-``torchrun --nproc-per-node N`` it measures N-GPU data parallelism (ZeRO 0–3
-over NCCL).
+``hybridlab bench train`` runs this in one process per GPU, without Ray. It runs
+the job's own step (``jobs.step``): the same engine set-up (``build_engine``: AdamW
+groups, LR schedule, ZeRO, precision, clipping), the same ``TrainStep`` (host
+batches moved to the device, forward, cross-entropy, backward, optimizer step) and
+the same device-side statistics synced once per ``log_every`` steps — on random
+tokens, so kernel backends and layouts can be compared quickly. With
+``torchrun --nproc-per-node N`` it measures N-GPU data parallelism (ZeRO 0–3 over NCCL).
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ import os
 import time
 
 import torch
-import torch.nn.functional as F
 
 from hybridlab.arch import HybridLM, count_spec, load_model_spec
-from hybridlab.jobs.train import checkpoint_activations, deepspeed_config, peak_flops, peak_memory_bytes
+from hybridlab.jobs.data import RandomTokens
+from hybridlab.jobs.spec import TrainSpec
+from hybridlab.jobs.step import StepStats, TrainStep, build_engine, checkpoint_activations, peak_flops, peak_memory_bytes
 
 
 def _init_distributed(device: torch.device) -> tuple[int, int]:
@@ -43,10 +46,9 @@ def measure_training(
     overrides=(),
     activation_checkpointing: bool = False,
     profile_top: int = 0,
+    log_every: int = TrainSpec.log_every,
 ) -> dict:
-    """Time ``steps`` optimizer steps after ``warmup``; returns a dict of measurements (rank 0's)."""
-    import deepspeed
-
+    """Time ``steps`` optimizer steps of the job's step function after ``warmup``; returns rank 0's measurements."""
     spec = load_model_spec(spec_ref, overrides)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
@@ -56,21 +58,24 @@ def measure_training(
     model = HybridLM(spec, backends={"ssm": ssm_backend})
     if activation_checkpointing:
         checkpoint_activations(model)
-    train = {"micro_batch": micro_batch, "grad_accum": 1, "grad_clip": 1.0, "lr": 1e-4, "betas": (0.9, 0.95),
-             "weight_decay": 0.1, "zero_stage": zero_stage, "precision": precision}
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=deepspeed_config(train, world))
-    gen = torch.Generator(device=device).manual_seed(rank)
+    train = TrainSpec(steps=warmup + steps, micro_batch=micro_batch, lr=1e-4, warmup=0, zero_stage=zero_stage,
+                      precision=precision, log_every=log_every)
+    engine, _ = build_engine(model, train, world)
+    step_fn, stats = TrainStep(engine, device), StepStats(device)
+    stream = RandomTokens(spec.vocab_size, seq_len, micro_batch, seed=0, rank=rank)
+    step_no = 0
 
-    def step():
-        tokens = torch.randint(0, spec.vocab_size, (micro_batch, seq_len + 1), device=device, generator=gen)
-        logits = engine(tokens[:, :-1])
-        loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
-        engine.backward(loss)
-        engine.step()
-        return loss
+    def step() -> None:
+        nonlocal step_no
+        step_no += 1
+        out = step_fn([stream.get(step_no, m) for m in range(train.grad_accum)])
+        stats.add(step_no, out.loss)
+        if step_no % log_every == 0:  # the job's sync schedule: once per log_every steps
+            stats.sync()
 
     for _ in range(warmup):
         step()
+    stats.sync()
     _sync(device)
     if profile_top and device.type == "cuda" and rank == 0:
         _print_profile(step, profile_top)
@@ -78,8 +83,8 @@ def measure_training(
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     for _ in range(steps):
-        loss = step()
-    loss = float(loss)
+        step()
+    final = stats.sync()
     _sync(device)
     dt = (time.perf_counter() - t0) / steps
     counts = count_spec(spec, seq_len)
@@ -87,16 +92,14 @@ def measure_training(
     peak = peak_flops(device)
     return {
         "spec": spec.name, "params": counts["params"], "seq_len": seq_len, "micro_batch": micro_batch, "world": world,
-        "zero_stage": zero_stage, "precision": precision, "ssm_backend": ssm_backend,
+        "zero_stage": zero_stage, "precision": precision, "ssm_backend": ssm_backend, "log_every": log_every,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "step_ms": dt * 1e3, "tokens_per_s": tokens_per_s,
         "flops_per_token_train": counts["flops_per_token_train"],
         "mfu": tokens_per_s * counts["flops_per_token_train"] / (peak * world) if peak else None,
-        "peak_memory_gib": peak_memory_bytes(device) / 2**30, "final_loss": loss,
+        "peak_memory_gib": peak_memory_bytes(device) / 2**30, "final_loss": final.loss,
         "activation_checkpointing": activation_checkpointing,
     }
-
-
 def _print_profile(step, top: int) -> None:
     """One step under torch.profiler: the ``top`` CUDA kernels by total time (where a step's time goes)."""
     from torch.profiler import ProfilerActivity, profile

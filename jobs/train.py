@@ -1,374 +1,377 @@
 """The per-worker training loop: a DeepSpeed ZeRO engine over a ``hybridlab.arch`` model.
 
 ``train_loop_per_worker(config)`` runs inside each Ray Train worker (Ray made the
-process group: gloo on CPU, NCCL on GPU). ``config``:
+process group: gloo on CPU, NCCL on GPU). ``config`` (plain data, as Ray passes it):
 
-``job``      the resolved job dict (``spec.Job.resolved``)
-``run``      ``{"name", "storage"}`` (resuming goes through Ray: the run's own latest checkpoint)
-``sink``     optional: an object with ``put_nowait(dict)`` (e.g. ``ray.util.queue.Queue``)
-             receiving rank 0's progress messages; printed when absent
+``job``      the resolved job dict (``spec.Job.resolved``), read back as a typed ``Job``
+``run``      ``{"name", "storage"}``: the run's folder (resuming goes through Ray: its latest checkpoint),
+             and ``"mlflow_run_id"``, ``"tracking_uri"`` when the run is tracked (system metrics, per node)
+``sink``     optional ``ray.util.queue.Queue`` receiving rank 0's progress messages (``jobs.record``);
+             printed when absent
+``control``  optional ``RunControl`` actor: the driver's stop request (SIGINT/SIGTERM)
 
-Messages to the sink are dicts with a ``"kind"``: ``start``, ``metrics``,
-``checkpoint``, ``eval``, ``end`` (with ``status`` ``finished`` | ``nonfinite`` |
-``disk_full`` and a ``message``). A non-finite loss and a checkpoint that does
-not fit stop all ranks together *without* raising, so Ray does not retry them.
+A run, in the order :func:`train_loop_per_worker` reads:
+
+1. set-up (:meth:`Worker.set_up`): device, process group, system metrics, model (a model
+   folder's weights with ``model: {from: DIR}``), engine, data stream;
+2. resume (:meth:`Worker.resume`): the run's latest checkpoint, when Ray restored one, and the
+   data stream's position saved with it;
+3. the step loop (:meth:`Worker.train`): :class:`~hybridlab.jobs.step.TrainStep` per step, and at
+   each log point (every ``log_every`` steps) one sync of the device-side statistics: metrics,
+   the non-finite check, the stop request — all ranks decide together;
+4. checkpoints (:meth:`Worker.save`) every ``checkpoint_every`` steps, at the end, and when stopped
+   (with each rank's data-stream position, ``data_state/rank_<r>.json``);
+5. evals (:meth:`Worker.evals`) after a finished run;
+6. the end (:meth:`Worker.finish`): system metrics stopped, the ``End`` message and Ray's final report.
+
+A non-finite loss, a checkpoint that does not fit and a stop request end the run on all ranks
+together *without* raising, so Ray does not retry them.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
-import resource
 import shutil
 import socket
 import time
+from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from hybridlab.jobs import checkpoint as ckpt
+from hybridlab.jobs import record as rec
+from hybridlab.jobs.control import ProgressSender, StopRequest
 from hybridlab.jobs.data import TrainStream
 from hybridlab.jobs.evals import run_evals
+from hybridlab.jobs.record import Metric, Status
+from hybridlab.jobs.step import (  # noqa: F401  (deepspeed_config, lr_lambda, ...: part of this module's API)
+    PEAK_FLOPS,
+    StepStats,
+    TrainStep,
+    build_engine,
+    checkpoint_activations,
+    deep_merge,
+    deepspeed_config,
+    lr_lambda,
+    peak_flops,
+    peak_memory_bytes,
+)
 
-# dense bf16 peak FLOP/s by device-name fragment, for the MFU estimate
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12,
-              "A800": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
+
+@dataclass(frozen=True)
+class RunPlace:
+    """Where a run keeps its files: ``<storage>/<name>/``."""
+
+    name: str
+    storage: str
+    mlflow_run_id: Optional[str] = None  # the MLflow run (system metrics are logged into it by each node)
+    tracking_uri: Optional[str] = None
+
+    @property
+    def local_dir(self) -> Optional[str]:
+        return os.path.join(ckpt.local_path(self.storage), self.name) if ckpt.is_local(self.storage) else None
+
+    def checkpoint_path(self, step: int) -> str:
+        return os.path.join(self.storage, self.name, ckpt.checkpoint_dir_name(step))
 
 
-def deep_merge(base: dict, extra: dict) -> dict:
-    for k, v in (extra or {}).items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
-            deep_merge(base[k], v)
+@dataclass
+class LoopState:
+    """What the loop knows between steps (the worker's own state; nothing rides in the config)."""
+
+    step: int = 0
+    tokens: int = 0
+    last_ckpt_step: Optional[int] = None
+    last_ckpt_bytes: int = 0
+    synced_step: int = 0  # the step of the newest sync (log point)
+    window_start: float = field(default_factory=time.perf_counter)
+    window_tokens: int = 0
+    last_metrics: dict = field(default_factory=dict)
+
+
+class Worker:
+    """One Ray Train worker's run of a job."""
+
+    def __init__(self, job, place: RunPlace, sink=None, control=None):
+        import ray.train
+
+        self.job, self.place = job, place
+        self.train_spec = job.spec.train
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.local_rank, self.node_rank = ctx.get_local_rank(), ctx.get_node_rank()
+        self.progress = ProgressSender(sink, self.rank)
+        self.stop = StopRequest(control)
+        self.state = LoopState()
+        self.resumed_from: Optional[str] = None
+        self.sysmon = None  # the node's MLflow system-metrics monitor (local rank 0 only)
+
+    # ------------------------------------------------------------ 1. set-up
+
+    def set_up(self) -> None:
+        import deepspeed
+        import torch.distributed as dist
+
+        from hybridlab.arch import HybridLM, count_spec
+        from hybridlab.arch.pretrained import load_weights
+        from hybridlab.jobs.sysmetrics import start_system_metrics
+
+        res, t = self.job.spec.resources, self.train_spec
+        use_cuda = res.gpus_per_worker > 0 and torch.cuda.is_available()
+        if use_cuda:
+            import ray.train.torch as rtt
+
+            self.device = rtt.get_device()
+            torch.cuda.set_device(self.device)
         else:
-            base[k] = v
-    return base
+            self.device = torch.device("cpu")
+            torch.set_num_threads(max(1, int(res.cpus_per_worker)))
+        if not dist.is_initialized():  # Ray Train made the group; this is only for a bare world of one
+            deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
+        self._write_worker_info()
+        self.sysmon = start_system_metrics(asdict(self.place), self.job.resolved.get("tracking") or {},
+                                           self.local_rank, self.node_rank)
 
+        torch.manual_seed(t.seed)  # identical init on every rank
+        model = HybridLM(self.job.model_spec)
+        if self.job.spec.model_from:  # a fine-tune: start from a model folder's weights (`model: {from: DIR}`)
+            load_weights(model, self.job.spec.model_from)
+        if t.activation_checkpointing:
+            checkpoint_activations(model)
+        self.n_params = sum(p.numel() for p in model.parameters())
+        counts = count_spec(self.job.model_spec, self.job.seq_len)
+        self.flops_per_token = float(counts.get("flops_per_token_train") or 6 * self.n_params)
+        self.engine, self.own_schedule = build_engine(model, t, self.world)
+        self.step_fn = TrainStep(self.engine, self.device)
+        self.stats = StepStats(self.device)
+        self.stream = TrainStream(self.job.resolved["data"], t.micro_batch, t.grad_accum, t.seed, self.rank, self.world)
+        self.seqs_per_step = t.micro_batch * t.grad_accum * self.world  # x the step's (padded) length = tokens
+        self.stage_root = ckpt.staging_root(self.place.storage)
+        self.peak = peak_flops(self.device)
 
-def checkpoint_activations(model) -> None:
-    """Recompute each sub-block's forward in the backward instead of keeping its activations (torch
-    non-reentrant checkpointing; decoding with a cache is left as it is)."""
-    from torch.utils.checkpoint import checkpoint
+    def _write_worker_info(self) -> None:
+        """``<run dir>/workers/rank_<r>.json`` (pid, host): for operators and fault tests."""
+        import ray
 
-    for layer in model.layers:
-        fwd = layer.forward
-        layer.forward = lambda x, cache=None, seq_idx=None, _f=fwd: (
-            checkpoint(_f, x, cache, seq_idx, use_reentrant=False) if cache is None else _f(x, cache))
-
-
-def deepspeed_config(train: dict, world_size: int) -> dict:
-    """The DeepSpeed config of a job's ``train`` section (``train.deepspeed`` merged last)."""
-    prec = train["precision"]
-    cfg = {
-        "train_micro_batch_size_per_gpu": train["micro_batch"],
-        "gradient_accumulation_steps": train["grad_accum"],
-        "train_batch_size": train["micro_batch"] * train["grad_accum"] * world_size,
-        "gradient_clipping": train["grad_clip"],
-        "optimizer": {
-            "type": "AdamW",
-            "params": {"lr": train["lr"], "betas": list(train["betas"]), "eps": 1e-8,
-                       "weight_decay": train["weight_decay"], "torch_adam": True},
-        },
-        "zero_optimization": {"stage": train["zero_stage"]},
-        "bf16": {"enabled": prec == "bf16"},
-        "fp16": {"enabled": prec == "fp16", "initial_scale_power": 12, "loss_scale_window": 100},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 1 << 30,
-        "wall_clock_breakdown": False,
-    }
-    return deep_merge(cfg, train.get("deepspeed") or {})
-
-
-def lr_lambda(train: dict):
-    steps, warmup, floor, kind = train["steps"], train["warmup"], train["min_lr_ratio"], train["schedule"]
-
-    def f(step: int) -> float:  # step = optimizer steps taken so far
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if kind == "constant":
-            return 1.0
-        frac = min(1.0, (step - warmup) / max(1, steps - warmup))
-        if kind == "linear":
-            return floor + (1 - floor) * (1 - frac)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac))
-
-    return f
-
-
-def peak_flops(device: torch.device) -> Optional[float]:
-    env = os.environ.get("HYBRIDLAB_PEAK_FLOPS")
-    if env:
-        return float(env)
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for frag, v in PEAK_FLOPS.items():
-            if frag in name:
-                return v
-    return None
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # CPU: the process's peak RSS
-
-
-class _Sink:
-    def __init__(self, sink, rank: int):
-        self.sink, self.rank = sink, rank
-
-    def __call__(self, kind: str, **msg) -> None:
-        if self.rank != 0:
+        if self.place.local_dir is None:
             return
-        msg["kind"] = kind
-        msg.setdefault("time", time.time())
-        if self.sink is None:
-            print(f"[hybridlab] {msg}", flush=True)
+        d = os.path.join(self.place.local_dir, "workers")
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, f"rank_{self.rank}.json"), "w") as f:
+            json.dump({"rank": self.rank, "world": self.world, "pid": os.getpid(), "host": socket.gethostname(),
+                       "device": str(self.device), "node_id": ray.get_runtime_context().get_node_id(),
+                       "time": time.time()}, f)
+
+    # ------------------------------------------------------------ 2. resume
+
+    def resume(self) -> None:
+        """Load the run's latest checkpoint when Ray restored one (a restart, or ``--resume``)."""
+        import ray.train
+
+        restored = ray.train.get_checkpoint()
+        if restored is None:
             return
+        with restored.as_directory() as d:
+            meta = ckpt.read_meta(d)
+            data_state = ckpt.read_data_state(d, self.rank)
+            t = self.train_spec
+            if meta.get("world") != self.world and t.zero_stage > 0:
+                raise RuntimeError(f"checkpoint {d} was written by {meta.get('world')} ZeRO workers; this run has "
+                                   f"{self.world}: resume with resources.workers={meta.get('world')}")
+            load_path, _ = self.engine.load_checkpoint(d, tag=ckpt.DS_TAG, load_optimizer_states=True,
+                                                       load_lr_scheduler_states=True)
+            if load_path is None:
+                raise RuntimeError(f"DeepSpeed could not load the checkpoint in {d}")
+        self.resumed_from = d
+        s = self.state
+        s.step = s.synced_step = s.last_ckpt_step = int(meta["step"])
+        s.tokens = int(meta.get("tokens", 0))
+        self.stream.resume(data_state)  # a text stream continues where the checkpoint left it (else get() reads forward)
+        if self.own_schedule and self.engine.lr_scheduler is not None:
+            # the job's lr wins over the checkpoint's (so `--resume --set train.lr=...` takes effect);
+            # the schedule's shape (warmup, steps) always comes from the job
+            self.engine.lr_scheduler.base_lrs = [self.train_spec.lr for _ in self.engine.lr_scheduler.base_lrs]
+
+    # ------------------------------------------------------------ 3. the step loop
+
+    def train(self) -> rec.End:
+        t, s = self.train_spec, self.state
+        self.progress.send(rec.Start(step=s.step, steps=t.steps, world=self.world, params=self.n_params,
+                                     device=str(self.device), flops_per_token=self.flops_per_token,
+                                     resumed_from=self.resumed_from))
+        self.engine.train()
+        s.window_start = time.perf_counter()
+        for step in range(s.step + 1, t.steps + 1):
+            log_point = step % t.log_every == 0 or step == t.steps
+            ckpt_point = bool(t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps
+            batches = [self.stream.get(step, micro) for micro in range(t.grad_accum)]
+            out = self.step_fn(batches, keep_logits=log_point and self.rank == 0)
+            self.stats.add(step, out.loss)
+            tokens = self.seqs_per_step * self.stream.seq_len_at(step)  # a curriculum's stages differ in length
+            s.step, s.tokens = step, s.tokens + tokens
+            s.window_tokens += tokens
+            if not (log_point or ckpt_point):
+                continue
+            # a sync point: every rank is here at the same step (nothing is checkpointed unchecked)
+            synced = self.stats.sync(stop=self.stop.requested())
+            if synced.nonfinite:
+                return self._nonfinite_end(synced)
+            if log_point:
+                self._log(step, synced.loss, out.logits, batches[0])
+            if synced.stop:
+                return self._stopped_end()
+            if ckpt_point:
+                problem = self.save()
+                if problem:
+                    return rec.End(step=step, status=Status.DISK_FULL, message=problem + self._good_checkpoint(step),
+                                   last_checkpoint_step=s.last_ckpt_step)
+                s.window_start = time.perf_counter()  # checkpoint time is not training throughput
+        return rec.End(step=s.step, status=Status.FINISHED, last_checkpoint_step=s.last_ckpt_step,
+                       loss=s.last_metrics.get(Metric.LOSS), acc=s.last_metrics.get(Metric.ACC))
+
+    def _log(self, step: int, loss: float, logits: Optional[torch.Tensor], batch) -> None:
+        s = self.state
+        now = time.perf_counter()
+        dt = max(1e-9, now - s.window_start)
+        tps = s.window_tokens / dt
+        m = {
+            Metric.LOSS: loss,
+            Metric.LR: float(self.engine.get_lr()[0]),
+            Metric.TOKENS_PER_S: tps,
+            Metric.TOKENS: float(s.tokens),
+            Metric.STEP_TIME_S: dt / max(1, step - s.synced_step),
+            Metric.PEAK_MEM_GB: peak_memory_bytes(self.device) / 1e9,
+        }
+        if self.rank == 0 and logits is not None:
+            with torch.no_grad():
+                m[Metric.ACC] = float(self.stream.task.score(logits.float().cpu(), batch)["acc"])
+        gn = self.engine.get_global_grad_norm()
+        if gn is not None and math.isfinite(float(gn)):
+            m[Metric.GRAD_NORM] = float(gn)
+        if self.peak:
+            m[Metric.MFU] = self.flops_per_token * tps / (self.peak * self.world)
+        self.progress.send(rec.Metrics(step=step, metrics=m))
+        s.last_metrics, s.synced_step = m, step
+        s.window_start, s.window_tokens = time.perf_counter(), 0
+
+    def _good_checkpoint(self, step: int) -> str:
+        last = self.state.last_ckpt_step
+        return f"; training stopped at step {step}; last good checkpoint: " + (
+            f"step {last} (intact)" if last is not None else "none (no checkpoint was written yet)")
+
+    def _nonfinite_end(self, synced) -> rec.End:
+        s = self.state
+        first, checked = synced.first_bad_step or s.step, s.step
+        where = f"at step {first}" + (f" (found at step {checked}: the loss is checked every "
+                                      f"{self.train_spec.log_every} steps, at log points)" if checked != first else "")
+        last = s.last_ckpt_step
+        good = f"step {last}" if last is not None else "none (no checkpoint was written yet)"
+        return rec.End(step=checked, status=Status.NONFINITE, last_checkpoint_step=last,
+                       message=f"loss became non-finite (nan/inf) {where}; training stopped; last good checkpoint: {good}")
+
+    def _stopped_end(self) -> rec.End:
+        """Asked to stop: save first when the newest checkpoint is older than ``checkpoint_every`` steps
+        (or there is none, or checkpoints are only written at the end), so a resume loses at most
+        what a crash would."""
+        s, every = self.state, self.train_spec.checkpoint_every
+        unsaved = s.step - (s.last_ckpt_step or 0)
+        if unsaved > 0 and (s.last_ckpt_step is None or not every or unsaved >= every):
+            problem = self.save()
+            if problem:
+                return rec.End(step=s.step, status=Status.KILLED, message=problem + self._good_checkpoint(s.step),
+                               last_checkpoint_step=s.last_ckpt_step)
+        return rec.End(step=s.step, status=Status.KILLED, last_checkpoint_step=s.last_ckpt_step,
+                       message=f"stopped at step {s.step}", loss=s.last_metrics.get(Metric.LOSS),
+                       acc=s.last_metrics.get(Metric.ACC))
+
+    # ------------------------------------------------------------ 4. checkpoints
+
+    def save(self) -> Optional[str]:
+        """Write one checkpoint of the current step on every rank; the reason when it cannot fit (all ranks agree)."""
+        import ray.train
+        import torch.distributed as dist
+
+        s, t = self.state, self.train_spec
+        step = s.step
+        mine, total = ckpt.estimate_bytes(self.n_params, t.zero_stage, self.world, t.precision)
+        if s.last_ckpt_bytes:
+            prev = s.last_ckpt_bytes
+            mine, total = max(mine, prev // self.world if t.zero_stage else prev), max(total, prev)
+        problem = ckpt.space_problem(self.stage_root, self.place.storage, mine, total)
+        flag = torch.tensor([1.0 if problem else 0.0], device=self.device)
+        dist.all_reduce(flag)
+        if flag.item() > 0:
+            return f"disk full: checkpoint at step {step} not written ({problem or 'another worker is out of space'})"
+        staging = ckpt.new_staging_dir(self.stage_root, step, self.rank)
         try:
-            self.sink.put_nowait(msg)
-        except Exception as e:  # the driver went away: keep training, say so once
-            if not getattr(self, "_warned", False):
-                print(f"[hybridlab] warning: progress sink unavailable ({e.__class__.__name__}); continuing", flush=True)
-                self._warned = True
+            self.engine.save_checkpoint(staging, tag=ckpt.DS_TAG, client_state={"step": step, "tokens": s.tokens})
+            ckpt.write_data_state(staging, self.rank, self.stream.state_dict())
+            if self.rank == 0:
+                ckpt.write_meta(staging, {"step": step, "tokens": s.tokens, "world": self.world,
+                                          "zero_stage": t.zero_stage, "precision": t.precision, "time": time.time()})
+            size = ckpt.dir_bytes(staging)
+            ray.train.report({"step": step, "checkpoint_step": step},
+                             checkpoint=ray.train.Checkpoint.from_directory(staging),
+                             checkpoint_dir_name=ckpt.checkpoint_dir_name(step))
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+            if ckpt.is_disk_full(e):
+                raise ckpt.CheckpointDiskFull(f"disk full while writing the checkpoint at step {step} ({e}); "
+                                              f"the previous checkpoint is intact") from e
+            raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        s.last_ckpt_step = step
+        s.last_ckpt_bytes = size * self.world if t.zero_stage else size
+        self.progress.send(rec.Checkpoint(step=step, path=self.place.checkpoint_path(step), bytes=s.last_ckpt_bytes))
+        return None
+
+    # ------------------------------------------------------------ 5. evals
+
+    def evals(self) -> dict:
+        """Rank 0 runs the evals (all ranks in lockstep under ZeRO-3, whose forward is collective)."""
+        import torch.distributed as dist
+
+        out = {}
+        if self.train_spec.zero_stage == 3 or self.rank == 0:
+            out = run_evals(self.engine.module, self.job.resolved["eval"], self.job.resolved["data"], self.device)
+        dist.barrier()
+        return out if self.rank == 0 else {}
+
+    # ------------------------------------------------------------ 6. the end of a run
+
+    def finish(self, end: rec.End) -> None:
+        import ray.train
+        import torch.distributed as dist
+
+        self.stop_system_metrics()
+        self.progress.send(end)
+        self.progress.close()
+        ray.train.report({"step": end.step, "status": end.status})
+        dist.barrier()
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float):
-    decay, no_decay = [], []
-    for n, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.dim() < 2 or "norm" in n or "bias" in n else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
+    def stop_system_metrics(self) -> None:
+        from hybridlab.jobs.sysmetrics import stop_system_metrics
+
+        monitor, self.sysmon = self.sysmon, None
+        stop_system_metrics(monitor)
 
 
 def train_loop_per_worker(config: dict) -> None:
-    import deepspeed
-    import ray.train
-    import torch.distributed as dist
+    from hybridlab.jobs.spec import from_resolved
 
-    from hybridlab.arch import HybridLM, count_spec, load_model_spec
-    from hybridlab.arch.pretrained import load_weights
-
-    job, run = config["job"], config["run"]
-    train, data, res = job["train"], job["data"], job["resources"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    emit = _Sink(config.get("sink"), rank)
-
-    use_cuda = res.get("gpus_per_worker", 0) > 0 and torch.cuda.is_available()
-    if use_cuda:
-        import ray.train.torch as rtt
-
-        device = rtt.get_device()
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-        n_threads = max(1, int(res.get("cpus_per_worker", 1)))
-        torch.set_num_threads(n_threads)
-    if not dist.is_initialized():  # Ray Train made the group; this is only for a bare world of one
-        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
-
-    _write_worker_info(run, rank, world, device)
-    from hybridlab.jobs.sysmetrics import start_system_metrics, stop_system_metrics
-
-    sysmon = start_system_metrics(run, job.get("tracking") or {}, ctx.get_local_rank(), ctx.get_node_rank())
-
-    model_spec = load_model_spec(job["model"])
-    torch.manual_seed(train["seed"])  # identical init on every rank
-    model = HybridLM(model_spec)
-    if job.get("model_from"):  # a fine-tune: start from a model folder's weights (`model: {from: DIR}`)
-        load_weights(model, job["model_from"])
-    if train.get("activation_checkpointing"):
-        checkpoint_activations(model)
-    n_params = sum(p.numel() for p in model.parameters())
-    counts = count_spec(model_spec, data["seq_len"])
-    flops_per_token = float(counts.get("flops_per_token_train") or 6 * n_params)
-
-    ds_cfg = deepspeed_config(train, world)
-    sched = None if "scheduler" in ds_cfg else (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train)))
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=_param_groups(model, train["weight_decay"]),
-                                          config=ds_cfg, lr_scheduler=sched)
-
-    # ---- resume: the run's own latest checkpoint (Ray restores it after a failure or on --resume)
-    start_step, tokens_seen = 0, 0
-    restored = ray.train.get_checkpoint()
-    resume_path, data_state = None, None
-    if restored is not None:
-        with restored.as_directory() as d:
-            resume_path = _load(engine, d, world, train)
-            meta = ckpt.read_meta(d)
-            data_state = ckpt.read_data_state(d, rank)
-    if resume_path is not None:
-        start_step, tokens_seen = int(meta["step"]), int(meta.get("tokens", 0))
-        if sched is not None and engine.lr_scheduler is not None:
-            # the job's lr wins over the checkpoint's (so `--resume --set train.lr=...` takes effect);
-            # the schedule's shape (warmup, steps) always comes from the job
-            engine.lr_scheduler.base_lrs = [train["lr"] for _ in engine.lr_scheduler.base_lrs]
-
-    stream = TrainStream(data, train["micro_batch"], train["grad_accum"], train["seed"], rank, world)
-    if resume_path is not None:
-        stream.resume(data_state)  # a text stream continues where the checkpoint left it (else get() reads forward)
-    run["_data_state"] = stream.state_dict
-    steps, log_every, ck_every = train["steps"], train["log_every"], train["checkpoint_every"]
-    seqs_per_step = train["micro_batch"] * train["grad_accum"] * world  # x the step's (padded) length = tokens
-    emit("start", step=start_step, steps=steps, world=world, params=n_params, resumed_from=resume_path,
-         device=str(device), flops_per_token=flops_per_token)
-
-    stage_root = ckpt.staging_root(run["storage"])
-    last_ckpt_step = start_step if resume_path else None
-    t_window, tok_window = time.perf_counter(), 0
-    peak = peak_flops(device)
-    last = {}
-    status, message = "finished", ""
-
-    engine.train()
-    step = start_step
-    for step in range(start_step + 1, steps + 1):
-        loss_sum, acc_sum = 0.0, 0.0
-        for micro in range(train["grad_accum"]):
-            b = stream.get(step, micro)
-            inputs, targets = b.inputs.to(device), b.targets.to(device)
-            logits = engine(inputs) if b.seq_idx is None else engine(inputs, seq_idx=b.seq_idx.to(device))
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
-            flag = torch.tensor([loss.detach().float().item(), 0.0 if torch.isfinite(loss).item() else 1.0], device=device)
-            dist.all_reduce(flag)
-            if flag[1].item() > 0:
-                status = "nonfinite"
-                break
-            engine.backward(loss)
-            engine.step()
-            loss_sum += flag[0].item() / world
-            if rank == 0 and micro == 0 and (step % log_every == 0 or step == steps):
-                with torch.no_grad():
-                    acc_sum = float(stream.task.score(logits.detach().float().cpu(), b)["acc"])
-        if status == "nonfinite":
-            good = f"step {last_ckpt_step}" if last_ckpt_step is not None else "none (no checkpoint was written yet)"
-            message = f"loss became non-finite (nan/inf) at step {step}; training stopped; last good checkpoint: {good}"
-            break
-        loss_val = loss_sum / train["grad_accum"]
-        tokens_per_step = seqs_per_step * stream.seq_len_at(step)  # a curriculum's stages differ in length
-        tokens_seen += tokens_per_step
-        tok_window += tokens_per_step
-        if step % log_every == 0 or step == steps:
-            dt = max(1e-9, time.perf_counter() - t_window)
-            tps = tok_window / dt
-            gn = engine.get_global_grad_norm()
-            m = {
-                "train/loss": loss_val,
-                "train/acc": acc_sum,
-                "train/lr": float(engine.get_lr()[0]),
-                "train/tokens_per_s": tps,
-                "train/tokens": float(tokens_seen),
-                "train/step_time_s": dt / max(1, step - last.get("step", start_step)),
-                "train/peak_mem_gb": peak_memory_bytes(device) / 1e9,
-            }
-            if gn is not None and math.isfinite(float(gn)):
-                m["train/grad_norm"] = float(gn)
-            if peak:
-                m["train/mfu"] = flops_per_token * tps / (peak * world)
-            emit("metrics", step=step, metrics=m)
-            last = {"step": step, **m}
-            t_window, tok_window = time.perf_counter(), 0
-        if (ck_every and step % ck_every == 0) or step == steps:
-            ok, message = _save(engine, step, tokens_seen, world, train, run, stage_root, n_params, emit)
-            if not ok:
-                status = "disk_full"
-                good = f"step {last_ckpt_step}" if last_ckpt_step is not None else "none"
-                message += f"; training stopped at step {step}; last good checkpoint: {good} (intact)"
-                break
-            last_ckpt_step = step
-            t_window = time.perf_counter()  # checkpoint time is not training throughput
-
-    final = {"step": step, "status": status, "message": message, "last_checkpoint_step": last_ckpt_step,
-             "loss": last.get("train/loss"), "acc": last.get("train/acc")}
-    if status == "finished" and job.get("eval"):
-        evals = _evals(engine, job, device, train["zero_stage"], rank)
-        if rank == 0:
-            emit("eval", step=step, metrics=evals)
-            final["evals"] = evals
-    stop_system_metrics(sysmon)
-    emit("end", **final)
-    ray.train.report({"step": step, "status": status})
-    dist.barrier()
-
-
-def _write_worker_info(run: dict, rank: int, world: int, device) -> None:
-    """``<run dir>/workers/rank_<r>.json`` (pid, host): for operators and fault tests."""
-    import json
-
-    if not ckpt.is_local(run["storage"]):
-        return
-    import ray
-
-    d = os.path.join(ckpt.local_path(run["storage"]), run["name"], "workers")
-    os.makedirs(d, exist_ok=True)
-    with open(os.path.join(d, f"rank_{rank}.json"), "w") as f:
-        json.dump({"rank": rank, "world": world, "pid": os.getpid(), "host": socket.gethostname(),
-                   "device": str(device), "node_id": ray.get_runtime_context().get_node_id(), "time": time.time()}, f)
-
-
-def _load(engine, path: str, world: int, train: dict) -> str:
-    meta = ckpt.read_meta(path)
-    if meta.get("world") != world and train["zero_stage"] > 0:
-        raise RuntimeError(f"checkpoint {path} was written by {meta.get('world')} ZeRO workers; "
-                           f"this run has {world}: resume with resources.workers={meta.get('world')}")
-    load_path, _ = engine.load_checkpoint(path, tag=ckpt.DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
-    if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
-    return path
-
-
-def _save(engine, step, tokens, world, train, run, stage_root, n_params, emit) -> tuple[bool, str]:
-    """Write one checkpoint on every rank; (False, reason) when it cannot fit (all ranks agree)."""
-    import ray.train
-    import torch.distributed as dist
-
-    rank = dist.get_rank()
-    mine, total = ckpt.estimate_bytes(n_params, train["zero_stage"], world, train["precision"])
-    prev = run.get("_last_ckpt_bytes")
-    if prev:
-        mine, total = max(mine, prev // world if train["zero_stage"] else prev), max(total, prev)
-    problem = ckpt.space_problem(stage_root, run["storage"], mine, total)
-    flag = torch.tensor([1.0 if problem else 0.0], device=engine.device)
-    dist.all_reduce(flag)
-    if flag.item() > 0:
-        msg = f"disk full: checkpoint at step {step} not written ({problem or 'another worker is out of space'})"
-        return False, msg
-    staging = ckpt.new_staging_dir(stage_root, step, rank)
+    worker = Worker(from_resolved(config["job"]), RunPlace(**config["run"]), config.get("sink"), config.get("control"))
     try:
-        engine.save_checkpoint(staging, tag=ckpt.DS_TAG, client_state={"step": step, "tokens": tokens})
-        ckpt.write_data_state(staging, rank, run["_data_state"]() if run.get("_data_state") else None)
-        if rank == 0:
-            ckpt.write_meta(staging, {"step": step, "tokens": tokens, "world": world, "zero_stage": train["zero_stage"],
-                                      "precision": train["precision"], "time": time.time()})
-        size = ckpt.dir_bytes(staging)
-        ray.train.report({"step": step, "checkpoint_step": step},
-                         checkpoint=ray.train.Checkpoint.from_directory(staging),
-                         checkpoint_dir_name=ckpt.checkpoint_dir_name(step))
-    except Exception as e:
-        if ckpt.is_disk_full(e):
-            raise RuntimeError(f"disk full while writing the checkpoint at step {step} ({e}); "
-                               f"the previous checkpoint is intact") from e
-        raise
+        worker.set_up()
+        worker.resume()
+        end = worker.train()
+        if end.status == Status.FINISHED and worker.job.spec.eval:
+            end.evals = worker.evals()
+            if worker.rank == 0:
+                worker.progress.send(rec.Eval(step=end.step, metrics=end.evals))
+        worker.finish(end)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    run["_last_ckpt_bytes"] = size * world if train["zero_stage"] else size
-    emit("checkpoint", step=step, path=os.path.join(run["storage"], run["name"], ckpt.checkpoint_dir_name(step)),
-         bytes=run["_last_ckpt_bytes"])
-    return True, ""
-
-
-def _evals(engine, job: dict, device, zero_stage: int, rank: int) -> dict:
-    """Rank 0 runs the evals (all ranks in lockstep under ZeRO-3, whose forward is collective)."""
-    import torch.distributed as dist
-
-    out = {}
-    if zero_stage == 3 or rank == 0:
-        module = engine.module
-        out = run_evals(module, job["eval"], job["data"], device)
-    dist.barrier()
-    return out
+        worker.stop_system_metrics()  # a worker that fails leaves no monitor thread logging into the run

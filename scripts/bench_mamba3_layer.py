@@ -19,16 +19,8 @@ import sys
 
 import torch
 
-from hybridlab.arch.layers.mamba3 import Mamba3
-from hybridlab.arch.spec import Mamba3Block
+from hybridlab.arch import bench_layer as make_layer
 from hybridlab.kernels.bench.ssm import layer_markdown, run_layer_bench
-
-
-def make_layer(d_model: int, mode: str, rank: int, d_state: int, dtype=torch.bfloat16):
-    blk = Mamba3Block(mode=mode, rank=rank if mode == "mimo" else None, d_state=d_state, headdim=64, expand=2, out_norm="none")
-    with torch.device("cuda"):
-        layer = Mamba3(d_model, blk, backend="auto")
-    return layer.to(dtype)
 
 
 def main(argv=None) -> int:

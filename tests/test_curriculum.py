@@ -214,7 +214,7 @@ def test_curriculum_errors_are_located(tmp_path, data, where, words):
 
 def test_evals_log_scaled_acc_and_the_summary_shows_it():
     from hybridlab.jobs.evals import eval_table, run_evals
-    from hybridlab.jobs.metric_names import EVAL_METRIC_RE, EVAL_METRICS
+    from hybridlab.jobs.record import EVAL_METRIC_RE, EVAL_METRICS
 
     assert "scaled_acc" in EVAL_METRICS and EVAL_METRIC_RE.match("eval/parity/len_256/scaled_acc")["what"] == "scaled_acc"
     task = make_task("parity", target="end")

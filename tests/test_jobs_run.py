@@ -110,7 +110,8 @@ def test_kill_worker_resume_nan(tmp_path):
     run_dir = next(runs.glob("faults-*"))
     assert (run_dir / f"step_{good:08d}" / "hybridlab.json").exists()
     assert not (run_dir / f"step_{bad:08d}").exists()
-    assert mlflow_client(tmp_path).get_run(rid).info.status == "FAILED"
+    failed = mlflow_client(tmp_path).get_run(rid)
+    assert failed.info.status == "FAILED" and "non-finite" in failed.data.tags["hybridlab.error"]
 
 
 def _can_unshare_tmpfs() -> list[str] | None:

@@ -14,7 +14,7 @@ from text_fixtures import documents, set_offline, train_tokenizer, write_corpus,
 pytest.importorskip("datasets")
 
 from hybridlab.arch import HybridLM, load_model_spec  # noqa: E402
-from hybridlab.jobs.metric_names import NIAH_RE, PPL_POS_RE  # noqa: E402
+from hybridlab.jobs.record import NIAH_RE, PPL_POS_RE  # noqa: E402
 from hybridlab.jobs.text_evals import TextCorpus, parse_text_eval, run_text_eval  # noqa: E402
 from test_packing import HYBRID  # noqa: E402
 

@@ -286,3 +286,15 @@ class Mamba3(nn.Module):
         return gated_output(
             y, x, z, self.D, self.out_norm, self.mimo_x, self.mimo_z, self.mimo_o, self.eps, backend=self.io_backend
         )
+
+
+def bench_layer(d_model: int, mode: str, rank: int, d_state: int, dtype=torch.bfloat16, device="cuda",
+                headdim: int = 64, expand: int = 2, backend: str = "auto") -> Mamba3:
+    """One Mamba-3 layer at the official layer's defaults (headdim 64, expand 2, no output norm), for
+    the layer benchmark (``hybridlab bench ssm --layers``, ``kernels.bench.ssm.run_layer_bench``'s
+    ``make_layer``), in ``dtype`` on ``device``."""
+    blk = Mamba3Block(mode=mode, rank=rank if mode == "mimo" else 1, d_state=d_state, headdim=headdim,
+                      expand=expand, out_norm="none")
+    with torch.device(device):
+        layer = Mamba3(d_model, blk, backend=backend)
+    return layer.to(dtype)

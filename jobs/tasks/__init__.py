@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Mapping, Type, Union
 
-from .base import IGNORE, Batch, Opt, Task, TaskError, batch_seed, did_you_mean
+from .base import IGNORE, Batch, Opt, Task, TaskError, UnknownTask, batch_seed, did_you_mean
 from .copying import Copy
 from .lm import LM, ByteTokenizer, TokenShards, load_tokenizer, prepare_shards
 from .modarith import ModArith
@@ -46,7 +46,7 @@ TASKS: Dict[str, Type[Task]] = {**TASK_CLASSES, **{a: TASK_CLASSES[c] for a, c i
 
 def canonical_name(name: str) -> str:
     if not isinstance(name, str) or name not in TASKS:
-        raise TaskError(f"unknown task {name!r}{did_you_mean(str(name), list(TASKS))}; "
+        raise UnknownTask(f"unknown task {name!r}{did_you_mean(str(name), list(TASKS))}; "
                         f"known: {', '.join(sorted(TASKS))}")
     return ALIASES.get(name, name)
 
@@ -65,6 +65,6 @@ def make_task(name: Union[str, Mapping[str, Any]], **kwargs: Any) -> Task:
 
 __all__ = [
     "ALIASES", "Batch", "ByteTokenizer", "Copy", "IGNORE", "LM", "MQAR", "ModArith", "Opt", "Parity",
-    "Passkey", "TASKS", "TASK_CLASSES", "Task", "TaskError", "TokenShards", "batch_seed",
+    "Passkey", "TASKS", "TASK_CLASSES", "Task", "TaskError", "TokenShards", "UnknownTask", "batch_seed",
     "canonical_name", "load_tokenizer", "make_task", "prepare_shards",
 ]

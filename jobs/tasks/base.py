@@ -43,15 +43,24 @@ IGNORE = -100
 
 
 class TaskError(ValueError):
-    """Bad task name, option or argument. The message is one line."""
+    """Bad task name, option or argument. The message is one line; ``option`` names the task
+    option at fault (when one is), so a job spec can point its error at that key."""
+
+    def __init__(self, message: str, option: Optional[str] = None):
+        super().__init__(message)
+        self.option = option
+
+
+class UnknownTask(TaskError):
+    """No task of that name."""
 
 
 def _one_line(msg: str) -> str:
     return " ".join(str(msg).split())
 
 
-def _err(msg: str) -> TaskError:
-    return TaskError(_one_line(msg))
+def _err(msg: str, option: Optional[str] = None) -> TaskError:
+    return TaskError(_one_line(msg), option)
 
 
 def _is_int(v: Any) -> bool:
@@ -94,49 +103,49 @@ def parse_options(task: str, spec: Mapping[str, Opt], kwargs: Mapping[str, Any])
         if key not in spec:
             raise _err(
                 f"{task}: unknown option '{key}' = {value!r}{did_you_mean(key, spec)}; "
-                f"options: {', '.join(sorted(spec))}"
+                f"options: {', '.join(sorted(spec))}", key
             )
     for key, opt in spec.items():
         if key not in kwargs:
             if opt.required:
-                raise _err(f"{task}: option '{key}' is required")
+                raise _err(f"{task}: option '{key}' is required", key)
             out[key] = opt.default
             continue
         value = kwargs[key]
         bad = f"{task}: bad value for '{key}': {value!r}"
         if value is None:
             if not opt.allow_none:
-                raise _err(f"{bad} (must not be null)")
+                raise _err(f"{bad} (must not be null)", key)
             out[key] = None
             continue
         if opt.kind == "int":
             if not _is_int(value):
-                raise _err(f"{bad} (must be an integer)")
+                raise _err(f"{bad} (must be an integer)", key)
             value = int(value)
         elif opt.kind == "float":
             if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-                raise _err(f"{bad} (must be a number)")
+                raise _err(f"{bad} (must be a number)", key)
             value = float(value)
             if not math.isfinite(value):
-                raise _err(f"{bad} (must be finite)")
+                raise _err(f"{bad} (must be finite)", key)
         elif opt.kind == "bool":
             if not isinstance(value, (bool, np.bool_)):
-                raise _err(f"{bad} (must be true or false)")
+                raise _err(f"{bad} (must be true or false)", key)
             value = bool(value)
         elif opt.kind == "choice":
             if value not in opt.choices:
-                raise _err(f"{bad} (choose one of: {', '.join(opt.choices)}){did_you_mean(value, opt.choices)}")
+                raise _err(f"{bad} (choose one of: {', '.join(opt.choices)}){did_you_mean(value, opt.choices)}", key)
         elif opt.kind == "str":
             if not isinstance(value, str) or not value:
-                raise _err(f"{bad} (must be a non-empty string)")
+                raise _err(f"{bad} (must be a non-empty string)", key)
         elif opt.kind == "mapping":
             if not isinstance(value, Mapping):
-                raise _err(f"{bad} (must be a mapping)")
+                raise _err(f"{bad} (must be a mapping)", key)
             value = dict(value)
         if opt.min is not None and value < opt.min:
-            raise _err(f"{bad} (must be >= {opt.min:g})")
+            raise _err(f"{bad} (must be >= {opt.min:g})", key)
         if opt.max is not None and value > opt.max:
-            raise _err(f"{bad} (must be <= {opt.max:g})")
+            raise _err(f"{bad} (must be <= {opt.max:g})", key)
         out[key] = value
     return out
 
@@ -247,7 +256,7 @@ class Task:
         """``vocab`` knob given: must cover ``needed``; returns the vocab size."""
         vocab = self.config.get("vocab")
         if vocab is not None and vocab < needed:
-            raise _err(f"{self.name}: bad value for 'vocab': {vocab} (too small, needs >= {needed})")
+            raise _err(f"{self.name}: bad value for 'vocab': {vocab} (too small, needs >= {needed})", "vocab")
         return needed
 
     def describe(self) -> Dict[str, Any]:
@@ -261,7 +270,7 @@ class Task:
     def resolve_len(self, seq_len: Optional[int]) -> int:
         L = self.seq_len if seq_len is None else seq_len
         if not _is_int(L) or L <= 0:
-            raise _err(f"{self.name}: bad value for 'seq_len': {L!r} (must be a positive integer)")
+            raise _err(f"{self.name}: bad value for 'seq_len': {L!r} (must be a positive integer)", "seq_len")
         L = int(L)
         self._check_len(L)
         return L

@@ -30,7 +30,7 @@ class Copy(Task):
 
     def _check_len(self, L):
         if L < 2:
-            raise _err(f"copy: bad value for 'seq_len': {L} (needs >= 2)")
+            raise _err(f"copy: bad value for 'seq_len': {L} (needs >= 2)", "seq_len")
 
     def _fit_len(self, L):
         return L - L % 2  # an odd length starts with a pad

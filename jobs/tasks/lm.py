@@ -399,20 +399,20 @@ class LM(Task):
             for key in ("tokenizer", "eos_token"):
                 if self.config.get(key) is not None:
                     raise _err(f"lm: bad value for '{key}': {self.config[key]!r} (token shards carry their own tokenizer; "
-                               f"'{key}' goes with 'dataset')")
+                               f"'{key}' goes with 'dataset')", key)
             try:
                 self.shards = TokenShards(self.path)
             except TaskError as e:
-                raise _err(f"lm: bad value for 'path': {self.path!r} ({e})") from None
+                raise _err(f"lm: bad value for 'path': {self.path!r} ({e})", "path") from None
             if self.split not in self.index_splits():
-                raise _err(f"lm: bad value for 'split': {self.split!r} (splits here: {', '.join(self.shards.splits) or 'none'})")
+                raise _err(f"lm: bad value for 'split': {self.split!r} (splits here: {', '.join(self.shards.splits) or 'none'})", "split")
             self._vocab_size = self._check_vocab_knob(self.shards.vocab_size)
             self._answer_tokens = torch.arange(self.shards.vocab_size)
             return
         from hybridlab.jobs import textdata
 
         if self.tokenizer is None:
-            raise _err("lm: option 'tokenizer' is required with 'dataset' (a tokenizer.json, a tokenizer folder, an HF name, or byte)")
+            raise _err("lm: option 'tokenizer' is required with 'dataset' (a tokenizer.json, a tokenizer folder, an HF name, or byte)", "tokenizer")
         self.source = textdata.DatasetSpec.from_mapping(self.dataset)
         self.text_tokenizer = textdata.load_text_tokenizer(self.tokenizer, self.eos_token)
         textdata.peek(self.source)

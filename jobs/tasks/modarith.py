@@ -66,7 +66,7 @@ class ModArith(Task):
             self.target = "final" if self.brackets else "running"
             self.config["target"] = self.target
         if self.brackets and self.target == "running":
-            raise _err("modarith: bad value for 'target': 'running' (only 'final' with brackets: true)")
+            raise _err("modarith: bad value for 'target': 'running' (only 'final' with brackets: true)", "target")
         self.full = self.brackets and self.bracket_style == "full"
         if self.ops is None:
             self.ops = "+-" if self.full else "+-*"
@@ -78,7 +78,7 @@ class ModArith(Task):
 
     def _check_len(self, L):
         if self.target == "final" and L < 2:
-            raise _err(f"modarith: bad value for 'seq_len': {L} (target=final needs >= 2)")
+            raise _err(f"modarith: bad value for 'seq_len': {L} (target=final needs >= 2)", "seq_len")
 
     def _expr_len(self, L):
         E = L if self.target == "running" else L - 1

@@ -58,10 +58,10 @@ class MQAR(Task):
         self.num_values = V - self.val_lo
         N = self.num_kv_pairs
         if self.num_keys < N:
-            raise _err(f"mqar: bad value for 'vocab': {V} (too small for num_kv_pairs={N}, needs >= {2 * N + 1})")
+            raise _err(f"mqar: bad value for 'vocab': {V} (too small for num_kv_pairs={N}, needs >= {2 * N + 1})", "vocab")
         if self.seq_len < 4 * N - 1:
             raise _err(f"mqar: bad value for 'num_kv_pairs': {N} (too many for seq_len={self.seq_len}, "
-                       f"needs seq_len >= 4*num_kv_pairs-1 = {4 * N - 1})")
+                       f"needs seq_len >= 4*num_kv_pairs-1 = {4 * N - 1})", "num_kv_pairs")
         self._vocab_size = V
         self._answer_tokens = torch.arange(self.val_lo, V)
 
@@ -73,9 +73,9 @@ class MQAR(Task):
     def _check_len(self, L):
         N = self.pairs_for(L)
         if L < 4 * N - 1:
-            raise _err(f"mqar: bad value for 'seq_len': {L} (too short for {N} kv pairs, needs >= {4 * N - 1})")
+            raise _err(f"mqar: bad value for 'seq_len': {L} (too short for {N} kv pairs, needs >= {4 * N - 1})", "seq_len")
         if N > self.num_keys:
-            raise _err(f"mqar: bad value for 'seq_len': {L} ({N} kv pairs exceed the {self.num_keys} keys of vocab={self.vocab})")
+            raise _err(f"mqar: bad value for 'seq_len': {L} ({N} kv pairs exceed the {self.num_keys} keys of vocab={self.vocab})", "seq_len")
 
     def _generate(self, B, L, rng):
         N = self.pairs_for(L)

@@ -44,7 +44,7 @@ class Parity(Task):
 
     def _check_len(self, L):
         if self.target == "final" and L < 2:
-            raise _err(f"parity: bad value for 'seq_len': {L} (target=final needs >= 2)")
+            raise _err(f"parity: bad value for 'seq_len': {L} (target=final needs >= 2)", "seq_len")
 
     def _generate(self, B, L, rng):
         return self._generate_varlen(np.full(B, L), L, rng)

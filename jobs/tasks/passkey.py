@@ -45,7 +45,7 @@ class Passkey(Task):
     def _check_len(self, L):
         need = 2 * self.passkey_len + 3
         if L < need:
-            raise _err(f"passkey: bad value for 'seq_len': {L} (too short for passkey_len={self.passkey_len}, needs >= {need})")
+            raise _err(f"passkey: bad value for 'seq_len': {L} (too short for passkey_len={self.passkey_len}, needs >= {need})", "seq_len")
 
     def _generate(self, B, L, rng):
         k = self.passkey_len

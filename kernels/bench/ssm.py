@@ -17,12 +17,13 @@ point that ``hybridlab bench ssm`` calls.
 out_proj) fwd and fwd+bwd with peak memory, eager and ``torch.compile``d, next to
 the official ``mamba_ssm`` Mamba3 layer when it imports. It takes the layer
 factory as an argument (kernels imports nothing of hybridlab's model code):
-``scripts/bench_mamba3_layer.py`` passes ``hybridlab.arch``'s layer.
+``hybridlab bench ssm --layers`` and ``scripts/bench_mamba3_layer.py`` pass
+``hybridlab.arch.bench_layer``; ``python -m hybridlab.kernels.bench.ssm`` alone
+runs the kernel rows only.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import json
 import sys
@@ -33,6 +34,7 @@ import torch
 
 try:  # installed package, or run from the repo root without installing
     from hybridlab.kernels import ssm_scan, ssm_scan_fused
+    from hybridlab.kernels.bench.options import SsmBench, int_list, parse
     from hybridlab.kernels.ssm_io import gated_output, qk_prep, rank_expand
 except ImportError:  # pragma: no cover - device fallback: map ./kernels to hybridlab.kernels
     import importlib.util
@@ -49,11 +51,12 @@ except ImportError:  # pragma: no cover - device fallback: map ./kernels to hybr
     sys.modules["hybridlab.kernels"] = _mod
     _spec.loader.exec_module(_mod)
     from hybridlab.kernels import ssm_scan, ssm_scan_fused
+    from hybridlab.kernels.bench.options import SsmBench, int_list, parse
     from hybridlab.kernels.ssm_io import gated_output, qk_prep, rank_expand
 
 # (b, l, h, p, n)
 DEFAULT_SHAPES = [(8, 2048, 32, 64, 128), (4, 8192, 32, 64, 128), (8, 2048, 32, 64, 64)]
-RANKS = (1, 4)
+RANKS = int_list(SsmBench.ranks)
 
 # Official figures, H100 bf16 medians (../shared/STACK.md, measured 2026-11-22).
 OFFICIAL = {
@@ -554,7 +557,7 @@ def markdown(rows, device, date):
     return "\n".join(out) + "\n"
 
 
-def run_ssm_bench(shapes=None, out_dir="bench_out", ranks=RANKS, check=True, reference=True, peers=True, io=True, fused=True,
+def run_ssm_bench(shapes=None, out_dir=SsmBench.out, ranks=RANKS, check=True, reference=True, peers=True, io=True, fused=True,
                   log=print) -> list[dict]:
     """Run the benchmark; write ssm_bench.json / ssm_bench.md into out_dir; return the rows."""
     if not torch.cuda.is_available():
@@ -631,26 +634,37 @@ def run_ssm_bench(shapes=None, out_dir="bench_out", ranks=RANKS, check=True, ref
     return rows
 
 
+def run_options(opts: SsmBench, make_layer=None) -> int:
+    """Run the benchmark as ``opts`` says (``hybridlab bench ssm`` and :func:`main`); print the table(s); the exit code.
+
+    ``opts.layers`` adds the whole-layer rows (:func:`run_layer_bench`), which need ``make_layer``
+    (kernels imports no model code: the caller supplies the layer, e.g. ``hybridlab.arch.bench_layer``)."""
+    if opts.layers and make_layer is None:
+        raise ValueError("the layer rows (layers=True) need make_layer(d_model, mode, rank, d_state)")
+    ok = True
+    if opts.kernels:
+        shapes = DEFAULT_SHAPES[:1] if opts.quick else None
+        if opts.shapes:
+            shapes = [DEFAULT_SHAPES[i] for i in int_list(opts.shapes)]
+        rows = run_ssm_bench(shapes, opts.out, ranks=int_list(opts.ranks), check=opts.check, reference=opts.reference,
+                             peers=opts.peers, io=opts.io, fused=opts.fused)
+        print(markdown(rows, rows[0]["device"] if rows else "?", rows[0]["date"] if rows else "?"))
+        ok = all(r.get("ok", True) for r in rows if r.get("kind") == "check")
+    if opts.layers:
+        d_states = int_list(opts.d_states)[:1] if opts.quick else int_list(opts.d_states)
+        rows = run_layer_bench(make_layer, opts.out, d_states=d_states, ranks=int_list(opts.ranks),
+                               compile_too=opts.compile, official=opts.peers)
+        print(layer_markdown(rows, rows[0]["device"] if rows else "?", rows[0]["date"] if rows else "?"))
+        ok = ok and all("error" not in r for r in rows if r["impl"] == "hybridlab")
+    return 0 if ok else 1
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="bench_out")
-    ap.add_argument("--no-check", action="store_true")
-    ap.add_argument("--no-reference", action="store_true")
-    ap.add_argument("--no-peers", action="store_true")
-    ap.add_argument("--no-io", action="store_true", help="skip the pre/post stages (ssm_io)")
-    ap.add_argument("--no-fused", action="store_true", help="skip the fused scan (ssm_scan_fused) vs the unfused chain")
-    ap.add_argument("--quick", action="store_true", help="first shape only")
-    ap.add_argument("--shapes", default=None, help="indices into the default shapes, e.g. 1,2")
-    ap.add_argument("--ranks", default="1,4")
-    a = ap.parse_args(argv)
-    shapes = DEFAULT_SHAPES[:1] if a.quick else None
-    if a.shapes:
-        shapes = [DEFAULT_SHAPES[int(i)] for i in a.shapes.split(",")]
-    ranks = tuple(int(x) for x in a.ranks.split(","))
-    rows = run_ssm_bench(shapes, a.out, ranks=ranks, check=not a.no_check, reference=not a.no_reference, peers=not a.no_peers,
-                         io=not a.no_io, fused=not a.no_fused)
-    print(markdown(rows, rows[0]["device"] if rows else "?", rows[0]["date"] if rows else "?"))
-    return 0 if all(r.get("ok", True) for r in rows if r.get("kind") == "check") else 1
+    opts = parse(SsmBench, argv, __doc__.splitlines()[0])
+    if opts.layers:  # the layer comes from hybridlab.arch, which kernels does not import
+        print("the layer rows: hybridlab bench ssm --layers (or scripts/bench_mamba3_layer.py)", file=sys.stderr)
+        return 2
+    return run_options(opts)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ device-to-device copy. Writes ``decode.json`` and ``decode.md``; prints the tabl
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import json
 import sys
@@ -30,6 +29,8 @@ import traceback
 from pathlib import Path
 
 import torch
+
+from hybridlab.kernels.bench.options import DecodeBench, batch_contexts, int_list, names, parse
 
 # Official figures (µs per step, CUDA graph, H100, bf16; ../shared/STACK.md, measured 2026-11-22), by batch 1/16/128.
 OFFICIAL = {
@@ -367,9 +368,10 @@ def device_info(quick=False) -> dict:
     return dict(name=name, torch=torch.__version__, cutlass_dsl=cutlass_v, hbm_peak=peak, copy_bw=copy_bandwidth(quick))
 
 
-def run_decode_bench(out_dir="bench-results", batches=(1, 16, 128), contexts=(4096, 16384), models=True, quick=False,
-                     model_names=("hybrid-1in4-1.5b", "transformer-1.5b"), model_batch_ctx=((1, 16384), (16, 16384)),
-                     parts=("mamba", "attention", "models"), variants=("cute", "cute-unfused", "triton", "torch")):
+def run_decode_bench(out_dir=DecodeBench.out, batches=int_list(DecodeBench.batches), contexts=int_list(DecodeBench.contexts),
+                     models=True, quick=False, model_names=tuple(names(DecodeBench.models)),
+                     model_batch_ctx=batch_contexts(DecodeBench.model_shapes), parts=tuple(names(DecodeBench.parts)),
+                     variants=tuple(names(DecodeBench.variants))):
     if not torch.cuda.is_available():
         raise RuntimeError("bench decode needs a CUDA GPU")
     out = Path(out_dir)
@@ -397,23 +399,18 @@ def run_decode_bench(out_dir="bench-results", batches=(1, 16, 128), contexts=(40
     return res
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="bench-results")
-    ap.add_argument("--batches", default="1,16,128")
-    ap.add_argument("--contexts", default="4096,16384")
-    ap.add_argument("--models", default="hybrid-1in4-1.5b,transformer-1.5b")
-    ap.add_argument("--model-shapes", default="1x16384,16x16384", help="BATCHxCONTEXT,...")
-    ap.add_argument("--parts", default="mamba,attention,models")
-    ap.add_argument("--variants", default="cute,cute-unfused,triton,torch", help="Mamba-3 step backends")
-    ap.add_argument("--quick", action="store_true")
-    a = ap.parse_args(argv)
-    run_decode_bench(
-        a.out, [int(x) for x in a.batches.split(",")], [int(x) for x in a.contexts.split(",")],
-        models=bool(a.models), quick=a.quick, model_names=[m for m in a.models.split(",") if m],
-        model_batch_ctx=[tuple(int(v) for v in s.split("x")) for s in a.model_shapes.split(",") if s],
-        parts=a.parts.split(","), variants=a.variants.split(","),
+def run_options(opts: DecodeBench):
+    """Run the benchmark as ``opts`` says (``hybridlab bench decode`` and :func:`main`)."""
+    models = names(opts.models)
+    return run_decode_bench(
+        opts.out, list(int_list(opts.batches)), list(int_list(opts.contexts)), models=bool(models), quick=opts.quick,
+        model_names=models, model_batch_ctx=list(batch_contexts(opts.model_shapes)),
+        parts=names(opts.parts), variants=names(opts.variants),
     )
+
+
+def main(argv=None):
+    run_options(parse(DecodeBench, argv, __doc__.splitlines()[0]))
 
 
 if __name__ == "__main__":

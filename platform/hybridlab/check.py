@@ -12,7 +12,6 @@ from hybridlab.arch import AttentionBlock, Mamba3Block, ModelSpec, count_spec, l
 from hybridlab.kernels import select_backend
 from hybridlab.kernels.attention import select_attention_backend
 
-from .errors import UserError
 
 
 def describe_block(d_model: int, b) -> str:
@@ -131,8 +130,6 @@ def _model_of(ref: str, overrides: list[str]) -> ModelSpec:
 
 
 def run_check(ref: str, overrides: list[str], seq_len: int, as_json: bool) -> None:
-    if seq_len < 1:
-        raise UserError(f"--seq-len must be positive, got {seq_len}")
     spec = _model_of(ref, overrides)
     rep = report(spec, seq_len)
     if as_json:

@@ -43,35 +43,80 @@ def _enable_token_auth() -> None:
         os.environ["RAY_AUTH_MODE"] = "token"
 
 
+class ClusterError(UserError):
+    """The cluster could not be used (one line, exit 2)."""
+
+
+class ClusterUnreachable(ClusterError):
+    """Nothing answers at the address."""
+
+
+class ClusterAuthRejected(ClusterError):
+    """The cluster refused our token (or its absence)."""
+
+
+class JobNotFound(ClusterError):
+    """The cluster does not know the job id."""
+
+
+AUTH_HINT = ("the cluster rejected the request (token authentication): set RAY_AUTH_MODE=token and "
+             "RAY_AUTH_TOKEN or ~/.ray/auth_token to the cluster's token")
+
+
+def _classified(e: BaseException, addr: str, what: str) -> ClusterError:
+    """The Jobs API's failure as one of our error kinds, by the exception's type."""
+    from ray.exceptions import AuthenticationError
+
+    if isinstance(e, AuthenticationError):
+        return ClusterAuthRejected(f"{what} at {addr}: {AUTH_HINT}")
+    if isinstance(e, (ConnectionError, OSError)):  # refused, reset, DNS; requests' errors are OSErrors
+        return ClusterUnreachable(f"no Ray cluster at {addr}: connection refused (is the head running? `ray start --head`)")
+    return ClusterError(f"{what} at {addr} failed: {' '.join(str(e).split())[:300]}")
+
+
 def client(address: Optional[str]):
     _enable_token_auth()
     addr = resolve_address(address)
     import logging
 
     logging.getLogger("ray").setLevel(logging.ERROR)
+    from ray.exceptions import RayError
     from ray.job_submission import JobSubmissionClient
 
     try:
-        return JobSubmissionClient(addr)
-    except Exception as e:
-        raise UserError(f"no Ray cluster at {addr}: {_reason(e)}") from None
+        c = JobSubmissionClient(addr)
+    except (RayError, OSError, RuntimeError, ValueError) as e:
+        err = _classified(e, addr, "connecting")
+        if type(err) is ClusterError:
+            err = ClusterUnreachable(f"no Ray cluster at {addr}: {' '.join(str(e).split())[:300]}")
+        raise err from None
+    c.hybridlab_address = addr
+    return c
 
 
-def _reason(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    if "Authentication" in text or "401" in text or "403" in text or "Unauthorized" in text:
-        return ("the cluster rejected the request (token authentication): set RAY_AUTH_MODE=token and "
-                "RAY_AUTH_TOKEN or ~/.ray/auth_token to the cluster's token")
-    if "Connection refused" in text or "Failed to connect" in text or "ConnectionError" in text or "Max retries" in text:
-        return "connection refused (is the head running? `ray start --head`)"
-    return text[:300]
+def _call(c, what: str, fn, *args):
+    from ray.exceptions import RayError
+
+    try:
+        return fn(*args)
+    except (RayError, OSError, RuntimeError, ValueError) as e:
+        raise _classified(e, c.hybridlab_address, what) from None
+
+
+def _existing(c, job_id: str) -> None:
+    """JobNotFound unless the cluster knows ``job_id`` (a submission id or a job id)."""
+    jobs = _call(c, "listing jobs", c.list_jobs)
+    if not any(job_id in (j.submission_id, j.job_id) for j in jobs):
+        raise JobNotFound(f"no job {job_id!r} on this cluster")
 
 
 def submit_job(job_file: str, address: Optional[str] = None, overrides=(), wait: bool = False) -> str:
     from hybridlab.jobs.spec import dump_yaml, expand_sweep, load_job
 
-    job = load_job(job_file, overrides)  # validate here: errors point into the local file
-    expand_sweep(job_file, overrides, job=job)
+    # validate here (errors point into the local file); this machine's limits are not the cluster's:
+    # the driver checks those on the cluster (`hybridlab run` there)
+    job = load_job(job_file, overrides, limits=False)
+    expand_sweep(job_file, overrides, job=job, limits=False)
     resolved = dict(job.resolved)
     resolved.pop("model_ref", None)
     store = resolved["storage"]["path"]
@@ -95,11 +140,13 @@ def submit_job(job_file: str, address: Optional[str] = None, overrides=(), wait:
                 metadata={"hybridlab_job": Path(job_file).name, "experiment": job.spec.experiment},
             )
             break
-        except Exception as e:
-            if "No available agent" in str(e) and time.time() < deadline:  # a head that is still starting
+        except RuntimeError as e:  # the Jobs API's HTTP errors: a head still starting has no agent yet
+            if time.time() < deadline:
                 time.sleep(3)
                 continue
-            raise UserError(f"submitting to {resolve_address(address)} failed: {_reason(e)}") from None
+            raise _classified(e, c.hybridlab_address, "submitting") from None
+        except (OSError, ValueError) as e:
+            raise _classified(e, c.hybridlab_address, "submitting") from None
     print(f"submitted: {job_id}")
     print(f"  hybridlab status {job_id}   hybridlab logs {job_id} --follow   hybridlab stop {job_id}")
     if wait:
@@ -107,21 +154,10 @@ def submit_job(job_file: str, address: Optional[str] = None, overrides=(), wait:
     return job_id
 
 
-def _call(what: str, fn, *args):
-    try:
-        return fn(*args)
-    except UserError:
-        raise
-    except Exception as e:
-        text = str(e)
-        if "does not exist" in text or "not found" in text.lower() or "404" in text:
-            raise UserError(f"no job {args[0]!r} on this cluster") from None
-        raise UserError(f"{what} failed: {_reason(e)}") from None
-
-
 def job_status(job_id: str, address: Optional[str] = None) -> str:
     c = client(address)
-    info = _call("status", c.get_job_info, job_id)
+    _existing(c, job_id)
+    info = _call(c, "status", c.get_job_info, job_id)
     st = str(getattr(info.status, "value", info.status))
     line = f"{job_id}: {st}"
     if info.message:
@@ -132,8 +168,9 @@ def job_status(job_id: str, address: Optional[str] = None) -> str:
 
 def job_logs(job_id: str, address: Optional[str] = None, follow: bool = False) -> None:
     c = client(address)
+    _existing(c, job_id)
     if not follow:
-        print(_call("logs", c.get_job_logs, job_id), end="")
+        print(_call(c, "logs", c.get_job_logs, job_id), end="")
         return
     import asyncio
 
@@ -141,24 +178,24 @@ def job_logs(job_id: str, address: Optional[str] = None, follow: bool = False) -
         async for chunk in c.tail_job_logs(job_id):
             print(chunk, end="", flush=True)
 
-    _call("status", c.get_job_info, job_id)
     try:
         asyncio.run(tail())
-    except Exception as e:
-        raise UserError(f"following logs failed: {_reason(e)}") from None
+    except (OSError, RuntimeError) as e:  # the connection dropped
+        raise _classified(e, c.hybridlab_address, "following logs") from None
     job_status(job_id, address)
 
 
 def stop_job(job_id: str, address: Optional[str] = None, wait_s: float = 30) -> None:
     c = client(address)
-    stopped = _call("stop", c.stop_job, job_id)
+    _existing(c, job_id)
+    stopped = _call(c, "stop", c.stop_job, job_id)
     if not stopped:
         print(f"{job_id}: already finished")
         return
     deadline = time.time() + wait_s
     st = ""
     while time.time() < deadline:
-        st = str(getattr(c.get_job_info(job_id).status, "value", ""))
+        st = str(getattr(_call(c, "status", c.get_job_info, job_id).status, "value", ""))
         if st in ("STOPPED", "SUCCEEDED", "FAILED"):
             break
         time.sleep(1)

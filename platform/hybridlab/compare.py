@@ -1,12 +1,14 @@
 """`hybridlab compare EXPERIMENT`: runs side by side from MLflow.
 
-Reads the training runs of an experiment (not sweep parents, not earlier
-comparisons), and writes into one folder:
+Reads the finished training runs of an experiment (not sweep parents, not earlier
+comparisons; ``--status``/``--all`` pick runs of other statuses, and runs named with
+``--runs`` count whatever their status), and writes into one folder:
 
-``summary.csv``        one row per run: name, label, layout, params, FLOPs/token,
+``summary.csv``        one row per run: name, label, status, layout, params, FLOPs/token,
                        steps, tokens, final loss, and one column per eval metric
 ``evals.csv``          long form: run, task, length, metric, value
-``loss.csv``           the loss history: run, step, tokens, loss
+``loss.csv``           the loss history: run, step, tokens, loss (one value per step: after a
+                       worker restart re-ran steps, the newest)
 ``comparison.json``    all of the above
 ``accuracy_vs_length.png``   one subplot per eval task, one line per run
 ``loss_vs_tokens.png``       training loss of every run
@@ -34,15 +36,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from hybridlab.jobs.metric_names import EVAL_METRIC_RE, lm_eval_metric
+from hybridlab.jobs.record import (EVAL_METRIC_RE, EVAL_METRICS, KIND_COMPARISON, KIND_EVAL, MLFLOW_FINISHED, Metric,
+                                   Tag, is_training_run, lm_eval_metric)
 
 from .errors import UserError
 from .text_report import is_text_metric, lm_eval_columns, write_comparison_text_evals
 
-KIND_TAG = "hybridlab.kind"
-LOSS_KEY = "train/loss"
-TOKENS_KEY = "train/tokens"
-METRIC_CHOICES = ("auto", "acc", "final_acc", "seq_acc", "loss")
+METRIC_CHOICES = ("auto",) + EVAL_METRICS  # --metric: auto (final_acc where reported, else acc) or one eval metric
+STATUS_CHOICES = ("finished", "failed", "killed", "running", "all")  # MLflow run statuses compare can pick
 
 
 @dataclass
@@ -91,6 +92,13 @@ def _client(uri: str):
     return client(uri)
 
 
+def _store_errors() -> tuple:
+    """What reading the store may raise (MLflow's own errors; a server away: OSError)."""
+    from mlflow.exceptions import MlflowException
+
+    return (MlflowException, OSError)
+
+
 def _num(v: Any, cast=float):
     try:
         x = cast(float(v))
@@ -105,7 +113,7 @@ def _label(run) -> str:
     A sweep value that is a string (a layout, a task) stands alone; a number or a
     boolean is shown with its key's last part (``rope=false``, ``lr=0.003``)."""
     tags = run.data.tags
-    sv = tags.get("hybridlab.sweep_values")
+    sv = tags.get(Tag.SWEEP_VALUES)
     if sv:
         parts = []
         for p in re.split(r", (?=[A-Za-z_][\w.]*=)", sv):
@@ -117,44 +125,52 @@ def _label(run) -> str:
             else:
                 parts.append(value)
         return ", ".join(parts)
-    return tags.get("hybridlab.layout") or run.info.run_name or run.info.run_id[:8]
+    return tags.get(Tag.LAYOUT) or run.info.run_name or run.info.run_id[:8]
 
 
 def _chance(params: dict) -> dict:
     """Chance accuracy of each eval task of a run, from its logged job (best effort)."""
+    from hybridlab.jobs.data import build_task, eval_task_options
+    from hybridlab.jobs.tasks import TaskError
+
     out = {}
     try:
-        from hybridlab.jobs.data import build_task, eval_task_options
-
         evals = json.loads(params.get("eval", "[]"))
-        data = {"task": params.get("data.task", "")}
-        for k, v in params.items():
-            if k.startswith("data.") and k != "data.task":
-                try:
-                    data[k[5:]] = json.loads(v)
-                except ValueError:
-                    data[k[5:]] = v
-        for e in evals:
-            name, opts = eval_task_options(e, data)
+    except ValueError:
+        return out
+    data = {"task": params.get("data.task", "")}
+    for k, v in params.items():
+        if k.startswith("data.") and k != "data.task":
             try:
-                out[name] = float(build_task(name, opts).chance)
-            except Exception:
-                pass
-    except Exception:
-        pass
+                data[k[5:]] = json.loads(v)
+            except ValueError:
+                data[k[5:]] = v
+    for e in evals if isinstance(evals, list) else []:
+        if not isinstance(e, dict) or "task" not in e:
+            continue
+        name, opts = eval_task_options(e, data)
+        try:
+            out[name] = float(build_task(name, opts).chance)
+        except (TaskError, TypeError):  # a task or option this version does not know: no chance line
+            pass
+    return out
+
+
+def _per_step(history) -> dict:
+    """One value per step: the newest, when a restart logged a step twice."""
+    out = {}
+    for m in sorted(history, key=lambda m: (m.step, m.timestamp)):
+        out[int(m.step)] = m
     return out
 
 
 def _history(client, run_id: str) -> list:
     try:
-        loss = client.get_metric_history(run_id, LOSS_KEY)
-    except Exception:
+        loss = _per_step(client.get_metric_history(run_id, Metric.LOSS))
+        toks = {s: m.value for s, m in _per_step(client.get_metric_history(run_id, Metric.TOKENS)).items()}
+    except _store_errors():
         return []
-    try:
-        toks = {m.step: m.value for m in client.get_metric_history(run_id, TOKENS_KEY)}
-    except Exception:
-        toks = {}
-    return [(int(m.step), toks.get(m.step), float(m.value)) for m in sorted(loss, key=lambda m: (m.step, m.timestamp))]
+    return [(s, toks.get(s), float(m.value)) for s, m in sorted(loss.items())]
 
 
 def _run_info(client, run) -> RunInfo:
@@ -164,16 +180,16 @@ def _run_info(client, run) -> RunInfo:
         name=run.info.run_name or run.info.run_id[:8],
         label=_label(run),
         status=run.info.status,
-        layout=tags.get("hybridlab.layout", params.get("model.layout", "")),
-        model=tags.get("hybridlab.model", params.get("model.name", "")),
-        params=_num(tags.get("hybridlab.params"), int),
-        flops_per_token=_num(tags.get("hybridlab.flops_per_token_train")),
+        layout=tags.get(Tag.LAYOUT, params.get("model.layout", "")),
+        model=tags.get(Tag.MODEL, params.get("model.name", "")),
+        params=_num(tags.get(Tag.PARAMS), int),
+        flops_per_token=_num(tags.get(Tag.FLOPS_TRAIN)),
         train_task=params.get("data.task", ""),
         train_seq_len=_num(params.get("data.seq_len"), int),
-        final_loss=metrics.get(LOSS_KEY),
-        tokens=metrics.get(TOKENS_KEY),
+        final_loss=metrics.get(Metric.LOSS),
+        tokens=metrics.get(Metric.TOKENS),
         start_time=int(run.info.start_time or 0),
-        parent_run_id=tags.get("mlflow.parentRunId", ""),
+        parent_run_id=tags.get(Tag.PARENT, ""),
     )
     for key, value in metrics.items():
         m = EVAL_METRIC_RE.match(key)
@@ -189,21 +205,12 @@ def _run_info(client, run) -> RunInfo:
     return info
 
 
-def _is_training_run(run) -> bool:
-    tags = run.data.tags
-    if tags.get(KIND_TAG) in ("comparison", "eval"):
-        return False
-    if "hybridlab.sweep" in tags:  # a sweep's parent run
-        return False
-    return True
-
-
 def _experiment(client, name: str, uri: str):
     exp = client.get_experiment_by_name(name)
     if exp is None or exp.lifecycle_stage == "deleted":
         try:
             names = sorted(e.name for e in client.search_experiments() if e.name != "Default")
-        except Exception:
+        except _store_errors():
             names = []
         from hybridlab.arch.specio import did_you_mean
 
@@ -213,25 +220,30 @@ def _experiment(client, name: str, uri: str):
     return exp
 
 
-def select_runs(client, exp, runs: Sequence[str] = (), latest: bool = False) -> list:
-    """The runs to compare: all training runs, or those named by ``runs`` (run ids, id
-    prefixes, run names, or a sweep parent's id for all its children), or with
-    ``latest`` the children of the newest sweep (the newest run when it is no sweep)."""
+def _status_ok(run, status: str) -> bool:
+    return status == "all" or run.info.status == status.upper()
+
+
+def select_runs(client, exp, runs: Sequence[str] = (), latest: bool = False, status: str = "finished") -> list:
+    """The runs to compare: the training runs of ``status`` (``finished`` by default, ``all``), or those
+    named by ``runs`` whatever their status (run ids, id prefixes, run names, or a sweep parent's id for
+    all its children), or with ``latest`` the children of the newest sweep (the newest run when it is no sweep)."""
     try:
         all_runs = client.search_runs([exp.experiment_id], max_results=5000, order_by=["attributes.start_time DESC"])
-    except Exception as e:
+    except _store_errors() as e:
         raise UserError(f"cannot read the runs of experiment {exp.name!r}: {' '.join(str(e).split())[:200]}") from None
-    training = [r for r in all_runs if _is_training_run(r)]
+    training_any = [r for r in all_runs if is_training_run(r.data.tags)]
+    training = [r for r in training_any if _status_ok(r, status)]
     wanted = [w.strip() for item in runs for w in str(item).split(",") if w.strip()]
     if wanted:
         picked, seen = [], set()
         for w in wanted:
             hits = [r for r in all_runs if r.info.run_id == w]
             if not hits:
-                children = [r for r in training if r.data.tags.get("mlflow.parentRunId") == w]
-                hits = children or [r for r in training if r.info.run_name == w or r.info.run_id.startswith(w)]
-            elif not _is_training_run(hits[0]):
-                hits = [r for r in training if r.data.tags.get("mlflow.parentRunId") == w] or hits
+                children = [r for r in training_any if r.data.tags.get(Tag.PARENT) == w]
+                hits = children or [r for r in training_any if r.info.run_name == w or r.info.run_id.startswith(w)]
+            elif not is_training_run(hits[0].data.tags):
+                hits = [r for r in training_any if r.data.tags.get(Tag.PARENT) == w] or hits
             if not hits:
                 raise UserError(f"no run {w!r} in experiment {exp.name!r} (give run ids, run names or a sweep's parent run id)")
             for r in sorted(hits, key=lambda r: r.info.start_time or 0):
@@ -240,11 +252,15 @@ def select_runs(client, exp, runs: Sequence[str] = (), latest: bool = False) -> 
                     picked.append(r)
         return picked
     if not training:
+        others = len(training_any)
+        if others:
+            raise UserError(f"experiment {exp.name!r} has no {status} training runs to compare ({others} of other "
+                            f"statuses: --all includes them)")
         raise UserError(f"experiment {exp.name!r} has no training runs to compare")
     if latest:
         newest = training[0]
-        parent = newest.data.tags.get("mlflow.parentRunId")
-        chosen = [r for r in training if parent and r.data.tags.get("mlflow.parentRunId") == parent] or [newest]
+        parent = newest.data.tags.get(Tag.PARENT)
+        chosen = [r for r in training if parent and r.data.tags.get(Tag.PARENT) == parent] or [newest]
         return sorted(chosen, key=lambda r: r.info.start_time or 0)
     return sorted(training, key=lambda r: r.info.start_time or 0)
 
@@ -253,12 +269,12 @@ def _merge_eval_children(client, exp, infos: list[RunInfo]) -> None:
     """Evals logged by ``hybridlab eval --child`` count as their parent's (the newest wins)."""
     by_id = {i.run_id: i for i in infos}
     try:
-        kids = client.search_runs([exp.experiment_id], filter_string="tags.`hybridlab.kind` = 'eval'",
+        kids = client.search_runs([exp.experiment_id], filter_string=f"tags.`{Tag.KIND}` = '{KIND_EVAL}'",
                                   max_results=5000, order_by=["attributes.start_time ASC"])
-    except Exception:
+    except _store_errors():
         return
     for k in kids:
-        parent = by_id.get(k.data.tags.get("mlflow.parentRunId", ""))
+        parent = by_id.get(k.data.tags.get(Tag.PARENT, ""))
         if parent is None:
             continue
         for key, value in k.data.metrics.items():
@@ -293,20 +309,20 @@ def pick_what(info_evals: dict, task: str, metric: str) -> Optional[str]:
 
 
 def build(experiment: str, runs: Sequence[str] = (), metric: str = "auto", uri: Optional[str] = None,
-          latest: bool = False) -> Comparison:
+          latest: bool = False, status: str = "finished") -> Comparison:
     from .tracking import tracking_uri
 
     if metric not in METRIC_CHOICES:
         raise UserError(f"unknown --metric {metric!r}; choose one of: {', '.join(METRIC_CHOICES)}")
+    if status not in STATUS_CHOICES:
+        raise UserError(f"unknown --status {status!r}; choose one of: {', '.join(STATUS_CHOICES)}")
     uri = tracking_uri(uri)
     client = _client(uri)
     try:
         exp = _experiment(client, experiment, uri)
-    except UserError:
-        raise
-    except Exception as e:
+    except _store_errors() as e:
         raise UserError(f"cannot read MLflow tracking at {uri}: {' '.join(str(e).split())[:200]}") from None
-    picked = select_runs(client, exp, runs, latest)
+    picked = select_runs(client, exp, runs, latest, status)
     infos = [_run_info(client, r) for r in picked]
     _merge_eval_children(client, exp, infos)
     _unique_labels(infos)
@@ -380,6 +396,7 @@ def render_table(c: Comparison, console=None) -> None:
     t = Table(title=title, header_style="bold", pad_edge=False)
     show_layout = any(r.layout and r.layout != r.label for r in c.runs)
     t.add_column("run", justify="left", overflow="fold", min_width=18)
+    t.add_column("status", justify="left", no_wrap=True)
     if show_layout:
         t.add_column("layout", justify="left", overflow="fold", min_width=12)
     for name in ("params", "FLOPs/tok", "steps", "loss"):
@@ -389,7 +406,7 @@ def render_table(c: Comparison, console=None) -> None:
     for task, metric in c.text_columns:
         t.add_column(f"lm_eval\n{task}\n{metric}", justify="right", no_wrap=True)
     for r in c.runs:
-        cells = [f"{escape(r.label)}\n[dim]{r.run_id[:8]}[/dim]"]
+        cells = [f"{escape(r.label)}\n[dim]{r.run_id[:8]}[/dim]", _status_cell(r.status)]
         if show_layout:
             cells.append(escape(r.layout or "-"))
         cells += [_fmt_int(r.params), _fmt_int(r.flops_per_token), "-" if r.steps is None else str(r.steps),
@@ -409,6 +426,11 @@ def render_table(c: Comparison, console=None) -> None:
     console.print(t)
     if not c.columns and not c.text_columns:
         console.print("[dim]no eval metrics in these runs[/dim]")
+
+
+def _status_cell(status: str) -> str:
+    s = (status or "").lower()
+    return s if s == "finished" else f"[yellow]{s}[/yellow]"
 
 
 def write_csv(path: Path, data: list[dict], header: Sequence[str] = ()) -> None:
@@ -504,11 +526,11 @@ def plot_accuracy(c: Comparison, path: Path) -> bool:
 
 
 def _same_task(a: str, b: str) -> bool:
-    try:
-        from hybridlab.jobs.tasks import canonical_name
+    from hybridlab.jobs.tasks import TaskError, canonical_name
 
+    try:
         return canonical_name(a) == canonical_name(b)
-    except Exception:
+    except TaskError:
         return a == b
 
 
@@ -586,8 +608,8 @@ def write_outputs(c: Comparison, out_dir: str | Path) -> list[str]:
 def log_comparison(c: Comparison) -> str:
     """A new ``comparison`` run in the experiment holding the folder as artifacts."""
     client = _client(c.tracking_uri)
-    tags = {KIND_TAG: "comparison", "hybridlab.compared_runs": ",".join(r.run_id for r in c.runs)[:5000],
-            "mlflow.note.content": f"hybridlab compare of {len(c.runs)} run(s)"}
+    tags = {Tag.KIND: KIND_COMPARISON, Tag.COMPARED_RUNS: ",".join(r.run_id for r in c.runs)[:5000],
+            Tag.NOTE: f"hybridlab compare of {len(c.runs)} run(s)"}
     try:
         run = client.create_run(c.experiment_id, run_name=f"comparison-{time.strftime('%Y%m%d-%H%M%S')}", tags=tags)
         rid = run.info.run_id
@@ -595,15 +617,16 @@ def log_comparison(c: Comparison) -> str:
 
         client.log_batch(rid, params=[Param("metric", c.metric), Param("runs", str(len(c.runs)))], synchronous=True)
         client.log_artifacts(rid, c.out_dir)
-        client.set_terminated(rid, "FINISHED")
-    except Exception as e:
+        client.set_terminated(rid, MLFLOW_FINISHED)
+    except _store_errors() as e:
         raise UserError(f"cannot log the comparison to MLflow at {c.tracking_uri}: {' '.join(str(e).split())[:200]}") from None
     c.comparison_run_id = rid
     return rid
 
 
 def compare(experiment: str, runs: Sequence[str] = (), metric: str = "auto", out: Optional[str] = None,
-            uri: Optional[str] = None, latest: bool = False, log: bool = True, console=None) -> Comparison:
+            uri: Optional[str] = None, latest: bool = False, log: bool = True, console=None,
+            status: str = "finished") -> Comparison:
     """The whole command: read, print, write files, log them. Returns the comparison."""
     from rich.console import Console
 
@@ -611,7 +634,7 @@ def compare(experiment: str, runs: Sequence[str] = (), metric: str = "auto", out
         console = Console()
         if not console.is_terminal:  # piped or captured: do not squeeze the table into 80 columns
             console = Console(width=max(console.width, 200))
-    c = build(experiment, runs, metric, uri, latest)
+    c = build(experiment, runs, metric, uri, latest, status)
     out_dir = out or os.path.join("comparisons", re.sub(r"[^\w.-]+", "-", experiment))
     render_table(c, console)
     write_outputs(c, out_dir)

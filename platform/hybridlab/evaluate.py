@@ -33,6 +33,7 @@ from typing import Any, Optional, Sequence
 from .errors import UserError
 
 from hybridlab.jobs.checkpoint import DS_TAG, META, is_local, latest_registered, local_path
+from hybridlab.jobs.record import KIND_EVAL, MLFLOW_FINISHED, Tag, is_training_run
 
 STANDALONE_EXPERIMENT = "hybridlab-evals"
 
@@ -66,7 +67,7 @@ def parse_lengths(text: str | Sequence[Any]) -> list[int]:
 
 
 def parse_options(items: Sequence[str]) -> dict:
-    import yaml
+    from hybridlab.arch.specio import YamlSyntaxError, load_value
 
     out = {}
     for item in items or ():
@@ -74,8 +75,8 @@ def parse_options(items: Sequence[str]) -> dict:
         if not eq or not key.strip():
             raise UserError(f"--option {item!r}: expected key=value, e.g. --option depth=0.5")
         try:
-            out[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError:
+            out[key.strip()] = load_value(value, f"--option {key.strip()}")
+        except YamlSyntaxError:  # not YAML: the text itself
             out[key.strip()] = value
     return out
 
@@ -110,12 +111,9 @@ def _latest_in_run_dir(run_dir: Path) -> Optional[Path]:
 
 
 def _job_from_text(text: str, where: str) -> dict:
-    import yaml
+    from hybridlab.arch.specio import parse_yaml
 
-    try:
-        job = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise UserError(f"{where}: not a readable job file ({' '.join(str(e).split())[:150]})") from None
+    job, _ = parse_yaml(text, where)  # bounded like every spec file; a SpecError is one located line
     if not isinstance(job, dict) or "model" not in job:
         raise UserError(f"{where}: no resolved job with a model")
     return job
@@ -124,13 +122,13 @@ def _job_from_text(text: str, where: str) -> dict:
 def _run_job_artifact(client, run_id: str) -> Optional[dict]:
     import tempfile
 
+    from mlflow.exceptions import MlflowException
+
     try:
         with tempfile.TemporaryDirectory() as d:
             p = client.download_artifacts(run_id, "job.yaml", d)
             return _job_from_text(Path(p).read_text(), f"artifact job.yaml of run {run_id}")
-    except UserError:
-        raise
-    except Exception:
+    except (MlflowException, OSError):  # no such artifact (or an unreadable store): the caller says so
         return None
 
 
@@ -171,12 +169,12 @@ def resolve_target(target: str, client=None, uri: str = "") -> Target:
         raise UserError(f"no checkpoint folder {target!r}")
     run = _get_run(client, target, uri)
     tags = run.data.tags
-    if tags.get("hybridlab.kind") in ("comparison", "eval") or "hybridlab.sweep" in tags:
-        raise UserError(f"MLflow run {target} is a {tags.get('hybridlab.kind') or 'sweep parent'} run, not a training run"
-                        + ("; evaluate one of its children" if "hybridlab.sweep" in tags else ""))
-    run_dir = tags.get("hybridlab.checkpoints")
+    if not is_training_run(tags):
+        raise UserError(f"MLflow run {target} is a {tags.get(Tag.KIND) or 'sweep parent'} run, not a training run"
+                        + ("; evaluate one of its children" if Tag.SWEEP in tags else ""))
+    run_dir = tags.get(Tag.CHECKPOINTS)
     if not run_dir:
-        raise UserError(f"MLflow run {target} has no checkpoints tag (hybridlab.checkpoints): was it started by `hybridlab run`?")
+        raise UserError(f"MLflow run {target} has no checkpoints tag ({Tag.CHECKPOINTS}): was it started by `hybridlab run`?")
     if not is_local(run_dir):
         raise UserError(f"run {target} keeps its checkpoints at {run_dir}; copy that folder here and pass its path")
     run_dir_p = Path(local_path(run_dir))
@@ -210,15 +208,16 @@ def _get_run(client, run_id: str, uri: str):
     looks_like_path = "/" in run_id or os.sep in run_id or run_id.endswith(_PATH_SUFFIXES)
     if looks_like_path:  # not a run id: a checkpoint folder that does not exist
         raise UserError(f"no MLflow run or checkpoint folder {run_id!r} (tracking: {uri})")
+    from mlflow.exceptions import MlflowException
+
     try:
         return client.get_run(run_id)
-    except Exception as e:
-        text = str(e)
-        code = str(getattr(e, "error_code", "") or "")
-        if code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE") or "RESOURCE_DOES_NOT_EXIST" in text \
-                or "not found" in text.lower() or "No run" in text or "INVALID_PARAMETER_VALUE" in text:
+    except MlflowException as e:
+        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             raise UserError(f"no MLflow run or checkpoint folder {run_id!r} (tracking: {uri})") from None
-        raise UserError(f"MLflow tracking at {uri} failed while reading run {run_id}: {' '.join(text.split())[:200]}") from None
+        raise UserError(f"MLflow tracking at {uri} failed while reading run {run_id}: {' '.join(str(e).split())[:200]}") from None
+    except OSError as e:  # a tracking server that does not answer
+        raise UserError(f"MLflow tracking at {uri} failed while reading run {run_id}: {' '.join(str(e).split())[:200]}") from None
 
 
 # ---------------------------------------------------------------- loading the model
@@ -240,7 +239,7 @@ def load_state_dict(checkpoint: str, meta: Optional[dict] = None) -> dict:
         raise UserError(f"{checkpoint}: no DeepSpeed model states in {ds_dir}")
     try:
         blob = torch.load(files[0], map_location="cpu", weights_only=False)
-    except Exception as e:
+    except (OSError, RuntimeError, EOFError, ValueError) as e:  # torch.load's ways of saying "not a checkpoint"
         raise UserError(f"{files[0]}: cannot read the model states ({' '.join(str(e).split())[:200]})") from None
     sd = blob.get("module") if isinstance(blob, dict) else None
     if not sd:
@@ -351,7 +350,7 @@ def _evaluate_entry(t: Target, entry: dict, child: bool, log: bool, uri: str, cl
     import torch
 
     from hybridlab.jobs.evals import eval_table, run_evals
-    from hybridlab.jobs.metric_names import EVAL_METRICS
+    from hybridlab.jobs.record import EVAL_METRICS
 
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if getattr(t, "_loaded", None) is None:  # several entries (--task and --lm-eval) share one load
@@ -396,6 +395,7 @@ def _check_entry(entry: dict, t: Target) -> None:
             check_text_eval(name, opts)
         except TaskError as e:
             raise UserError(str(e)) from None
+        _check_memory(entry, t)  # given lengths only (defaults follow the training length)
         return
     try:
         name, opts = eval_task_options(entry, t.job.get("data") or {})
@@ -408,10 +408,32 @@ def _check_entry(entry: dict, t: Target) -> None:
     if vocab and task.vocab_size > vocab:
         raise UserError(f"task {entry['task']!r} needs a vocabulary of {task.vocab_size} tokens; "
                         f"the model's vocab_size is {vocab}")
+    _check_memory(entry, t)
+
+
+def _check_memory(entry: dict, t: Target) -> None:
+    """Every length's eval batch must fit next to the model on this machine (the pre-flight rule of jobs)."""
+    from hybridlab.arch import count_params, load_model_spec
+    from hybridlab.jobs.preflight import HostLimits, eval_bytes, eval_rows
+
+    if not t.job.get("model") or not entry["seq_lens"]:
+        return  # a model folder without a spec file (read by its loader) / no lengths given
+    spec = load_model_spec(t.job["model"])
+    host = HostLimits.detect()
+    cap = host.gpu_memory or host.memory
+    weights = 4 * count_params(spec)
+    rows = eval_rows(entry["task"], entry["batch_size"], entry)
+    for L in entry["seq_lens"]:
+        need = weights + eval_bytes(spec, rows, int(L))
+        if need > cap:
+            raise UserError(f"--lengths {L}: an eval batch of {rows} x {L} tokens needs about "
+                            f"{need / 1e9:.1f} GB with the model, this machine has {cap / 1e9:.1f} GB "
+                            f"(lower the length or --batch-size)")
 
 
 def _log(client, uri: str, t: Target, entry: dict, metrics: dict, table: str, child: bool) -> str:
     from mlflow.entities import Metric, Param, RunTag
+    from mlflow.exceptions import MlflowException
 
     now = int(time.time() * 1000)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -425,9 +447,9 @@ def _log(client, uri: str, t: Target, entry: dict, metrics: dict, table: str, ch
             else:
                 exp = client.get_experiment_by_name(STANDALONE_EXPERIMENT)
                 exp_id = exp.experiment_id if exp is not None else client.create_experiment(STANDALONE_EXPERIMENT)
-            tags = {"hybridlab.kind": "eval", "hybridlab.checkpoint": t.checkpoint}
+            tags = {Tag.KIND: KIND_EVAL, Tag.CHECKPOINT: t.checkpoint}
             if t.run_id:
-                tags["mlflow.parentRunId"] = t.run_id
+                tags[Tag.PARENT] = t.run_id
             rid = client.create_run(exp_id, run_name=f"eval-{entry['task']}-{stamp}", tags=tags).info.run_id
             params = [Param("eval.task", entry["task"]), Param("eval.seq_lens", json.dumps(entry.get("seq_lens", []))),
                       Param("eval.batches", str(entry.get("batches", 1))), Param("eval.batch_size", str(entry.get("batch_size", 1))),
@@ -436,14 +458,12 @@ def _log(client, uri: str, t: Target, entry: dict, metrics: dict, table: str, ch
                        if k not in ("task", "seq_lens", "batches", "batch_size")]
             client.log_batch(rid, params=params, synchronous=True)
         ms = [Metric(k, float(v), now, int(t.step)) for k, v in metrics.items()]
-        client.log_batch(rid, metrics=ms, tags=[RunTag("hybridlab.last_eval", f"{entry['task']} {stamp}")],
+        client.log_batch(rid, metrics=ms, tags=[RunTag(Tag.LAST_EVAL, f"{entry['task']} {stamp}")],
                          synchronous=True)
         client.log_text(rid, f"checkpoint: {t.checkpoint} (step {t.step})\n" + table,
                         f"evals/{entry['task']}-{stamp}.txt")
         if child or not t.run_id:
-            client.set_terminated(rid, "FINISHED")
-    except UserError:
-        raise
-    except Exception as e:
+            client.set_terminated(rid, MLFLOW_FINISHED)
+    except (MlflowException, OSError) as e:
         raise UserError(f"cannot log the eval to MLflow at {uri}: {' '.join(str(e).split())[:200]}") from None
     return rid

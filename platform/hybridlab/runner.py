@@ -1,9 +1,20 @@
 """`hybridlab run`: a job on Ray Train workers, tracked in MLflow, with live progress.
 
-The driver validates the job (errors point into the file), starts or joins Ray,
-creates the MLflow run(s), launches one ``TorchTrainer`` per run (one per sweep
-combination, each a nested child of a parent run) and streams rank 0's progress
-messages from a ``ray.util.queue.Queue`` into MLflow and the terminal.
+Read in this order:
+
+* :func:`run_job` validates the job (errors point into the file, pre-flight limits
+  included), starts or joins Ray (``localray``), and runs each sweep combination
+  through a :class:`RunDriver` (one MLflow run each, nested under a parent run for
+  a sweep), under :class:`StopSignals`;
+* :class:`RunDriver` opens the MLflow run (:meth:`~RunDriver.open`: tags, params,
+  artifacts, the run's folder), launches one ``TorchTrainer`` (:meth:`~RunDriver.launch`),
+  follows rank 0's progress messages (``jobs.record``: :meth:`~RunDriver.on_message`)
+  into MLflow and the terminal, and closes the run however it ends
+  (:meth:`~RunDriver.close`: FINISHED, FAILED with the error as a tag, or KILLED);
+* :class:`StopSignals`: SIGINT/SIGTERM ask the workers to stop cleanly (they
+  checkpoint when needed); the command then prints the ``--resume`` line and exits
+  130/143. A second signal, or a stop that takes longer than
+  ``$HYBRIDLAB_STOP_GRACE_S`` (default 120 s), stops at once (still closing the run).
 
 Runs live under ``<storage.path>/<run name>/`` (Ray Train's checkpoints, worker
 info); the MLflow run carries the tags ``hybridlab.run_name`` and
@@ -16,18 +27,21 @@ import io
 import os
 import queue as pyqueue
 import secrets
+import signal
 import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .errors import UserError
+from hybridlab.jobs import record as rec
+from hybridlab.jobs.record import Metric, Status, Tag
 
-TAG_RUN_NAME = "hybridlab.run_name"
-TAG_STORAGE = "hybridlab.storage"
+from .errors import ForcedStop, Interrupted, UserError
+
+STOP_GRACE_S = float(os.environ.get("HYBRIDLAB_STOP_GRACE_S", "120"))
 
 
 @dataclass
@@ -35,36 +49,88 @@ class RunOutcome:
     run_id: str
     run_name: str
     label: str
-    status: str = "failed"  # finished | nonfinite | disk_full | failed
+    status: str = Status.FAILED  # a record.Status value
     message: str = ""
     step: int = 0
     loss: Optional[float] = None
     acc: Optional[float] = None
     evals: dict = field(default_factory=dict)
     checkpoint: Optional[str] = None
+    checkpoint_step: Optional[int] = None
     restarts: int = 0
     wall_s: float = 0.0
 
 
-# ---------------------------------------------------------------- Ray
+@dataclass(frozen=True)
+class ResumeTarget:
+    run_id: str
+    run_name: str
+    storage: str
 
 
-def ensure_ray(verbose: bool = False) -> None:
-    """Join the Ray of a submitted job ($RAY_ADDRESS) or start a local one on 127.0.0.1."""
-    import ray
+# ---------------------------------------------------------------- signals
 
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    quiet = dict(log_to_driver=verbose, logging_level="WARNING")
-    if os.environ.get("RAY_ADDRESS"):
-        try:
-            ray.init(**quiet)
-        except ConnectionError as e:
-            raise UserError(f"cannot join the Ray cluster at {os.environ['RAY_ADDRESS']}: {e}") from None
-        return
-    # address="local": a private instance, never some other `ray start` cluster found on this machine
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1", **quiet)
+
+class StopSignals:
+    """SIGINT/SIGTERM while a job runs. While workers train (``graceful``), the first one is remembered
+    (``requested``) and handed to the run by :meth:`relay`; outside of that (setting up, closing), or on
+    a second signal, :class:`ForcedStop` is raised in the main thread at once."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self.event = threading.Event()
+        self.graceful = False
+        self._previous: dict = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for s in (signal.SIGINT, signal.SIGTERM):
+            self._previous.setdefault(s, signal.getsignal(s))
+            signal.signal(s, self._handle)
+
+    def restore(self) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous.clear()
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.signum or signal.SIGINT)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum or signal.SIGINT).name
+
+    def _handle(self, signum, frame) -> None:
+        first = self.signum is None
+        if first:
+            self.signum = signum
+            self.event.set()
+        if not first or not self.graceful:
+            raise ForcedStop(signum)
+
+    def relay(self, stop_run, done: threading.Event) -> threading.Thread:
+        """A thread that, on the first signal, calls ``stop_run()`` and, if the run is not ``done`` within
+        the grace period, forces the stop."""
+
+        def watch() -> None:
+            while not self.event.wait(0.5):
+                if done.is_set():
+                    return
+            if done.is_set():
+                return
+            stop_run()
+            if not done.wait(STOP_GRACE_S):
+                signal.raise_signal(self.signum)  # the second signal: ForcedStop in the main thread
+
+        t = threading.Thread(target=watch, name="hybridlab-stop-relay", daemon=True)
+        t.start()
+        return t
 
 
 # ---------------------------------------------------------------- progress
@@ -92,10 +158,10 @@ class Progress:
         self._task = self._bar.add_task(label, total=total, completed=done, info="")
 
     def update(self, step: int, total: int, m: dict) -> None:
-        info = f"loss {m.get('train/loss', float('nan')):.4f}  acc {m.get('train/acc', 0):.3f}  " \
-               f"lr {m.get('train/lr', 0):.2e}  {m.get('train/tokens_per_s', 0):,.0f} tok/s"
-        if "train/mfu" in m:
-            info += f"  mfu {100 * m['train/mfu']:.1f}%"
+        info = f"loss {m.get(Metric.LOSS, float('nan')):.4f}  acc {m.get(Metric.ACC, 0):.3f}  " \
+               f"lr {m.get(Metric.LR, 0):.2e}  {m.get(Metric.TOKENS_PER_S, 0):,.0f} tok/s"
+        if Metric.MFU in m:
+            info += f"  mfu {100 * m[Metric.MFU]:.1f}%"
         if self.plain:
             print(f"step {step}/{total}  {info}", flush=True)
         elif self._task is not None:
@@ -113,7 +179,7 @@ class Progress:
             self._bar = None
 
 
-# ---------------------------------------------------------------- run
+# ---------------------------------------------------------------- helpers
 
 
 def _run_name(job, label_index: Optional[int]) -> str:
@@ -131,16 +197,13 @@ def storage_uri(path: str) -> str:
 
 
 def check_text(job) -> str:
-    try:
-        from rich.console import Console
+    from rich.console import Console
 
-        from .check import render, report
+    from .check import render, report
 
-        buf = io.StringIO()
-        render(report(job.model_spec, job.seq_len), Console(file=buf, width=160, force_terminal=False, color_system=None))
-        return buf.getvalue()
-    except Exception as e:  # the table is a convenience, never a reason to fail a run
-        return f"(check table unavailable: {e})\n"
+    buf = io.StringIO()
+    render(report(job.model_spec, job.seq_len), Console(file=buf, width=160, force_terminal=False, color_system=None))
+    return buf.getvalue()
 
 
 def worker_resources(res) -> tuple[bool, str, dict]:
@@ -153,11 +216,16 @@ def worker_resources(res) -> tuple[bool, str, dict]:
     return use_gpu, backend, per_worker
 
 
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
 def dry_run(job_file: str, overrides=()) -> None:
-    """Validate a job and print what `run` would start, per sweep combination; start nothing."""
+    """Validate a job (pre-flight limits included) and print what `run` would start, per sweep combination."""
     from hybridlab.arch import count_spec
+    from hybridlab.jobs.preflight import HostLimits, estimate, worker_memory
     from hybridlab.jobs.spec import expand_sweep, load_job
-    from hybridlab.jobs.train import deepspeed_config
+    from hybridlab.jobs.step import deepspeed_config
 
     job = load_job(job_file, overrides)
     jobs = expand_sweep(job_file, overrides, job=job)
@@ -167,20 +235,27 @@ def dry_run(job_file: str, overrides=()) -> None:
         use_gpu, backend, per_worker = worker_resources(res)
         counts = count_spec(j.model_spec, j.seq_len)
         ds = deepspeed_config(train, res.workers)
+        mem, have = estimate(j.spec, j.model_spec), worker_memory(j.spec, HostLimits.detect())
         print(f"\n== {j.label or j.model_spec.name}")
         print(f"model     {j.model_spec.name}: {counts['params']:,} params, layout {j.model_spec.layout_str}")
         print(f"workers   {res.workers} x {per_worker} ({'GPU' if use_gpu else 'CPU'}, {backend}, placement {res.placement})")
         print(f"deepspeed ZeRO {ds['zero_optimization']['stage']}, {train['precision']}, global batch "
               f"{ds['train_batch_size']} x seq {j.seq_len} = {ds['train_batch_size'] * j.seq_len:,} tokens/step, "
               f"{counts['flops_per_token_train'] * ds['train_batch_size'] * j.seq_len:.3e} FLOPs/step")
+        print(f"memory    ~{_gb(mem.training)} per worker ({_gb(mem.state)} model state + {_gb(mem.activations)} "
+              f"activations)" + (f" of {_gb(have[0])} {have[1]}" if have else ""))
         print(check_text(j), end="")
+
+
+# ---------------------------------------------------------------- the job
 
 
 def run_job(job_file: str, overrides=(), resume: Optional[str] = None, plain: Optional[bool] = None,
             verbose: bool = False) -> list[RunOutcome]:
-    """Run a job file (every sweep combination); raise UserError if a run did not finish."""
+    """Run a job file (every sweep combination); raise UserError if a run did not finish, Interrupted if stopped."""
     from hybridlab.jobs.spec import expand_sweep, load_job
 
+    from .localray import ensure_ray
     from .tracking import Tracker, check_reachable, tracking_uri
 
     job = load_job(job_file, overrides)
@@ -189,49 +264,62 @@ def run_job(job_file: str, overrides=(), resume: Optional[str] = None, plain: Op
     check_reachable(uri)
     experiment = job.spec.tracking.experiment or job.spec.experiment
     tracker = Tracker(uri)
-
-    resume_info = None
-    if resume:
-        if len(jobs) > 1:
-            raise UserError(f"--resume continues one run; this job has a sweep of {len(jobs)} runs "
-                            f"(pin the sweep keys with --set to pick one)")
-        run = tracker.get_run(resume)
-        tags = run.data.tags
-        if TAG_RUN_NAME not in tags:
-            raise UserError(f"MLflow run {resume} was not started by `hybridlab run` (no {TAG_RUN_NAME} tag)")
-        resume_info = {"run_id": resume, "run_name": tags[TAG_RUN_NAME], "storage": tags[TAG_STORAGE]}
-        jobs = [_resumed(job_file, overrides, jobs[0], resume_info, tracker)]
-
+    signals = StopSignals()
+    signals.install()
     progress = Progress(plain)
-    ensure_ray(verbose)
+    spill_dirs: dict[str, str] = {}
+    default_spill = storage_uri(job.spec.storage.path) if "://" not in job.spec.storage.path else "."
     outcomes: list[RunOutcome] = []
-    parent_id = None
-    spill_dir = storage_uri(job.spec.storage.path) if "://" not in job.spec.storage.path else "."
+    parent_id, head = None, None
     try:
+        close_orphaned_runs(tracker, experiment)
+        target = _resume_target(tracker, resume, jobs) if resume else None
+        if target:  # train the model the run trained (its saved spec), not only what the job file names now
+            jobs = [_resumed(job_file, overrides, jobs[0], asdict(target), tracker)]
+        head = ensure_ray(verbose)
+        signals.install()  # ray.init sets its own SIGTERM handler
         if len(jobs) > 1:
-            parent_name = job.spec.tracking.run_name or job.spec.name or f"{experiment}-sweep"
-            parent_id = tracker.create_run(experiment, parent_name, _base_tags(job, sweep=True))
-            tracker.log_params(parent_id, {f"sweep.{k}": v for k, v in job.spec.sweep.items()})
-            tracker.log_text(parent_id, job.to_yaml(), "job.yaml")
-            progress.note(f"sweep: {len(jobs)} runs under MLflow parent run {parent_id}")
+            parent_id = _open_parent(tracker, job, experiment, len(jobs), progress)
         for i, j in enumerate(jobs):
-            outcomes.append(_run_one(j, tracker, experiment, parent_id, i if len(jobs) > 1 else None,
-                                     resume_info, progress))
+            if signals.requested:
+                break
+            driver = RunDriver(j, tracker, experiment, parent_id, i if len(jobs) > 1 else None, target, progress,
+                               signals, local=head is not None)
+            try:
+                outcomes.append(driver.run())
+            finally:
+                if driver.run_id and driver.run_dir and "://" not in driver.run_dir:
+                    spill_dirs[driver.run_id] = driver.run_dir
         if parent_id:
-            ok = all(o.status == "finished" for o in outcomes)
-            tracker.terminate(parent_id, "FINISHED" if ok else "FAILED")
+            done = len(outcomes) == len(jobs) and all(o.status == Status.FINISHED for o in outcomes)
+            tracker.terminate(parent_id, "FINISHED" if done else ("KILLED" if signals.requested else "FAILED"))
+    except BaseException as e:
+        if parent_id:
+            tracker.set_tags(parent_id, {Tag.ERROR: _error_text(e)})
+            tracker.terminate(parent_id, "KILLED" if signals.requested or isinstance(e, ForcedStop) else "FAILED")
+        if isinstance(e, ForcedStop):
+            signals.signum = signals.signum or int(e.args[0])
+        elif not signals.requested:
+            raise
     finally:
         progress.stop()
-        tracker.close(spill_dir=spill_dir)
+        tracker.close(spill_dirs=spill_dirs, default_dir=default_spill)
+        if head is not None:
+            head.stop()
+        signals.restore()
     _print_summary(outcomes, uri, parent_id)
-    bad = [o for o in outcomes if o.status != "finished"]
+    unfinished = len(outcomes) < len(jobs) or any(o.status == Status.KILLED for o in outcomes)
+    if signals.requested and unfinished:
+        raise Interrupted(_interrupted_line(job_file, signals, outcomes, jobs), signals.exit_code)
+    bad = [o for o in outcomes if o.status != Status.FINISHED]
     if bad:
         raise UserError("; ".join(f"run {o.run_id}: {o.message}" for o in bad))
     return outcomes
 
 
 def _resumed(job_file: str, overrides, job, info: dict, tracker):
-    """The job that continues run ``info``: the model it trained (its saved job.yaml's), the job file's rest."""
+    """The job that continues run ``info`` (a ``ResumeTarget``'s fields): the model it trained (its
+    saved job.yaml's), the job file's rest."""
     from hybridlab.jobs.checkpoint import is_local, local_path
     from hybridlab.jobs.spec import resume_job
 
@@ -245,198 +333,370 @@ def _resumed(job_file: str, overrides, job, info: dict, tracker):
     return resume_job(job_file, overrides, job, saved) if saved else job
 
 
+def _error_text(e: BaseException) -> str:
+    return (f"{e.__class__.__name__}: {e}" if str(e) else e.__class__.__name__)[:5000]
+
+
+def _interrupted_line(job_file: str, signals: StopSignals, outcomes: list[RunOutcome], jobs) -> str:
+    last = next((o for o in reversed(outcomes) if o.status == Status.KILLED), outcomes[-1] if outcomes else None)
+    if last is None:
+        return f"interrupted ({signals.name}) before training started; nothing to resume"
+    where = f"at step {last.step}" + (f", checkpoint at step {last.checkpoint_step}" if last.checkpoint_step else "")
+    pins = ""
+    j = next((j for j in jobs if j.label == last.label), None)
+    if j is not None and j.sweep_values:  # --resume continues one run: pin its sweep combination
+        import json
+
+        pins = "".join(f" --set '{k}={json.dumps(v)}'" for k, v in j.sweep_values.items())
+    return (f"interrupted ({signals.name}): run {last.run_id} stopped {where}; "
+            f"continue with: hybridlab run {job_file} --resume {last.run_id}{pins}")
+
+
+def _resume_target(tracker, resume: str, jobs) -> ResumeTarget:
+    if len(jobs) > 1:
+        raise UserError(f"--resume continues one run; this job has a sweep of {len(jobs)} runs "
+                        f"(pin the sweep keys with --set to pick one)")
+    run = tracker.get_run(resume)
+    tags = run.data.tags
+    if Tag.RUN_NAME not in tags:
+        raise UserError(f"MLflow run {resume} was not started by `hybridlab run` (no {Tag.RUN_NAME} tag)")
+    return ResumeTarget(run_id=resume, run_name=tags[Tag.RUN_NAME], storage=tags[Tag.STORAGE])
+
+
 def _base_tags(job, sweep: bool = False) -> dict:
     from hybridlab import __version__
 
     from .tracking import git_sha
 
-    tags = {"hybridlab.version": __version__, "hybridlab.git_sha": git_sha(), "hybridlab.experiment": job.spec.experiment,
-            "hybridlab.host": socket.gethostname()}
+    tags = {Tag.VERSION: __version__, Tag.GIT_SHA: git_sha(), Tag.EXPERIMENT: job.spec.experiment,
+            Tag.HOST: socket.gethostname(), Tag.DRIVER_PID: _driver_id()}
     if sweep:
-        tags["hybridlab.sweep"] = ", ".join(job.spec.sweep)
+        tags[Tag.SWEEP] = ", ".join(job.spec.sweep)
     tags.update(job.spec.tracking.tags)
     return tags
 
 
-def _run_one(job, tracker, experiment, parent_id, index, resume_info, progress) -> RunOutcome:
-    import ray
-    import ray.train
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.util.queue import Queue
+def _open_parent(tracker, job, experiment: str, n: int, progress: Progress) -> str:
+    parent_name = job.spec.tracking.run_name or job.spec.name or f"{experiment}-sweep"
+    parent_id = tracker.create_run(experiment, parent_name, _base_tags(job, sweep=True))
+    tracker.log_params(parent_id, {f"sweep.{k}": v for k, v in job.spec.sweep.items()})
+    tracker.log_text(parent_id, job.to_yaml(), "job.yaml")
+    progress.note(f"sweep: {n} runs under MLflow parent run {parent_id}")
+    return parent_id
 
-    from hybridlab.arch import count_spec
-    from hybridlab.jobs.spec import flatten
-    from hybridlab.jobs.sysmetrics import absolute_uri
-    from hybridlab.jobs.train import train_loop_per_worker
 
-    spec, res = job.spec, job.spec.resources
-    t0 = time.time()
-    if resume_info:
-        run_id, run_name, storage = resume_info["run_id"], resume_info["run_name"], resume_info["storage"]
-        tracker.reopen(run_id)
-    else:
-        storage = storage_uri(spec.storage.path)
-        run_name = _run_name(job, index)
-        counts = count_spec(job.model_spec, job.seq_len)
-        tags = _base_tags(job)
-        tags.update({
-            TAG_RUN_NAME: run_name, TAG_STORAGE: storage,
-            "hybridlab.layout": job.model_spec.layout_str,
-            "hybridlab.params": counts["params"],
-            "hybridlab.flops_per_token_train": counts["flops_per_token_train"],
-            "hybridlab.flops_per_token_decode": counts["flops_per_token_decode"],
-            "hybridlab.model": job.model_spec.name,
-            "hybridlab.checkpoints": f"{storage.rstrip('/')}/{run_name}",
-        })
-        if job.label:
-            tags["hybridlab.sweep_values"] = job.label
-        mlflow_name = spec.tracking.run_name or job.label or spec.name or run_name
-        run_id = tracker.create_run(experiment, mlflow_name, tags, parent_id)
-        tracker.log_params(run_id, flatten(job.resolved))
-        tracker.log_text(run_id, job.to_yaml(), "job.yaml")
-        tracker.log_text(run_id, check_text(job), "check.txt")
-        tracker.log_text(run_id, f"{storage.rstrip('/')}/{run_name}\n", "checkpoint_location.txt")
-    run_dir = f"{storage.rstrip('/')}/{run_name}"
-    if "://" not in storage:
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        (Path(run_dir) / "job.yaml").write_text(job.to_yaml())
-        (Path(run_dir) / "mlflow_run_id").write_text(run_id + "\n")
+def _driver_id() -> str:
+    """``pid:start time`` of this process (a pid alone may be reused)."""
+    return f"{os.getpid()}:{_start_time(os.getpid())}"
 
-    out = RunOutcome(run_id=run_id, run_name=run_name, label=job.label, checkpoint=None)
-    label = job.label or spec.name or spec.experiment
-    progress.note(f"MLflow run {run_id}  ({label}; {res.workers} worker(s); checkpoints in {run_dir})")
 
-    sink = Queue(actor_options={"num_cpus": 0})
-    use_gpu, backend, per_worker = worker_resources(res)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"job": job.resolved, "sink": sink,
-                           "run": {"name": run_name, "storage": storage, "mlflow_run_id": run_id,
-                                   "tracking_uri": absolute_uri(tracker.uri)}},  # system metrics, logged by each node
-        scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=use_gpu, resources_per_worker=per_worker,
-                                     placement_strategy=res.placement),
-        torch_config=TorchConfig(backend=backend),
-        run_config=RunConfig(name=run_name, storage_path=storage,
-                             failure_config=FailureConfig(max_failures=res.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=spec.storage.keep)),
-    )
+def _start_time(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]  # field 22: start time in clock ticks since boot
+    except (OSError, IndexError):
+        return "?"
 
-    state = {"end": None, "starts": 0, "total": spec.train.steps, "device": None}
-    stop = threading.Event()
 
-    def handle(msg: dict) -> None:
-        kind = msg.get("kind")
-        if kind == "start":
-            state["starts"] += 1
-            if state["starts"] == 1:
-                progress.start(label, msg["steps"], msg["step"])
-                if not resume_info:
-                    tracker.set_tags(run_id, {"hybridlab.device": msg.get("device", "?"), "hybridlab.world_size": msg.get("world")})
-            else:
-                progress.note(f"workers restarted (attempt {state['starts']}); resuming from step {msg['step']}")
-            if msg.get("resumed_from"):
-                out.checkpoint = msg["resumed_from"]
-        elif kind == "metrics":
-            tracker.log_metrics(run_id, msg["metrics"], msg["step"], msg.get("time"))
-            progress.update(msg["step"], state["total"], msg["metrics"])
-            out.step = msg["step"]
-        elif kind == "checkpoint":
-            out.checkpoint = msg["path"]
-            tracker.log_metrics(run_id, {"checkpoint/step": msg["step"]}, msg["step"], msg.get("time"))
-        elif kind == "eval":
-            tracker.log_metrics(run_id, msg["metrics"], msg["step"], msg.get("time"))
-            out.evals = dict(msg["metrics"])
-        elif kind == "end":
-            state["end"] = msg
+def close_orphaned_runs(tracker, experiment: str) -> None:
+    """Runs of this experiment left RUNNING by a `hybridlab run` on this host that no longer exists (killed
+    with SIGKILL, the machine lost power): mark them FAILED, with the reason, so no run stays RUNNING."""
+    from mlflow.exceptions import MlflowException
 
-    def consume() -> None:
+    try:
+        exp = tracker.client.get_experiment_by_name(experiment)
+        if exp is None:
+            return
+        runs = tracker.client.search_runs([exp.experiment_id], filter_string="attributes.status = 'RUNNING'",
+                                          max_results=1000)
+    except (MlflowException, OSError):
+        return  # best effort: the run itself reports a store that does not answer
+    host = socket.gethostname()
+    for r in runs:
+        tags = r.data.tags
+        driver = tags.get(Tag.DRIVER_PID, "")
+        if tags.get(Tag.HOST) != host or ":" not in driver:
+            continue
+        pid, started = driver.split(":", 1)
+        if pid.isdigit() and _start_time(int(pid)) == started:
+            continue  # still running
+        tracker.set_tags(r.info.run_id, {Tag.STATUS: Status.FAILED,
+                                         Tag.ERROR: f"the hybridlab run process (pid {pid}) exited without closing the run"})
+        tracker.terminate(r.info.run_id, "FAILED")
+
+
+# ---------------------------------------------------------------- one run
+
+
+def _trainer(*args, **kwargs):
+    """A ``TorchTrainer`` without its own SIGINT handler: hybridlab's StopSignals stop the run cleanly."""
+    from ray.train.torch import TorchTrainer
+
+    class Trainer(TorchTrainer):
+        def _register_sigint_handler(self, controller):  # noqa: D401 - see the docstring above
+            return None
+
+    return Trainer(*args, **kwargs)
+
+
+class RunDriver:
+    """The driver's side of one run: MLflow record, trainer, progress, end."""
+
+    def __init__(self, job, tracker, experiment: str, parent_id: Optional[str], index: Optional[int],
+                 resume: Optional[ResumeTarget], progress: Progress, signals: StopSignals, local: bool = False):
+        self.job, self.tracker, self.experiment = job, tracker, experiment
+        self.local = local  # the private local Ray: its workers' process group stays on loopback too
+        self.parent_id, self.index, self.resume = parent_id, index, resume
+        self.progress, self.signals = progress, signals
+        self.label = job.label or job.spec.name or job.spec.experiment
+        self.run_id: Optional[str] = None
+        self.run_dir: Optional[str] = None
+        self.starts = 0
+        self.logged_upto = 0  # metrics of steps up to here are in MLflow already (a restart re-runs some)
+        self.end: Optional[rec.End] = None
+        self.failure: Optional[BaseException] = None  # Ray Train's TrainingFailedError, when training failed
+        self.out: Optional[RunOutcome] = None
+
+    # ------------------------------------------------------------ the whole run
+
+    def run(self) -> RunOutcome:
+        t0 = time.time()
+        error: Optional[BaseException] = None
+        try:
+            self.open()
+            self.fit()
+        except ForcedStop as e:
+            self.signals.signum = self.signals.signum or int(e.args[0])
+        except BaseException as e:  # closed as FAILED below, then re-raised
+            error = e
+            raise
+        finally:
+            if self.out is not None:  # the MLflow run exists: close it, however this ended
+                self.out.wall_s = time.time() - t0
+                self.close(error)
+        return self.out
+
+    # ------------------------------------------------------------ set-up: the MLflow run and its folder
+
+    def open(self) -> None:
+        from hybridlab.arch import count_spec
+        from hybridlab.jobs.spec import flatten
+
+        from .tracking import replay_file, spill_files
+
+        job, spec, tracker = self.job, self.job.spec, self.tracker
+        if self.resume:
+            self.run_id, run_name, storage = self.resume.run_id, self.resume.run_name, self.resume.storage
+            run_dir = f"{storage.rstrip('/')}/{run_name}"
+            for path in spill_files(self.run_id, [run_dir if "://" not in run_dir else None, "."]):
+                n, _ = replay_file(path, mlflow_client=tracker.client)
+                self.progress.note(f"replayed {n} MLflow writes left unsent in {path}")
+            tracker.reopen(self.run_id)
+            self.out = RunOutcome(run_id=self.run_id, run_name=run_name, label=job.label)
+            tracker.set_tags(self.run_id, {Tag.DRIVER_PID: _driver_id(), Tag.HOST: socket.gethostname()})
+            self.logged_upto = tracker.last_step(self.run_id, Metric.LOSS)
+        else:
+            storage = storage_uri(spec.storage.path)
+            run_name = _run_name(job, self.index)
+            run_dir = f"{storage.rstrip('/')}/{run_name}"
+            counts = count_spec(job.model_spec, job.seq_len)
+            tags = _base_tags(job)
+            tags.update({
+                Tag.RUN_NAME: run_name, Tag.STORAGE: storage, Tag.LAYOUT: job.model_spec.layout_str,
+                Tag.PARAMS: counts["params"], Tag.FLOPS_TRAIN: counts["flops_per_token_train"],
+                Tag.FLOPS_DECODE: counts["flops_per_token_decode"], Tag.MODEL: job.model_spec.name,
+                Tag.CHECKPOINTS: run_dir,
+            })
+            if job.label:
+                tags[Tag.SWEEP_VALUES] = job.label
+            mlflow_name = spec.tracking.run_name or job.label or spec.name or run_name
+            self.run_id = tracker.create_run(self.experiment, mlflow_name, tags, self.parent_id)
+            self.out = RunOutcome(run_id=self.run_id, run_name=run_name, label=job.label)
+            tracker.log_params(self.run_id, flatten(job.resolved))
+            tracker.log_text(self.run_id, job.to_yaml(), "job.yaml")
+            tracker.log_text(self.run_id, check_text(job), "check.txt")
+            tracker.log_text(self.run_id, f"{run_dir}\n", "checkpoint_location.txt")
+        self.run_name, self.storage, self.run_dir = run_name, storage, run_dir
+        if "://" not in storage:
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            (Path(run_dir) / "job.yaml").write_text(job.to_yaml())
+            (Path(run_dir) / "mlflow_run_id").write_text(self.run_id + "\n")
+        self.progress.note(f"MLflow run {self.run_id}  ({self.label}; {spec.resources.workers} worker(s); "
+                           f"checkpoints in {run_dir})")
+
+    # ------------------------------------------------------------ the trainer
+
+    def launch(self):
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchConfig
+        from ray.util.queue import Queue
+
+        from hybridlab.jobs.control import make_run_control
+        from hybridlab.jobs.sysmetrics import absolute_uri
+
+        from .localray import loopback_torch_config
+
+        spec, res = self.job.spec, self.job.spec.resources
+        self.sink = Queue(actor_options={"num_cpus": 0})
+        self.control = make_run_control()
+        use_gpu, backend, per_worker = worker_resources(res)
+        from hybridlab.jobs.train import train_loop_per_worker
+
+        return _trainer(
+            train_loop_per_worker,
+            train_loop_config={"job": self.job.resolved, "sink": self.sink, "control": self.control,
+                               "run": {"name": self.run_name, "storage": self.storage, "mlflow_run_id": self.run_id,
+                                       "tracking_uri": absolute_uri(self.tracker.uri)}},  # system metrics, per node
+            scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=use_gpu, resources_per_worker=per_worker,
+                                         placement_strategy=res.placement),
+            torch_config=loopback_torch_config(backend) if self.local else TorchConfig(backend=backend),
+            run_config=RunConfig(name=self.run_name, storage_path=self.storage,
+                                 failure_config=FailureConfig(max_failures=res.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=spec.storage.keep)),
+        )
+
+    def fit(self) -> None:
+        """Train, following the progress messages; a stop signal goes to the workers through the control actor."""
+        import ray
+        import ray.train
+
+        trainer = self.launch()
+        done = threading.Event()
+        consumer = threading.Thread(target=self._consume, args=(done,), name="hybridlab-progress", daemon=True)
+        consumer.start()
+        self.signals.relay(lambda: self.control.request_stop.remote(self.signals.name), done)
+        try:
+            self.signals.graceful = True
+            trainer.fit()
+        except ray.train.TrainingFailedError as e:
+            self.failure = e
+        finally:
+            self.signals.graceful = False
+            self._drain_sink()
+            done.set()
+            consumer.join(timeout=15)
+            for actor in (self.sink.actor, self.control):
+                try:
+                    ray.kill(actor)
+                except (ValueError, ray.exceptions.RayError):  # already gone
+                    pass
+
+    def _drain_sink(self, timeout: float = 10.0) -> None:
+        import ray
+
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                if self.sink.size() == 0:
+                    return
+            except ray.exceptions.RayError:
+                return
+            time.sleep(0.2)
+
+    def _consume(self, done: threading.Event) -> None:
+        import ray
+
         while True:
             try:
-                msg = sink.get(block=True, timeout=0.5)
+                msg = self.sink.get(block=True, timeout=0.5)
             except pyqueue.Empty:
-                if stop.is_set():
+                if done.is_set():
                     return
                 continue
-            except Exception:
-                if stop.is_set():
+            except ray.exceptions.RayError:
+                if done.is_set():
                     return
                 time.sleep(0.5)
                 continue
-            handle(msg)
+            self.on_message(msg)
 
-    consumer = threading.Thread(target=consume, name="hybridlab-progress", daemon=True)
-    consumer.start()
-    error = None
-    try:
-        trainer.fit()
-    except ray.train.TrainingFailedError as e:
-        error = e
-    except KeyboardInterrupt:
-        stop.set()
-        tracker.terminate(run_id, "KILLED")
-        raise UserError(f"interrupted; continue with: hybridlab run JOB --resume {run_id}") from None
-    finally:
-        # drain what is left, then stop the consumer
-        deadline = time.time() + 10
-        while time.time() < deadline:
-            try:
-                if sink.size() == 0:
-                    break
-            except Exception:
-                break
-            time.sleep(0.2)
-        stop.set()
-        consumer.join(timeout=15)
-        try:
-            ray.kill(sink.actor)
-        except Exception:
-            pass
+    # ------------------------------------------------------------ the workers' messages
 
-    out.restarts = max(0, state["starts"] - 1)
-    out.wall_s = time.time() - t0
-    end = state["end"]
-    if error is not None:
-        out.status = "failed"
-        out.message = _failure_text(error)
-    elif end is None:
-        out.status = "failed"
-        out.message = "the workers ended without a final report"
-    else:
-        out.status = end["status"]
-        out.message = end.get("message") or ""
-        out.step = end.get("step", out.step)
-        out.loss, out.acc = end.get("loss"), end.get("acc")
-        if end.get("evals"):
-            out.evals = end["evals"]
-    tracker.log_metrics(run_id, {"run/restarts": out.restarts, "run/wall_s": out.wall_s}, out.step)
-    if out.evals:
-        from hybridlab.jobs.evals import eval_table
+    def on_message(self, msg: rec.Message) -> None:
+        tracker, out, run_id = self.tracker, self.out, self.run_id
+        if isinstance(msg, rec.Start):
+            self.starts += 1
+            if self.starts == 1:
+                self.progress.start(self.label, msg.steps, msg.step)
+                if not self.resume:
+                    tracker.set_tags(run_id, {Tag.DEVICE: msg.device, Tag.WORLD_SIZE: msg.world})
+            else:
+                self.progress.note(f"workers restarted (attempt {self.starts}); resuming from step {msg.step}")
+            if msg.resumed_from:
+                out.checkpoint = msg.resumed_from
+        elif isinstance(msg, rec.Metrics):
+            if msg.step > self.logged_upto:  # one value per step: a restart re-runs steps already logged
+                tracker.log_metrics(run_id, msg.metrics, msg.step, msg.time)
+                self.logged_upto = msg.step
+            self.progress.update(msg.step, self.job.spec.train.steps, msg.metrics)
+            out.step = msg.step
+        elif isinstance(msg, rec.Checkpoint):
+            out.checkpoint, out.checkpoint_step = msg.path, msg.step
+            tracker.log_metrics(run_id, {Metric.CHECKPOINT_STEP: msg.step}, msg.step, msg.time)
+        elif isinstance(msg, rec.Eval):
+            tracker.log_metrics(run_id, msg.metrics, msg.step, msg.time)
+            out.evals = dict(msg.metrics)
+        elif isinstance(msg, rec.End):
+            self.end = msg
 
-        tracker.log_text(run_id, eval_table(out.evals) + "\n", "evals.txt")
-        from .text_report import log_text_eval_artifacts
+    # ------------------------------------------------------------ the end of a run
 
-        log_text_eval_artifacts(tracker.client, run_id, out.evals, label, job.seq_len)  # NIAH heatmap, loss-by-position PNGs
-    tracker.set_tags(run_id, {"hybridlab.status": out.status, **({"hybridlab.error": out.message[:5000]} if out.message else {})})
-    tracker.terminate(run_id, "FINISHED" if out.status == "finished" else "FAILED")
-    return out
+    def close(self, error: Optional[BaseException]) -> None:
+        """Close the MLflow run however the run ended: status, error tag, end time; never left RUNNING."""
+        out, end = self.out, self.end
+        out.restarts = max(0, self.starts - 1)
+        if error is not None:
+            out.status, out.message = Status.FAILED, f"the driver failed: {_error_text(error)}"
+        elif self.failure is not None:
+            out.status, out.message = Status.FAILED, failure_text(self.failure)
+        elif end is not None:
+            out.status, out.message = end.status, end.message
+            out.step = end.step
+            out.loss, out.acc = end.loss, end.acc
+            if end.last_checkpoint_step is not None:
+                out.checkpoint_step = end.last_checkpoint_step
+            if end.evals:
+                out.evals = end.evals
+        elif self.signals.requested:
+            out.status, out.message = Status.KILLED, f"stopped by {self.signals.name} before the workers reported"
+        else:
+            out.status, out.message = Status.FAILED, "the workers ended without a final report"
+        t = self.tracker
+        t.log_metrics(self.run_id, {Metric.RESTARTS: out.restarts, Metric.WALL_S: out.wall_s}, out.step)
+        if out.evals:
+            from hybridlab.jobs.evals import eval_table
+
+            t.log_text(self.run_id, eval_table(out.evals) + "\n", "evals.txt")
+            from .text_report import log_text_eval_artifacts
+
+            log_text_eval_artifacts(t.client, self.run_id, out.evals, self.label, self.job.seq_len)  # NIAH heatmap, loss-by-position PNGs
+        t.set_tags(self.run_id, {Tag.STATUS: out.status, **({Tag.ERROR: out.message[:5000]} if out.message else {})})
+        t.terminate(self.run_id, Status.mlflow(out.status))
 
 
-def _failure_text(error: BaseException) -> str:
-    """One readable line from Ray's TrainingFailedError (the worker's own exception)."""
-    from hybridlab.jobs.checkpoint import is_disk_full
+def failure_text(error: BaseException) -> str:
+    """One readable line for a failed training: the first failing worker's own exception, by type."""
+    from ray.train import ControllerError, WorkerGroupError
 
-    text = str(error)
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    inner = None
-    for ln in reversed(lines):
-        if ("Error:" in ln or "Exception:" in ln) and not ln.startswith(("File ", "Traceback")):
-            inner = ln
+    from hybridlab.jobs.checkpoint import CheckpointDiskFull, is_disk_full
+
+    cause: BaseException = error
+    if isinstance(error, WorkerGroupError) and error.worker_failures:
+        cause = error.worker_failures[min(error.worker_failures)]
+    elif isinstance(error, ControllerError):
+        cause = error.controller_failure
+    seen = set()
+    while id(cause) not in seen:  # Ray wraps the worker's exception (RayTaskError.cause, __cause__)
+        seen.add(id(cause))
+        inner = getattr(cause, "cause", None) or cause.__cause__
+        if not isinstance(inner, BaseException):
             break
-    msg = inner or (lines[-1] if lines else error.__class__.__name__)
-    if is_disk_full(error) or "No space left" in text:
-        msg = "disk full while checkpointing; the previous checkpoint is intact (" + msg[:300] + ")"
-    return f"training failed: {msg[:800]}"
+        cause = inner
+    lines = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]
+    text = f"{cause.__class__.__name__}: {lines[-1] if lines else ''}".strip(": ")
+    if isinstance(cause, CheckpointDiskFull) or is_disk_full(cause):
+        return f"training failed: disk full while checkpointing; the previous checkpoint is intact ({text[:300]})"
+    return f"training failed: {text[:800]}"
 
 
 def _print_summary(outcomes: list[RunOutcome], uri: str, parent_id: Optional[str]) -> None:
@@ -447,7 +707,8 @@ def _print_summary(outcomes: list[RunOutcome], uri: str, parent_id: Optional[str
         print(f"{head}MLflow run id: {o.run_id}  status: {o.status}  ({o.wall_s:.0f}s"
               + (f", {o.restarts} restart(s)" if o.restarts else "") + ")", flush=True)
         if o.loss is not None:
-            print(f"{head}final step {o.step}: loss {o.loss:.4f}  accuracy {o.acc:.4f}", flush=True)
+            print(f"{head}final step {o.step}: loss {o.loss:.4f}  accuracy {o.acc if o.acc is not None else float('nan'):.4f}",
+                  flush=True)
         if o.evals:
             for line in eval_table(o.evals).splitlines():
                 print(f"{head}eval {line}", flush=True)

@@ -1,6 +1,6 @@
 """Reports of the text evals (``jobs/text_evals.py``): tables, the NIAH heatmap, per-position perplexity curves.
 
-Everything here is a function of the logged metrics (names in ``hybridlab.jobs.metric_names``), so
+Everything here is a function of the logged metrics (names in ``hybridlab.jobs.record``), so
 ``hybridlab run`` (after training), ``hybridlab eval`` and ``hybridlab compare`` draw the same pictures
 from MLflow alone:
 
@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from hybridlab.jobs.metric_names import LM_EVAL_RE, NIAH_RE, PPL_POS_RE
+from hybridlab.jobs.record import LM_EVAL_RE, NIAH_RE, PPL_POS_RE
 
 
 def lm_eval_results(metrics: dict) -> dict[str, dict[str, float]]:

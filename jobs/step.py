@@ -1,0 +1,227 @@
+"""One training step, the unit that a job's workers and ``hybridlab bench train`` both run.
+
+* ``build_engine(model, train, world)``: the DeepSpeed engine of a job — AdamW with
+  weight decay off for norms and biases, the job's LR schedule, ZeRO stage,
+  precision and clipping (``deepspeed_config``).
+* :class:`TrainStep`: ``step(micro_batches)`` runs forward, loss, backward and the
+  optimizer step for each micro-batch of one optimizer step and returns device
+  tensors; it never waits for the device. A batch of packed documents (``seq_idx``)
+  goes to the model with its boundaries. The loss is ``loss_fn(logits, targets)``
+  (cross-entropy over the scored tokens); a later change can swap in a chunked
+  cross-entropy, wrap the model in ``torch.compile`` or pick a fused optimizer here.
+* :class:`StepStats`: what the loop needs to know about its steps — the loss of the
+  newest step, whether any loss since the last sync was non-finite (and the first
+  step where it was) — kept on the device and brought to the host once per
+  ``log_every`` with one collective, so no micro-step waits for the device or
+  for the other ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import resource
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+# dense bf16 peak FLOP/s by device-name fragment, for the MFU estimate
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12,
+              "A800": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
+IGNORE_INDEX = -100
+
+
+def _train_dict(train) -> dict:
+    return dataclasses.asdict(train) if dataclasses.is_dataclass(train) else train
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    for k, v in (extra or {}).items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            deep_merge(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def deepspeed_config(train, world_size: int) -> dict:
+    """The DeepSpeed config of a job's ``train`` section (a ``TrainSpec`` or its dict; ``train.deepspeed`` merged last)."""
+    train = _train_dict(train)
+    prec = train["precision"]
+    cfg = {
+        "train_micro_batch_size_per_gpu": train["micro_batch"],
+        "gradient_accumulation_steps": train["grad_accum"],
+        "train_batch_size": train["micro_batch"] * train["grad_accum"] * world_size,
+        "gradient_clipping": train["grad_clip"],
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": train["lr"], "betas": list(train["betas"]), "eps": 1e-8,
+                       "weight_decay": train["weight_decay"], "torch_adam": True},
+        },
+        "zero_optimization": {"stage": train["zero_stage"]},
+        "bf16": {"enabled": prec == "bf16"},
+        "fp16": {"enabled": prec == "fp16", "initial_scale_power": 12, "loss_scale_window": 100},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    return deep_merge(cfg, train.get("deepspeed") or {})
+
+
+def lr_lambda(train):
+    train = _train_dict(train)
+    steps, warmup, floor, kind = train["steps"], train["warmup"], train["min_lr_ratio"], train["schedule"]
+
+    def f(step: int) -> float:  # step = optimizer steps taken so far
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        frac = min(1.0, (step - warmup) / max(1, steps - warmup))
+        if kind == "linear":
+            return floor + (1 - floor) * (1 - frac)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac))
+
+    return f
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: matrices decay, norms and biases do not."""
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.dim() < 2 or "norm" in n or "bias" in n else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def checkpoint_activations(model) -> None:
+    """Recompute each sub-block's forward in the backward instead of keeping its activations (torch
+    non-reentrant checkpointing; decoding with a cache is left as it is)."""
+    from torch.utils.checkpoint import checkpoint
+
+    for layer in model.layers:
+        fwd = layer.forward
+        layer.forward = lambda x, cache=None, seq_idx=None, _f=fwd: (
+            checkpoint(_f, x, cache, seq_idx, use_reentrant=False) if cache is None else _f(x, cache))
+
+
+def build_engine(model: torch.nn.Module, train, world: int):
+    """(DeepSpeed engine, whether the job's LR schedule is ours): the job's optimizer, schedule and ZeRO set-up."""
+    import deepspeed
+
+    train = _train_dict(train)
+    cfg = deepspeed_config(train, world)
+    own_schedule = "scheduler" not in cfg
+    sched = (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train))) if own_schedule else None
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, train["weight_decay"]),
+                                          config=cfg, lr_scheduler=sched)
+    return engine, own_schedule
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the scored tokens (targets ``-100`` are not scored), in fp32."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor  # mean loss over the step's micro-batches, on the device (no sync)
+    logits: Optional[torch.Tensor] = None  # the first micro-batch's logits, when asked for
+
+
+class StepStats:
+    """Device-side statistics of the steps since the last :meth:`sync`.
+
+    ``add(step, loss)`` costs a few tiny device ops and never synchronizes;
+    ``sync(stop)`` all-reduces them across ranks (two small collectives), reads
+    them once and starts a new window.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._step_loss = torch.zeros((), device=device, dtype=torch.float32)
+        self._nonfinite = torch.zeros((), device=device, dtype=torch.float32)
+        self._first_bad = torch.zeros((), device=device, dtype=torch.float32)  # -(first bad step), 0: none
+
+    def add(self, step: int, loss: torch.Tensor) -> None:
+        loss = loss.detach().float()
+        bad = ~torch.isfinite(loss)
+        self._step_loss = torch.where(bad, torch.zeros_like(loss), loss)
+        self._nonfinite = self._nonfinite + bad.float()
+        self._first_bad = torch.where(bad & (self._first_bad == 0), torch.full_like(loss, -float(step)), self._first_bad)
+
+    def sync(self, stop: bool = False) -> "Synced":
+        import torch.distributed as dist
+
+        sums = torch.stack([self._step_loss, self._nonfinite, torch.full_like(self._nonfinite, float(stop))])
+        first = (-self._first_bad).reshape(1)  # 0 where no bad step
+        first = torch.where(first > 0, -first, torch.full_like(first, -float("inf")))  # max over ranks = -(earliest)
+        if dist.is_initialized():
+            dist.all_reduce(sums)
+            dist.all_reduce(first, op=dist.ReduceOp.MAX)
+            world = dist.get_world_size()
+        else:
+            world = 1
+        loss_sum, nonfinite, stops = sums.tolist()
+        first_bad = first.item()
+        self._nonfinite.zero_()
+        self._first_bad.zero_()
+        return Synced(loss=loss_sum / world, nonfinite=nonfinite > 0, stop=stops > 0,
+                      first_bad_step=int(-first_bad) if math.isfinite(first_bad) else None)
+
+
+@dataclass
+class Synced:
+    loss: float  # the newest step's loss, averaged over ranks and micro-batches
+    nonfinite: bool  # a non-finite loss on some rank since the last sync
+    stop: bool  # some rank was asked to stop
+    first_bad_step: Optional[int] = None
+
+
+class TrainStep:
+    """One optimizer step of a job: ``grad_accum`` micro-batches through the engine, then its step."""
+
+    def __init__(self, engine, device: torch.device, loss_fn: Callable = cross_entropy):
+        self.engine, self.device, self.loss_fn = engine, device, loss_fn
+
+    def __call__(self, micro_batches: Sequence, keep_logits: bool = False) -> StepOutput:
+        total, first_logits = None, None
+        for i, b in enumerate(micro_batches):
+            inputs = b.inputs.to(self.device, non_blocking=True)
+            targets = b.targets.to(self.device, non_blocking=True)
+            if b.seq_idx is None:
+                logits = self.engine(inputs)
+            else:  # packed documents: each one attends/scans only within itself
+                logits = self.engine(inputs, seq_idx=b.seq_idx.to(self.device, non_blocking=True))
+            loss = self.loss_fn(logits, targets)
+            self.engine.backward(loss)
+            self.engine.step()  # DeepSpeed applies the update at the last micro-batch of the step
+            if keep_logits and i == 0:
+                first_logits = logits.detach()
+            total = loss.detach() if total is None else total + loss.detach()
+        return StepOutput(loss=total / len(micro_batches), logits=first_logits)
+
+
+def peak_flops(device: torch.device) -> Optional[float]:
+    env = os.environ.get("HYBRIDLAB_PEAK_FLOPS")
+    if env:
+        return float(env)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for frag, v in PEAK_FLOPS.items():
+            if frag in name:
+                return v
+    return None
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # CPU: the process's peak RSS

@@ -1,0 +1,34 @@
+"""Options shared by several commands, and the choice types typer checks."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import typer
+
+from hybridlab.kernels import BACKENDS
+
+SetOpt = typer.Option(None, "--set", help="Override a spec field: key.path=value (repeatable).")
+UriOpt = typer.Option(None, "--uri", help="Tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db).")
+AddressOpt = typer.Option(None, "--address", help="Ray dashboard URL of the cluster (default: $RAY_ADDRESS, else http://127.0.0.1:8265).")
+
+Precision = Literal["bf16", "fp16", "fp32"]
+ZeroStage = Literal[0, 1, 2, 3]
+SsmBackend = Literal[BACKENDS]
+
+
+def ints_text(text: str) -> str:
+    """A typer ``parser=``: ``1,16,128`` must be comma-separated integers (kept as text for the options
+    dataclass; a ValueError becomes typer's one-line usage error)."""
+    from hybridlab.kernels.bench.options import int_list
+
+    int_list(text)
+    return text
+
+
+def shapes_text(text: str) -> str:
+    """A typer ``parser=``: ``1x16384,16x16384`` must be BATCHxCONTEXT pairs."""
+    from hybridlab.kernels.bench.options import batch_contexts
+
+    batch_contexts(text)
+    return text

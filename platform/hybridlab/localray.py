@@ -1,0 +1,236 @@
+"""The embedded default's Ray: a private head on 127.0.0.1, in its own session, with its own token.
+
+``hybridlab run`` without ``$RAY_ADDRESS`` starts ``ray start --head --block`` as a
+child process and joins it. Why not ``ray.init()`` in-process:
+
+* Binding. Ray replaces a loopback node IP by the host's address
+  (``services.resolve_ip_for_localhost``) unless it runs as a single-machine
+  Ray (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, Ray's switch for that mode, which
+  only changes which node IP it picks). With the node IP 127.0.0.1 every Ray
+  server — GCS, raylet (node and object manager), workers and actors, the
+  dashboard agent and the runtime-env agent, the monitor — listens on loopback.
+* Signals. A terminal's Ctrl-C or a preemption's SIGTERM goes to the driver's
+  process group; Ray's own processes started from the driver are in that group
+  and would die with it, taking the workers before they can checkpoint. The head
+  runs in its own session, so only the driver gets the signal and can stop the
+  run cleanly (``runner``).
+* The workers' process group. torch's rendezvous store (TCPStore) listens on every interface and
+  has no bind option, so :class:`LoopbackTorchConfig` serves it from a socket bound to 127.0.0.1
+  (``master_listen_fd``) in rank 0 and lets every rank join it as a client; gloo and NCCL open their
+  sockets on ``lo`` (``GLOO_SOCKET_IFNAME`` / ``NCCL_SOCKET_IFNAME``, unless set).
+* Isolation. A private temp dir (short: Ray's socket paths must stay under ~107
+  characters), free ports chosen here for the agents (so two runs on one machine do
+  not collide), and a per-run random token (token authentication stays on).
+
+The head shares the driver's fate: it gets SIGTERM when the driver dies, and on
+SIGTERM ``ray start --block`` stops everything it started.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+from .errors import UserError
+
+LOOPBACK = "127.0.0.1"
+SINGLE_MACHINE_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+NO_DRAIN_ENV = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}  # nothing here drains (no Serve): stop at once
+SHUTDOWN_TIMEOUT_S = 20.0
+LOOPBACK_IFACE_ENV = {"GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"}
+START_TIMEOUT_S = float(os.environ.get("HYBRIDLAB_RAY_START_TIMEOUT", "180"))
+READY_LINE = "Ray runtime started"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the driver dies (Linux prctl PR_SET_PDEATHSIG)."""
+    os.setsid()
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)
+
+
+class LocalRay:
+    """A private single-node Ray for this process; ``start()`` joins it, ``stop()`` ends it."""
+
+    def __init__(self, num_cpus: int, verbose: bool = False):
+        self.num_cpus, self.verbose = num_cpus, verbose
+        self.dir: Optional[str] = None
+        self.address: Optional[str] = None
+        self.proc: Optional[subprocess.Popen] = None
+
+    def start(self) -> None:
+        """Start the head and join it; on any failure (or a signal meanwhile) nothing is left running."""
+        try:
+            auth, port = self._launch_head()
+            self._wait_ready()
+            _join_env(auth)
+            os.environ["RAY_ADDRESS"] = self.address = f"{LOOPBACK}:{port}"  # this process's helpers find it too
+            import ray
+
+            ray.init(address=self.address, log_to_driver=self.verbose, logging_level="WARNING")
+        except BaseException:
+            self.stop()
+            raise
+
+    def _launch_head(self) -> tuple[dict, int]:
+        self.dir = tempfile.mkdtemp(prefix="hlray-")
+        token = Path(self.dir) / "auth_token"
+        token.write_text(secrets.token_hex(32))
+        token.chmod(0o600)
+        auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+        port = _free_port()
+        # RAY_ADDRESS: Ray's own helpers inside the cluster (Ray Train's controller, the state API) look the
+        # cluster up by address "auto", which fails when other Ray instances run on this machine
+        env = dict(os.environ, **SINGLE_MACHINE_ENV, **NO_DRAIN_ENV, **auth, RAY_TRAIN_V2_ENABLED="1",
+                   RAY_ADDRESS=f"{LOOPBACK}:{port}")
+        for k, v in LOOPBACK_IFACE_ENV.items():
+            env.setdefault(k, v)
+        ports = {flag: str(_free_port()) for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                                                      "--metrics-export-port", "--runtime-env-agent-port",
+                                                      "--node-manager-port", "--object-manager-port",
+                                                      "--ray-client-server-port")}
+        cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+               "--node-ip-address", LOOPBACK, "--port", str(port), "--num-cpus", str(self.num_cpus),
+               "--include-dashboard", "false", "--temp-dir", self.dir, "--disable-usage-stats",
+               *[x for kv in ports.items() for x in kv]]
+        with open(Path(self.dir) / "head.log", "w") as log:
+            self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         preexec_fn=_die_with_parent)
+        return auth, port
+
+    def _wait_ready(self) -> None:
+        log_path = Path(self.dir) / "head.log"
+        deadline = time.time() + START_TIMEOUT_S
+        while READY_LINE not in log_path.read_text(errors="replace"):
+            if self.proc.poll() is not None or time.time() > deadline:
+                tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
+                raise UserError("the local Ray did not start: " + (" | ".join(tail) or "no output"))
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if "ray" in sys.modules:
+            import threading
+
+            import ray
+
+            if ray.is_initialized():  # bounded: a wedged Ray must not keep the command from exiting
+                t = threading.Thread(target=ray.shutdown, name="hybridlab-ray-shutdown", daemon=True)
+                t.start()
+                t.join(SHUTDOWN_TIMEOUT_S)
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()  # `ray start --block` stops what it started on SIGTERM
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self.proc = None
+        if self.address and os.environ.get("RAY_ADDRESS") == self.address:
+            del os.environ["RAY_ADDRESS"]
+        if self.dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+
+
+# ---------------------------------------------------------------- the workers' process group on loopback
+
+_STORE = None  # rank 0's rendezvous store server, alive as long as the worker process
+
+
+def serve_store_on_loopback(world_size: int, timeout_s: float) -> int:
+    """In rank 0: a TCPStore server on a socket bound to 127.0.0.1; returns its port."""
+    import datetime
+
+    import torch.distributed as dist
+
+    global _STORE
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((LOOPBACK, 0))
+    sock.listen(max(128, world_size))
+    # wait_for_workers=False: the ranks join when they init their process group, after this returns
+    _STORE = (sock, dist.TCPStore(LOOPBACK, sock.getsockname()[1], world_size, True,
+                                  datetime.timedelta(seconds=timeout_s), wait_for_workers=False,
+                                  master_listen_fd=sock.fileno()))
+    return sock.getsockname()[1]
+
+
+def join_store(port: int) -> None:
+    """In every rank: env:// rendezvous against the store rank 0 serves (torch's "agent store" mode)."""
+    os.environ.update(MASTER_ADDR=LOOPBACK, MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True",
+                      TORCHELASTIC_RESTART_COUNT="0")
+
+
+def loopback_torch_config(backend: str, timeout_s: int = 1800):
+    """A Ray Train ``TorchConfig`` whose process group rendezvous never listens beyond 127.0.0.1."""
+    import ray
+    from ray.train.torch import TorchConfig
+    from ray.train.torch.config import _set_torch_distributed_env_vars, _setup_torch_process_group, _TorchBackend
+
+    class LoopbackBackend(_TorchBackend):
+        def on_start(self, worker_group, backend_config) -> None:
+            n = len(worker_group)
+            port = worker_group.execute_single(0, serve_store_on_loopback, n, backend_config.timeout_s)
+            worker_group.execute(join_store, port=port)
+            worker_group.execute(_set_torch_distributed_env_vars)
+            ray.get([worker_group.execute_single_async(i, _setup_torch_process_group, backend=backend_config.backend,
+                                                       world_rank=i, world_size=n, init_method="env://",
+                                                       timeout_s=backend_config.timeout_s) for i in range(n)])
+
+    class LoopbackTorchConfig(TorchConfig):
+        @property
+        def backend_cls(self):
+            return LoopbackBackend
+
+    return LoopbackTorchConfig(backend=backend, timeout_s=timeout_s)
+
+
+def _join_env(auth: dict) -> None:
+    """This process joins as a single-machine Ray with the head's token. Ray reads both switches when it
+    is imported (and caches its config); a Ray imported earlier is told again."""
+    already = "ray" in sys.modules
+    os.environ.update(SINGLE_MACHINE_ENV)
+    os.environ.update(auth)
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    if already:
+        import ray._private.ray_constants as ray_constants
+        from ray._raylet import Config
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
+        Config.initialize("")  # re-read RAY_AUTH_MODE / RAY_AUTH_TOKEN_PATH
+
+
+def ensure_ray(verbose: bool = False) -> Optional[LocalRay]:
+    """Join the Ray of a submitted job ($RAY_ADDRESS), or start the private local one (returned: stop it)."""
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            return None
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    if os.environ.get("RAY_ADDRESS"):
+        import ray
+
+        try:
+            ray.init(log_to_driver=verbose, logging_level="WARNING")
+        except ConnectionError as e:
+            raise UserError(f"cannot join the Ray cluster at {os.environ['RAY_ADDRESS']}: {e}") from None
+        return None
+    head = LocalRay(num_cpus=os.cpu_count() or 1, verbose=verbose)
+    head.start()
+    return head

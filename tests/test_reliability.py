@@ -1,0 +1,406 @@
+"""Issue 15 without a Ray run: hostile YAML under a memory limit, pre-flight limits, plain zoo names, the
+tracker against a dead server (bounded wait, spill file, `mlflow-replay`), `compare` status and one value
+per step, `hybridlab ui` stopping its children, the wheel's package discovery, the CLI tree and the shared
+step function (no host sync per micro-step)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+HYBRIDLAB = [sys.executable, "-m", "hybridlab"]
+
+GOOD = """\
+experiment: rel
+model: zoo:tiny-hybrid
+data: {task: mqar, vocab: 64, seq_len: 64, num_kv_pairs: 4}
+train: {steps: 4, micro_batch: 4}
+resources: {workers: 1}
+"""
+
+BOMB = """\
+experiment: bomb
+model: zoo:tiny-hybrid
+a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]
+b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]
+c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]
+d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]
+e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]
+f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]
+g: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]
+h: &h [*g,*g,*g,*g,*g,*g,*g,*g,*g]
+i: &i [*h,*h,*h,*h,*h,*h,*h,*h,*h]
+"""
+
+MEMORY_LIMIT = 3 << 30  # address space: torch and the CLI fit; a walk of the expanded bomb (~4e8 values) does not
+
+
+def _limited(limit: int):
+    def pre():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    return pre
+
+
+def _one_error_line(r) -> str:
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and " INFO " not in ln and "WARNING" not in ln]
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    return lines[0]
+
+
+def _cli(args, cwd, timeout=120, preexec_fn=None, env=None):
+    e = dict(os.environ, CI="1", MLFLOW_TRACKING_URI=f"sqlite:///{cwd}/mlruns.db")
+    e.update(env or {})
+    return subprocess.run(HYBRIDLAB + list(args), cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=preexec_fn)
+
+
+# ---------------------------------------------------------------- YAML with bounded work
+
+
+@pytest.mark.parametrize("cmd", [["check"], ["run", "--dry-run"], ["run"]], ids=["check", "dry-run", "run"])
+def test_alias_bomb_is_one_line_under_a_memory_limit(tmp_path, cmd):
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(BOMB)
+    t0 = time.time()
+    r = _cli([cmd[0], str(bomb), *cmd[1:]], tmp_path, preexec_fn=_limited(MEMORY_LIMIT))
+    msg = _one_error_line(r)
+    assert "bomb.yaml:" in msg and "alias bomb" in msg, msg
+    assert time.time() - t0 < 60
+    assert not (tmp_path / "mlruns.db").exists() and not (tmp_path / "hybridlab_runs").exists()
+
+
+def test_yaml_bounds_and_aliases_expanded_once(tmp_path):
+    from hybridlab.arch.specio import MAX_FILE_BYTES, SpecError, load_value, load_yaml_file
+    from hybridlab.jobs.spec import load_job
+
+    # a legitimate alias: each use is its own copy (an override of one never edits the other)
+    p = tmp_path / "job.yaml"
+    p.write_text(GOOD.replace("data: {", "data: &d {") + "eval:\n  - {<<: *d, task: mqar, seq_lens: [64]}\n")
+    job = load_job(str(p), ["data.num_kv_pairs=2"])
+    assert job.resolved["data"]["num_kv_pairs"] == 2 and job.resolved["eval"][0]["num_kv_pairs"] == 4
+    big = tmp_path / "big.yaml"
+    big.write_text("x: '" + "a" * MAX_FILE_BYTES + "'\n")
+    with pytest.raises(SpecError, match="larger than 1 MiB"):
+        load_yaml_file(big)
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("x: " + "[" * 200 + "]" * 200 + "\n")
+    with pytest.raises(SpecError, match="nested more than"):
+        load_yaml_file(deep)
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("a: &a [1, *a]\n")
+    with pytest.raises(SpecError, match="refers to the node that contains it"):
+        load_yaml_file(loop)
+    # a --set value is bounded the same way
+    flow = "[" + ", ".join(["&a [1,1,1,1,1,1,1,1,1,1]"] + [f"&{c} [" + ",".join([f"*{p}"] * 10) + "]"
+                                                          for p, c in zip("abcdefg", "bcdefgh")]) + "]"
+    with pytest.raises(SpecError, match="alias bomb"):
+        load_value(flow)
+    with pytest.raises(SpecError, match="alias bomb"):
+        load_job(str(p), [f"train.deepspeed.x={flow}"])
+
+
+# ---------------------------------------------------------------- pre-flight limits
+
+
+def _job(tmp_path, text, name="job.yaml") -> str:
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text))
+    return str(p)
+
+
+def test_preflight_limits_are_located_lines(tmp_path):
+    from hybridlab.arch.specio import SpecError
+    from hybridlab.jobs.spec import load_job
+
+    cases = [
+        (GOOD, ["model.d_model=1000000000"], r"job\.yaml:2 model: the model needs .* per worker"),
+        (GOOD, ["train.micro_batch=10000000"], r"job\.yaml --set train\.micro_batch: .* activations"),
+        (GOOD + "eval:\n  - {task: mqar, seq_lens: [64, 10000000]}\n", [],
+         r"job\.yaml:7 eval\[0\]\.seq_lens\[1\]: an eval batch of 32 x 10000000 tokens"),
+        (GOOD + f"storage: {{path: {tmp_path}/job.yaml/runs}}\n", [], r"job\.yaml:6 storage\.path: .* is a file, not a folder"),
+        (GOOD + "storage: {path: /proc/no/such/runs}\n", [], r"job\.yaml:6 storage\.path: .* is not writable"),
+    ]
+    for text, overrides, pattern in cases:
+        with pytest.raises(SpecError) as e:
+            load_job(_job(tmp_path, text), overrides)
+        assert re.search(pattern, str(e.value)), str(e.value)
+    # a worker re-reading its job, and `submit` (whose cluster checks for itself), skip this machine's limits
+    assert load_job(_job(tmp_path, GOOD + "storage: {path: /proc/no/such/runs}\n"), limits=False)
+
+
+def test_preflight_stops_run_and_dry_run_before_anything_starts(tmp_path):
+    job = _job(tmp_path, GOOD + "storage: {path: /proc/no/such/runs}\n")
+    for args in (["run", job], ["run", job, "--dry-run"], ["check", job]):
+        t0 = time.time()
+        msg = _one_error_line(_cli(args, tmp_path))
+        assert "storage.path" in msg and time.time() - t0 < 60, msg
+    assert not (tmp_path / "mlruns.db").exists()
+    r = _cli(["run", _job(tmp_path, GOOD, "ok.yaml"), "--dry-run"], tmp_path)
+    assert r.returncode == 0 and "memory    ~" in r.stdout, r.stdout + r.stderr
+
+
+def test_zoo_names_are_plain_names(tmp_path):
+    from hybridlab.arch import load_model_spec
+    from hybridlab.arch.specio import SpecError
+    from hybridlab.jobs.spec import load_job
+
+    for bad in ("../zoo/tiny-hybrid", "..", "a/b", "/etc/passwd", ".hidden"):
+        with pytest.raises(SpecError, match="zoo names are plain names"):
+            load_model_spec(f"zoo:{bad}")
+    with pytest.raises(SpecError, match=r"job\.yaml:2 model: bad zoo name"):
+        load_job(_job(tmp_path, GOOD.replace("zoo:tiny-hybrid", "zoo:../zoo/tiny-hybrid")))
+    assert load_model_spec("zoo:tiny-hybrid").name == "tiny-hybrid"
+
+
+# ---------------------------------------------------------------- the tracker and a dead server
+
+
+def test_dead_tracking_server_bounded_wait_then_replay(tmp_path):
+    from mlflow import MlflowClient
+
+    from hybridlab.tracking import Tracker
+
+    store = f"sqlite:///{tmp_path}/mlruns.db"
+    target = MlflowClient(store)
+    exp = target.create_experiment("replay")
+    rid = target.create_run(exp, run_name="r").info.run_id
+    with socket.socket() as s:  # a port nobody listens on: the server is gone for good
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t = Tracker(f"http://127.0.0.1:{port}")
+    for step in (1, 2, 3):
+        t.log_metrics(rid, {"train/loss": 1.0 / step}, step)
+    t.set_tags(rid, {"hybridlab.status": "finished"})
+    t.terminate(rid, "FINISHED")
+    t0 = time.time()
+    files = t.close(timeout=2, spill_dirs={rid: str(tmp_path / "run")})
+    assert time.time() - t0 < 20  # seconds, not minutes
+    assert len(files) == 1 and Path(files[0]).name.startswith(f"mlflow_unsent_{rid}_")
+    r = _cli(["mlflow-replay", files[0], "--uri", store], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert not Path(files[0]).exists() and Path(files[0] + ".replayed").exists()
+    run = target.get_run(rid)
+    assert run.info.status == "FINISHED" and run.data.tags["hybridlab.status"] == "finished"
+    assert sorted(m.step for m in target.get_metric_history(rid, "train/loss")) == [1, 2, 3]
+    bad = tmp_path / "mlflow_unsent_x_1.jsonl"
+    bad.write_text("not json\n")
+    assert "not a line of an mlflow_unsent file" in _one_error_line(_cli(["mlflow-replay", str(bad)], tmp_path))
+
+
+def test_a_run_left_running_by_a_dead_driver_is_closed(tmp_path):
+    from mlflow import MlflowClient
+
+    from hybridlab.runner import _driver_id, close_orphaned_runs
+    from hybridlab.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    c = MlflowClient(uri)
+    exp = c.create_experiment("orphans")
+    host = socket.gethostname()
+    dead = c.create_run(exp, tags={"hybridlab.host": host, "hybridlab.driver_pid": "999999999:1"}).info.run_id
+    alive = c.create_run(exp, tags={"hybridlab.host": host, "hybridlab.driver_pid": _driver_id()}).info.run_id
+    elsewhere = c.create_run(exp, tags={"hybridlab.host": "other", "hybridlab.driver_pid": "999999999:1"}).info.run_id
+    t = Tracker(uri)
+    close_orphaned_runs(t, "orphans")
+    t.close()
+    assert c.get_run(dead).info.status == "FAILED" and "exited without closing" in c.get_run(dead).data.tags["hybridlab.error"]
+    assert c.get_run(alive).info.status == "RUNNING" and c.get_run(elsewhere).info.status == "RUNNING"
+
+
+# ---------------------------------------------------------------- compare: status, one value per step
+
+
+def test_compare_shows_status_and_one_value_per_step(tmp_path):
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    from hybridlab.compare import compare
+
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    c = MlflowClient(uri)
+    exp = c.create_experiment("st")
+    ids = {}
+    for name, status in (("done", "FINISHED"), ("broke", "FAILED"), ("going", None)):
+        time.sleep(0.01)
+        rid = c.create_run(exp, run_name=name, tags={"hybridlab.layout": name}).info.run_id
+        ms = [Metric("train/loss", 3.0 - s / 10, 1000 + s, s) for s in (1, 2, 3, 4)]
+        ms.append(Metric("train/loss", 9.0, 999, 3))  # step 3 logged before a restart, then again
+        c.log_batch(rid, metrics=ms, synchronous=True)
+        if status:
+            c.set_terminated(rid, status)
+        ids[name] = rid
+    out = compare("st", uri=uri, out=str(tmp_path / "a"), log=False)
+    assert [r.run_id for r in out.runs] == [ids["done"]]
+    assert [s for s, _, _ in out.runs[0].loss_history] == [1, 2, 3, 4]
+    assert out.runs[0].loss_history[2][2] == pytest.approx(2.7)  # the newest value of step 3
+    r = _cli(["compare", "st", "--all", "--out", str(tmp_path / "b"), "--no-log"], tmp_path, env={"MLFLOW_TRACKING_URI": uri})
+    assert r.returncode == 0, r.stderr
+    import csv
+
+    rows = {row["run"]: row for row in csv.DictReader(open(tmp_path / "b" / "summary.csv"))}
+    assert {k: v["status"] for k, v in rows.items()} == {"done": "FINISHED", "broke": "FAILED", "going": "RUNNING"}
+    assert "status" in r.stdout and "running" in r.stdout
+    loss_rows = list(csv.DictReader(open(tmp_path / "b" / "loss.csv")))
+    assert len(loss_rows) == 3 * 4
+    failed = compare("st", uri=uri, out=str(tmp_path / "c"), log=False, status="failed")
+    assert [r.run_id for r in failed.runs] == [ids["broke"]]
+
+
+# ---------------------------------------------------------------- `hybridlab ui` stops its children
+
+
+def _listening(pids: set) -> list:
+    import psutil
+
+    return [c.laddr for c in psutil.net_connections("inet") if c.status == psutil.CONN_LISTEN and c.pid in pids]
+
+
+def _tree(pid: int) -> set:
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        return {pid} | {c.pid for c in p.children(recursive=True)}
+    except psutil.NoSuchProcess:
+        return set()
+
+
+def test_ui_binds_loopback_and_stops_its_children_on_sigterm(tmp_path):
+    import psutil
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlruns.db")
+    ui = subprocess.Popen(HYBRIDLAB + ["ui", "--port", str(port)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline, pids = time.time() + 240, set()
+        while time.time() < deadline:
+            pids = _tree(ui.pid)
+            if any(a.port == port for a in _listening(pids)):
+                break
+            assert ui.poll() is None, ui.stdout.read()
+            time.sleep(1)
+        else:
+            raise AssertionError("the MLflow UI did not start")
+        time.sleep(2)
+        pids = _tree(ui.pid)
+        assert len(pids) >= 2  # the CLI and the MLflow server (and its workers)
+        addrs = _listening(pids)
+        assert addrs and all(a.ip in ("127.0.0.1", "::ffff:127.0.0.1", "::1") for a in addrs), addrs
+        ui.send_signal(signal.SIGTERM)  # the CLI alone, as a service manager would
+        assert ui.wait(60) == 128 + signal.SIGTERM
+        time.sleep(1)
+        alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        assert not alive, [psutil.Process(p).cmdline() for p in alive]
+    finally:
+        if ui.poll() is None:
+            os.killpg(ui.pid, signal.SIGKILL)
+
+
+# ---------------------------------------------------------------- packaging, the CLI tree, the bench defaults
+
+
+def test_setup_finds_every_package_folder():
+    sys.path.insert(0, str(ROOT))
+    try:
+        import setup as setup_py
+    finally:
+        sys.path.remove(str(ROOT))
+    found = set(setup_py.mapped_packages())
+    expected = set()
+    for name, folder in setup_py.PACKAGE_DIR.items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT / folder).parts
+            if "__pycache__" not in rel:
+                expected.add(".".join((name, *rel)))
+    assert "hybridlab.kernels.ssm_io" in found and found == expected
+
+
+def test_cli_is_a_tree_and_bench_defaults_have_one_home():
+    from hybridlab.kernels.bench.options import DecodeBench, SsmBench, parse
+
+    for f in (ROOT / "platform" / "hybridlab" / "commands").glob("*.py"):
+        text = f.read_text()
+        assert not re.search(r"from \.\.cli import|import hybridlab\.cli|from hybridlab\.cli import|from hybridlab import cli", text), f
+    assert parse(SsmBench, [], "") == SsmBench() and parse(DecodeBench, [], "") == DecodeBench()
+    assert parse(SsmBench, ["--no-peers", "--ranks", "4"], "") == SsmBench(peers=False, ranks="4")
+    from typer.testing import CliRunner
+
+    from hybridlab.cli import app
+
+    for group, cls in (("ssm", SsmBench), ("decode", DecodeBench)):
+        text = CliRunner().invoke(app, ["bench", group, "--help"], env={"COLUMNS": "200"}).output
+        assert cls.out in text
+    import typer
+
+    root = typer.main.get_command(app).commands
+    assert {"check", "zoo", "generate", "run", "mlflow-replay", "submit", "status", "logs", "stop", "eval",
+            "compare", "ui", "bench", "data"} <= set(root)
+    assert {"ssm", "decode", "train"} <= set(root["bench"].commands) and "prepare" in root["data"].commands
+
+
+# ---------------------------------------------------------------- the step: device statistics, no host sync
+
+
+class _Engine:
+    """A minimal stand-in for a DeepSpeed engine around a real module and optimizer (what TrainStep calls)."""
+
+    def __init__(self, model, lr):
+        self.module, self.opt = model, __import__("torch").optim.SGD(model.parameters(), lr=lr)
+
+    def __call__(self, x):
+        return self.module(x)
+
+    def backward(self, loss):
+        loss.backward()
+
+    def step(self):
+        self.opt.step()
+        self.opt.zero_grad()
+
+
+def test_step_keeps_statistics_on_device_and_names_the_first_bad_step(monkeypatch):
+    import torch
+
+    from hybridlab.jobs.data import RandomTokens
+    from hybridlab.jobs.step import StepStats, TrainStep
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(16, 8), torch.nn.Linear(8, 16))
+    engine = _Engine(model, lr=0.1)
+    step, stats = TrainStep(engine, torch.device("cpu")), StepStats(torch.device("cpu"))
+    stream = RandomTokens(16, 8, 2, seed=0)
+
+    def no_sync(*a, **k):
+        raise AssertionError("a host sync inside the step loop")
+
+    with monkeypatch.context() as m:  # between sync points nothing reads a device value on the host
+        for name in ("item", "tolist", "__bool__", "__float__", "cpu"):
+            m.setattr(torch.Tensor, name, no_sync)
+        for s in range(1, 4):
+            out = step([stream.get(s, 0), stream.get(s, 1)])
+            stats.add(s, out.loss)
+            if s == 2:
+                with torch.no_grad():
+                    model[1].weight.fill_(float("nan"))
+    synced = stats.sync()
+    assert synced.nonfinite and synced.first_bad_step == 3 and not synced.stop
+    again = stats.sync(stop=True)  # a new window
+    assert not again.nonfinite and again.stop and again.first_bad_step is None
