@@ -173,7 +173,10 @@ def check_limits(spec, model_spec, src: Source, host: HostLimits) -> None:
                     raise src.error(("eval", i, "seq_lens", j),
                                     f"an eval batch of {rows} x {length} tokens needs about {_gb(need)} "
                                     f"with the model state, but there is {_gb(cap)} {what} (lower the length or batch_size)")
-    check_storage(spec, model_spec, src, est.params)
+    # A job whose GPU workers cannot run on this machine will write its checkpoints from
+    # theirs, so this disk's free space says nothing about it (writability still does: the
+    # driver creates the run folder here).
+    check_storage(spec, model_spec, src, est.params, check_free=have is not None)
 
 
 def _write_problem(folder: Path) -> Optional[str]:
@@ -188,7 +191,7 @@ def _write_problem(folder: Path) -> Optional[str]:
     return None
 
 
-def check_storage(spec, model_spec, src: Source, n_params: int) -> None:
+def check_storage(spec, model_spec, src: Source, n_params: int, check_free: bool = True) -> None:
     path = spec.storage.path
     if not ckpt.is_local(path):
         return  # an object store: its client reports problems with its own words
@@ -205,6 +208,8 @@ def check_storage(spec, model_spec, src: Source, n_params: int) -> None:
     if problem:
         detail = "" if probe == p else f" (cannot create it: {probe} {problem})"
         raise src.error(where, f"{path!r} is not writable{detail or ': ' + problem}")
+    if not check_free:
+        return
     t = spec.train
     _, one = ckpt.estimate_bytes(n_params, t.zero_stage, spec.resources.workers, t.precision)
     need = 2 * one  # a checkpoint staged beside the storage while the previous one is still kept

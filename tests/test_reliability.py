@@ -143,6 +143,24 @@ def test_preflight_limits_are_located_lines(tmp_path):
     assert load_job(_job(tmp_path, GOOD + "storage: {path: /proc/no/such/runs}\n"), limits=False)
 
 
+def test_preflight_disk_room_counts_only_where_the_workers_write(tmp_path, monkeypatch):
+    """A checkpoint that cannot fit on this disk is refused for workers on this machine, but a GPU
+    job validated on a machine without GPUs (its workers run elsewhere) is not judged by this disk."""
+    from hybridlab.arch.specio import SpecError
+    from hybridlab.jobs import checkpoint, preflight
+    from hybridlab.jobs.spec import load_job
+
+    monkeypatch.setattr(checkpoint, "free_bytes", lambda path: 1000)
+    job = _job(tmp_path, GOOD + f"storage: {{path: {tmp_path}/runs}}\n")
+    with pytest.raises(SpecError, match=r"job\.yaml:6 storage\.path: .* free on its disk, a checkpoint"):
+        load_job(job)
+    no_gpu = preflight.HostLimits(memory=1 << 40, gpu_memory=None)
+    monkeypatch.setattr(preflight.HostLimits, "detect", staticmethod(lambda: no_gpu))
+    assert load_job(job, ["resources.gpus_per_worker=1"]).spec.resources.gpus_per_worker == 1
+    with pytest.raises(SpecError, match="free on its disk"):
+        load_job(job)  # CPU workers run here: this disk is theirs
+
+
 def test_preflight_stops_run_and_dry_run_before_anything_starts(tmp_path):
     job = _job(tmp_path, GOOD + "storage: {path: /proc/no/such/runs}\n")
     for args in (["run", job], ["run", job, "--dry-run"], ["check", job]):
