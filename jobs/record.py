@@ -41,6 +41,7 @@ class Tag:
     WORLD_SIZE = "hybridlab.world_size"
     STATUS = "hybridlab.status"  # a Status value, set when the run ends
     ERROR = "hybridlab.error"  # why a run did not finish
+    LAST_WORKER_ERROR = "hybridlab.last_worker_error"  # the latest exception a worker raised (a restart may follow)
     VERSION = "hybridlab.version"
     GIT_SHA = "hybridlab.git_sha"
     EXPERIMENT = "hybridlab.experiment"
@@ -212,4 +213,24 @@ class End:
     time: float = field(default_factory=_now)
 
 
-Message = Union[Start, Metrics, Checkpoint, Eval, End]
+@dataclass
+class Failure:
+    """A worker raised: sent (by the failing rank, whichever it is) before its exception reaches Ray, so
+    the driver can say why the workers restart or fail instead of only that they did."""
+
+    rank: int
+    step: int  # the last step the worker completed
+    error: str  # "ExceptionType: message", one line
+    traceback: str = ""
+    time: float = field(default_factory=_now)
+
+    @staticmethod
+    def of(exc: BaseException, rank: int, step: int) -> "Failure":
+        import traceback as tb
+
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        return Failure(rank=rank, step=step, error=f"{type(exc).__name__}: {first}".rstrip(": "),
+                       traceback="".join(tb.format_exception(exc))[-20000:])
+
+
+Message = Union[Start, Metrics, Checkpoint, Eval, End, Failure]

@@ -373,5 +373,8 @@ def train_loop_per_worker(config: dict) -> None:
             if worker.rank == 0:
                 worker.progress.send(rec.Eval(step=end.step, metrics=end.evals))
         worker.finish(end)
+    except Exception as e:  # an interrupt is not a failure to explain
+        worker.progress.send_failure(rec.Failure.of(e, worker.rank, worker.state.step))
+        raise
     finally:
         worker.stop_system_metrics()  # a worker that fails leaves no monitor thread logging into the run

@@ -455,6 +455,8 @@ class RunDriver:
         self.logged_upto = 0  # metrics of steps up to here are in MLflow already (a restart re-runs some)
         self.end: Optional[rec.End] = None
         self.failure: Optional[BaseException] = None  # Ray Train's TrainingFailedError, when training failed
+        self.failures_this_attempt: list[rec.Failure] = []  # what each failing worker said, this attempt
+        self.attempt, self.started_at_failure = 0, -1  # failures are numbered by worker-group attempt
         self.out: Optional[RunOutcome] = None
 
     # ------------------------------------------------------------ the whole run
@@ -638,6 +640,21 @@ class RunDriver:
             out.evals = dict(msg.metrics)
         elif isinstance(msg, rec.End):
             self.end = msg
+        elif isinstance(msg, rec.Failure):
+            self.on_failure(msg)
+
+    def on_failure(self, f: rec.Failure) -> None:
+        """A worker's exception: said on the console (a restart follows, or the run fails) and kept in the run."""
+        if self.starts > self.started_at_failure or any(g.rank == f.rank for g in self.failures_this_attempt):
+            self.attempt += 1  # the workers came up again (or a rank failed twice): a new attempt
+            self.failures_this_attempt = []
+        self.started_at_failure = self.starts
+        attempt = self.attempt
+        name = f"failures/attempt_{attempt}_rank_{f.rank}.txt"
+        self.failures_this_attempt.append(f)
+        self.progress.note(f"worker rank {f.rank} failed after step {f.step}: {f.error} (traceback: MLflow artifact {name})")
+        self.tracker.log_text(self.run_id, f.traceback or f.error, name)
+        self.tracker.set_tags(self.run_id, {Tag.LAST_WORKER_ERROR: f"attempt {attempt}, rank {f.rank}, step {f.step}: {f.error}"[:5000]})
 
     # ------------------------------------------------------------ the end of a run
 
