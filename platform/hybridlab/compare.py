@@ -736,9 +736,9 @@ def compare(experiment: str, runs: Sequence[str] = (), metric: str = "auto", out
         if not console.is_terminal:  # piped or captured: do not squeeze the table into 80 columns
             console = Console(width=max(console.width, 200))
     c = build(experiment, runs, metric, uri, latest, status, best_of, select, select_mode)
-    for g in c.groups:
-        if g["run_id"] is None:
-            console.print(f"[yellow]{g['label']}: no run has {c.select}; left out[/yellow]")
+    missing = [g["label"] for g in c.groups if g["run_id"] is None]
+    if missing:  # e.g. the groups of another task in a sweep over tasks
+        console.print(f"[yellow]{len(missing)} group(s) without {c.select} left out: {', '.join(missing)[:300]}[/yellow]")
     out_dir = out or os.path.join("comparisons", re.sub(r"[^\w.-]+", "-", experiment))
     render_table(c, console)
     write_outputs(c, out_dir)
