@@ -151,58 +151,62 @@ class ModArith(Task):
         leaves ``d -d (d) (-d)``, a left size uniform in [1, n-4]) and ``random`` (a node is bracketed with
         probability ``BRACKET_P``, else split at a uniform odd left size; * binds tighter)."""
         m, n_ops, full = self.modulus, self.n_ops, self.full
-        B = len(E)
-        tokens = np.zeros((B, int(E.max())), dtype=np.int64)
-        row, off, size = np.arange(B), np.zeros(B, dtype=np.int64), np.asarray(E, dtype=np.int64).copy()
+        B, W = len(E), int(np.max(E))
+        flat = np.zeros(B * W, dtype=np.int64)  # the token matrix, flat: a node is addressed by one index
+        at0, size = np.arange(B, dtype=np.int64) * W, np.asarray(E, dtype=np.int64).copy()  # each node's first token
         node = np.arange(B)  # node ids; the roots are 0..B-1
         n_nodes = B
         leaves: list = []  # (ids, value) per level
         inner: list = []  # (ids, kind, op, left ids, right ids) per level
-        while len(row):
-            u = rng.random((len(row), 3))
+        digit_at = np.array([0, 0, 1, 1, 2])  # a leaf of size s has its digit at offset digit_at[s]
+        while len(at0):
+            u = rng.random((len(at0), 3))
             leaf = size <= (4 if full else 1)
+            li, ki = np.flatnonzero(leaf), np.flatnonzero(~leaf)
             # leaves: a number, in full style also -d, (d), (-d) for sizes 2, 3, 4
-            r, o, s, d = row[leaf], off[leaf], size[leaf], (u[leaf, 0] * m).astype(np.int64)
-            at = o + np.array([0, 0, 1, 1, 2])[s]  # where the digit goes
-            tokens[r, at] = NUM0 + d
-            neg = (s == 2) | (s == 4)
-            tokens[r[neg], (at - 1)[neg]] = self.MINUS
-            br = s >= 3
-            tokens[r[br], o[br]] = self.LPAR
-            tokens[r[br], (o + s - 1)[br]] = self.RPAR
-            leaves.append((node[leaf], np.where(neg, -d, d) % m))
-            keep = ~leaf
-            r, o, s, ids, u = row[keep], off[keep], size[keep], node[keep], u[keep]
+            a, sz, d = at0[li], size[li], (u[li, 0] * m).astype(np.int64)
+            flat[a + digit_at[sz]] = NUM0 + d
+            if full:
+                neg = (sz == 2) | (sz == 4)
+                flat[a[neg] + (sz[neg] == 4)] = self.MINUS
+                br = sz >= 3
+                flat[a[br]] = self.LPAR
+                flat[(a + sz - 1)[br]] = self.RPAR
+                d = np.where(neg, -d, d) % m
+            leaves.append((node[li], d))
+            a, sz, ids, u = at0[ki], size[ki], node[ki], u[ki]
             op = (u[:, 2] * n_ops).astype(np.int64)
             if full:  # "(" left op right ")"
-                left = 1 + (u[:, 1] * (s - 4)).astype(np.int64)
-                kind = np.full(len(r), _CLOSED)
-                tokens[r, o] = self.LPAR
-                tokens[r, o + 1 + left] = self.PLUS + op
-                tokens[r, o + s - 1] = self.RPAR
-                child_off = [o + 1, o + 2 + left]
-                child_size = [left, s - left - 3]
-                two = np.ones(len(r), dtype=bool)
+                left = 1 + (u[:, 1] * (sz - 4)).astype(np.int64)
+                kind = np.full(len(a), _CLOSED)
+                flat[a] = self.LPAR
+                flat[a + 1 + left] = self.PLUS + op
+                flat[a + sz - 1] = self.RPAR
+                child_at = [a + 1, a + 2 + left]
+                child_size = [left, sz - left - 3]
+                two = np.ones(len(a), dtype=bool)
             else:  # "(" child ")" or left op right
                 bracket = u[:, 0] < BRACKET_P
-                left = 2 * (u[:, 1] * ((s - 1) // 2)).astype(np.int64) + 1  # odd in [1, s - 2]
+                left = 2 * (u[:, 1] * ((sz - 1) // 2)).astype(np.int64) + 1  # odd in [1, s - 2]
                 kind = np.where(bracket, _BRACKET, _SPLIT)
-                tokens[r[bracket], o[bracket]] = self.LPAR
-                tokens[r[bracket], (o + s - 1)[bracket]] = self.RPAR
-                tokens[r[~bracket], (o + left)[~bracket]] = (self.PLUS + op)[~bracket]
-                child_off = [np.where(bracket, o + 1, o), o + left + 1]
-                child_size = [np.where(bracket, s - 2, left), s - 1 - left]
+                bi, si = np.flatnonzero(bracket), np.flatnonzero(~bracket)
+                flat[a[bi]] = self.LPAR
+                flat[a[bi] + sz[bi] - 1] = self.RPAR
+                flat[a[si] + left[si]] = self.PLUS + op[si]
+                child_at = [np.where(bracket, a + 1, a), a + left + 1]
+                child_size = [np.where(bracket, sz - 2, left), sz - 1 - left]
                 two = ~bracket
-            lid = n_nodes + np.arange(len(r))
-            n_nodes += len(r)
-            rid = np.full(len(r), -1)
-            rid[two] = n_nodes + np.arange(int(two.sum()))
-            n_nodes += int(two.sum())
+            n_two = int(two.sum())
+            lid = n_nodes + np.arange(len(a))
+            n_nodes += len(a)
+            rid = np.full(len(a), -1)
+            rid[two] = n_nodes + np.arange(n_two)
+            n_nodes += n_two
             inner.append((ids, kind, op, lid, rid))
-            row = np.concatenate([r, r[two]])
-            off = np.concatenate([child_off[0], child_off[1][two]])
+            at0 = np.concatenate([child_at[0], child_at[1][two]])
             size = np.concatenate([child_size[0], child_size[1][two]])
             node = np.concatenate([lid, rid[two]])
+        tokens = flat.reshape(B, W)
         return tokens, _fold(n_nodes, leaves, inner, m)[:B]
 
     # -- solving
