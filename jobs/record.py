@@ -50,6 +50,7 @@ class Tag:
     CHECKPOINT = "hybridlab.checkpoint"  # on an eval run: the checkpoint it scored
     LAST_EVAL = "hybridlab.last_eval"
     COMPARED_RUNS = "hybridlab.compared_runs"
+    STOPPED_EARLY = "hybridlab.stopped_early"  # train.early_stop ended training: the step it stopped at
     PARENT = "mlflow.parentRunId"  # MLflow's own nesting tag
     NOTE = "mlflow.note.content"
 
@@ -85,6 +86,20 @@ EVAL_METRIC_RE = re.compile(r"^eval/(?P<task>[^/]+)/len_(?P<len>\d+)/(?P<what>[^
 
 def metric_name(task: str, seq_len: int, what: str = "acc") -> str:
     return f"eval/{task}/len_{seq_len}/{what}"
+
+
+# ---- the best value of a validated metric over a run (train.eval_every: jobs/validation.py)
+BEST_PREFIX, BEST_STEP_PREFIX = "best/", "best_step/"
+
+
+def best_metric(metric: str) -> str:
+    """``best/<metric>``: the metric's best value over the run's validation points and final evals."""
+    return BEST_PREFIX + metric
+
+
+def best_step_metric(metric: str) -> str:
+    """``best_step/<metric>``: the step at which ``best/<metric>`` was reached."""
+    return BEST_STEP_PREFIX + metric
 
 
 # ---- text evals (jobs/text_evals.py): lm-evaluation-harness, needle-in-a-haystack, per-position perplexity
@@ -196,7 +211,8 @@ class Checkpoint:
 
 @dataclass
 class Eval(_StepMetrics):
-    """The evals after training (``metric_name`` names -> values)."""
+    """Eval metrics at ``step`` (``metric_name`` names -> values): the validation evals during training
+    (``train.eval_every``), and the evals after training with the run's ``best/`` metrics."""
 
 
 @dataclass
@@ -210,6 +226,7 @@ class End:
     loss: Optional[float] = None
     acc: Optional[float] = None
     evals: dict = field(default_factory=dict)
+    stopped_early: Optional[int] = None  # train.early_stop ended training at this step (status FINISHED)
     time: float = field(default_factory=_now)
 
 
