@@ -5,7 +5,7 @@ One monitor per node: the worker with local rank 0 of each node starts mlflow's
 ``system/node_0/cpu_utilization_percentage``, ``system/node_1/gpu_0_utilization_percentage``, ...
 GPU metrics need ``nvidia-ml-py`` (in the ``train`` extra); without a GPU they are simply absent.
 The job's ``tracking.system_metrics: false`` turns it off, ``tracking.system_metrics_interval``
-sets the sampling interval (seconds). :func:`set_run_tags` tags the run from a worker. mlflow is imported here only, lazily (``jobs`` never needs it
+sets the sampling interval (seconds). mlflow is imported here only, lazily (``jobs`` never needs it
 otherwise).
 """
 
@@ -48,26 +48,6 @@ def start_system_metrics(run: dict, tracking: dict, local_rank: int, node_rank: 
     except Exception as e:  # pragma: no cover - an unreachable store must not stop training
         print(f"[hybridlab] warning: system metrics not recorded ({type(e).__name__}: {str(e)[:200]})", flush=True)
         return None
-
-
-def set_run_tags(run: dict, tags: dict) -> bool:
-    """Tag the run in MLflow from a worker (``run``: ``RunPlace`` as a dict); the driver's record only
-    carries statuses, so a worker's own findings (``hybridlab.stopped_early``) go here. False when
-    the run is untracked or the store cannot be reached (a warning; training's result stands)."""
-    run_id, uri = run.get("mlflow_run_id"), run.get("tracking_uri")
-    if not run_id or not uri:
-        print(f"[hybridlab] {tags}", flush=True)
-        return False
-    try:
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(tracking_uri=uri)
-        for k, v in tags.items():
-            client.set_tag(run_id, k, v)
-        return True
-    except Exception as e:  # pragma: no cover - an unreachable store must not fail a finished run
-        print(f"[hybridlab] warning: tags {tags} not recorded ({type(e).__name__}: {str(e)[:200]})", flush=True)
-        return False
 
 
 def stop_system_metrics(monitor: Optional[object]) -> None:

@@ -46,7 +46,7 @@ from hybridlab.jobs import record as rec
 from hybridlab.jobs.control import ProgressSender, StopRequest
 from hybridlab.jobs.data import TrainStream
 from hybridlab.jobs.evals import run_evals
-from hybridlab.jobs.record import Metric, Status, Tag
+from hybridlab.jobs.record import Metric, Status
 from hybridlab.jobs.validation import Validation
 from hybridlab.jobs.step import (  # noqa: F401  (deepspeed_config, lr_lambda, ...: part of this module's API)
     PEAK_FLOPS,
@@ -418,10 +418,6 @@ def train_loop_per_worker(config: dict) -> None:
                     worker.validation.observe(end.step, end.evals, validated_only=True)
                     best = worker.validation.best_metrics()
                 worker.progress.send(rec.Eval(step=end.step, metrics={**end.evals, **best}))
-        if end.stopped_early is not None and worker.rank == 0:
-            from hybridlab.jobs.sysmetrics import set_run_tags
-
-            set_run_tags(asdict(worker.place), {Tag.STOPPED_EARLY: str(end.stopped_early)})
         worker.finish(end)
     except Exception as e:  # an interrupt is not a failure to explain
         worker.progress.send_failure(rec.Failure.of(e, worker.rank, worker.state.step))

@@ -687,7 +687,8 @@ class RunDriver:
             from .text_report import log_text_eval_artifacts
 
             log_text_eval_artifacts(t.client, self.run_id, out.evals, self.label, self.job.seq_len)  # NIAH heatmap, loss-by-position PNGs
-        t.set_tags(self.run_id, {Tag.STATUS: out.status, **({Tag.ERROR: out.message[:5000]} if out.message else {})})
+        early = {Tag.STOPPED_EARLY: str(end.stopped_early)} if end is not None and end.stopped_early is not None else {}
+        t.set_tags(self.run_id, {Tag.STATUS: out.status, **early, **({Tag.ERROR: out.message[:5000]} if out.message else {})})
         t.terminate(self.run_id, Status.mlflow(out.status))
 
 
