@@ -494,13 +494,15 @@ def _sweep_resume_plan(tracker, parent_id: str, job_file: str, job, jobs):
     if Tag.SWEEP not in parent.data.tags or parent.data.tags.get(Tag.PARENT):
         raise UserError(f"{flag}: MLflow run {parent_id} is not the parent run of a `hybridlab run` sweep "
                         f"(no {Tag.SWEEP} tag); give the id printed as 'sweep parent run id'")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     saved = _run_job_artifact(tracker.client, parent_id)
+    if not saved or not saved.get("sweep"):
+        raise UserError(f"{flag}: MLflow run {parent_id} has no job.yaml artifact with its sweep to compare this "
+                        f"job's with (a sweep started before --resume-sweep existed)")
     try:
-        theirs = [dict(c) for c in from_resolved(saved).spec.sweep.combinations()] if saved else None
+        theirs = [dict(c) for c in from_resolved(saved).spec.sweep.combinations()]
     except SpecError as e:
         raise UserError(f"{flag}: the sweep parent's job.yaml does not load: {e}") from None
-    if theirs is None:
-        raise UserError(f"{flag}: MLflow run {parent_id} has no job.yaml artifact to compare the sweep with")
     key = lambda combo: json.dumps(combo, sort_keys=True, default=str)  # noqa: E731
     ours = [key(j.sweep_values) for j in jobs]
     if sorted(ours) != sorted(key(c) for c in theirs):
@@ -623,7 +625,10 @@ def _open_parent(tracker, job, experiment: str, n: int, progress: Progress) -> s
     parent_name = job.spec.tracking.run_name or job.spec.name or f"{experiment}-sweep"
     parent_id = tracker.create_run(experiment, parent_name, _base_tags(job, sweep=True))
     tracker.log_params(parent_id, {f"sweep.{k}": v for k, v in job.spec.sweep.items()})
-    tracker.log_text(parent_id, job.to_yaml(), "job.yaml")
+    from hybridlab.jobs.spec import dump_yaml
+
+    # the whole job, its sweep included: what --resume-sweep compares a job with
+    tracker.log_text(parent_id, dump_yaml({**job.resolved, "sweep": job.spec.sweep}), "job.yaml")
     progress.note(f"sweep: {n} runs under MLflow parent run {parent_id}")
     return parent_id
 
