@@ -159,7 +159,7 @@ def test_concurrent_runs_stop_together_and_resume_as_a_sweep(tmp_path):
 
 @pytest.mark.slow
 def test_resume_sweep_runs_only_the_unfinished_combinations(tmp_path):
-    job = job_file(tmp_path, "seq", steps=100, concurrent=1)
+    job = job_file(tmp_path, "seq", steps=60, concurrent=1)
 
     def second_run_training(lines):  # sequential: Ctrl-C at step 3 of the second combination
         return any(ln.startswith(f"[train.lr={LRS[1]}] training") for ln in lines) and lines[-1].startswith("step 3/")
@@ -193,7 +193,7 @@ def test_resume_sweep_runs_only_the_unfinished_combinations(tmp_path):
     kids2 = children(c, parent)
     assert sorted(kids2) == LRS and all(r.info.status == "FINISHED" for r in kids2.values())
     assert kids2[LRS[0]].info.end_time == first.info.end_time  # not touched
-    assert steps_of(c, first.info.run_id) == list(range(1, 101))
+    assert steps_of(c, first.info.run_id) == list(range(1, 61))
     assert kids2[LRS[1]].info.run_id == second.info.run_id  # continued, not duplicated
     assert steps_of(c, second.info.run_id) == list(range(1, final + 1))
     assert steps_of(c, kids2[LRS[2]].info.run_id) == list(range(1, final + 1))
