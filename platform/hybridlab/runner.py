@@ -527,12 +527,18 @@ def _sweep_resume_plan(tracker, parent_id: str, job_file: str, job, jobs):
             finished[i] = _earlier_outcome(tracker, done[-1], j.label)
             targets.append(None)
             continue
-        live = [r for r in runs if r.info.status == "RUNNING"]
+        # RUNNING here: close_orphaned_runs closed those whose driver on this host is gone, so it is alive.
+        # RUNNING on another host: left so by a driver that was killed outright (a lent machine handed
+        # back, SIGKILL at a time limit) as far as this host can tell; it is continued, and says so.
+        live = [r for r in runs if r.info.status == "RUNNING" and r.data.tags.get(Tag.HOST) == socket.gethostname()]
         if live:
             r = live[-1]
             raise UserError(f"{flag}: run {r.info.run_id} ({j.label}) is still running (driver "
-                            f"{r.data.tags.get(Tag.DRIVER_PID, '?')} on {r.data.tags.get(Tag.HOST, '?')}); stop it first")
+                            f"{r.data.tags.get(Tag.DRIVER_PID, '?')} on this host); stop it first")
         last = next((r for r in reversed(runs) if Tag.RUN_NAME in r.data.tags and Tag.STORAGE in r.data.tags), None)
+        if last is not None and last.info.status == "RUNNING":
+            print(f"note: run {last.info.run_id} ({j.label}) was left RUNNING by a driver on "
+                  f"{last.data.tags.get(Tag.HOST, '?')}; continuing it here from its latest checkpoint", flush=True)
         targets.append(ResumeTarget(last.info.run_id, last.data.tags[Tag.RUN_NAME], last.data.tags[Tag.STORAGE])
                        if last else None)
     return experiment, targets, finished
