@@ -49,6 +49,7 @@ class Tag:
     CHECKPOINT = "hybridlab.checkpoint"  # on an eval run: the checkpoint it scored
     LAST_EVAL = "hybridlab.last_eval"
     COMPARED_RUNS = "hybridlab.compared_runs"
+    SUPERSEDED = "hybridlab.superseded"  # on a sweep child --resume-sweep could not continue (no checkpoint): started anew
     PARENT = "mlflow.parentRunId"  # MLflow's own nesting tag
     NOTE = "mlflow.note.content"
 

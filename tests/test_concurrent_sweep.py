@@ -242,3 +242,49 @@ def test_resume_sweep_refuses_what_is_not_its_sweep(tmp_path):
             run_job(job, resume=plain_run, resume_sweep=plain_run)
     finally:
         del os.environ["MLFLOW_TRACKING_URI"]
+
+
+def test_resume_sweep_plan_skips_finished_continues_checkpointed_restarts_the_rest(tmp_path, monkeypatch):
+    """The plan on a real MLflow store (no Ray): a FINISHED child is skipped, a KILLED one with a registered
+    checkpoint is continued (same run), a KILLED one without any starts anew (the old one tagged)."""
+    import json
+
+    from hybridlab.jobs.record import Tag
+    from hybridlab.jobs.spec import dump_yaml, expand_sweep, load_job
+    from hybridlab.runner import _sweep_resume_plan
+    from hybridlab.tracking import Tracker
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    job_path = job_file(tmp_path, "plan", steps=4, concurrent=2)
+    job = load_job(job_path)
+    jobs = expand_sweep(job_path, job=job)
+    storage = str(tmp_path / "runs")
+    t = Tracker(uri)
+    parent = t.create_run("plan", "plan-sweep", {Tag.SWEEP: "train.lr"})
+    t.log_text(parent, dump_yaml({**job.resolved, "sweep": job.spec.sweep}), "job.yaml")
+    kids = []
+    for i, (j, status) in enumerate(zip(jobs, ("FINISHED", "KILLED", "KILLED"))):
+        rid = t.create_run("plan", j.label, {Tag.RUN_NAME: f"r{i}", Tag.STORAGE: storage, Tag.SWEEP_VALUES: j.label},
+                           parent)
+        t.log_metrics(rid, {"train/loss": 1.0 + i}, 4)
+        t.terminate(rid, status)
+        kids.append(rid)
+    t.close()
+    ckpt = tmp_path / "runs" / "r1" / "step_00000002"  # only the second child has a registered checkpoint
+    ckpt.mkdir(parents=True)
+    (tmp_path / "runs" / "r1" / "checkpoint_manager_snapshot.json").write_text(
+        json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name": ckpt.name}}))
+    (tmp_path / "runs" / "r2").mkdir()
+
+    t = Tracker(uri)
+    try:
+        experiment, targets, finished = _sweep_resume_plan(t, parent, job_path, job, jobs)
+    finally:
+        t.close()
+    assert experiment == "plan"
+    assert list(finished) == [0] and finished[0].run_id == kids[0] and finished[0].step == 4
+    assert targets[0] is None
+    assert targets[1] is not None and (targets[1].run_id, targets[1].run_name, targets[1].storage) == (kids[1], "r1", storage)
+    assert targets[2] is None  # a new child
+    assert "no checkpoint" in client(tmp_path).get_run(kids[2]).data.tags[Tag.SUPERSEDED]

@@ -536,12 +536,28 @@ def _sweep_resume_plan(tracker, parent_id: str, job_file: str, job, jobs):
             raise UserError(f"{flag}: run {r.info.run_id} ({j.label}) is still running (driver "
                             f"{r.data.tags.get(Tag.DRIVER_PID, '?')} on this host); stop it first")
         last = next((r for r in reversed(runs) if Tag.RUN_NAME in r.data.tags and Tag.STORAGE in r.data.tags), None)
+        if last is not None and _no_checkpoint(last.data.tags[Tag.STORAGE], last.data.tags[Tag.RUN_NAME]):
+            # nothing to continue from (stopped before its first checkpoint, or its folder was not brought
+            # along): continuing the run would put a new step 1.. beside the old steps; a new child instead
+            tracker.set_tags(last.info.run_id, {Tag.SUPERSEDED: "restarted as a new run by --resume-sweep "
+                                                                "(no checkpoint to continue from)"})
+            print(f"note: run {last.info.run_id} ({j.label}) has no checkpoint in "
+                  f"{last.data.tags[Tag.STORAGE]}/{last.data.tags[Tag.RUN_NAME]}; starting that combination anew",
+                  flush=True)
+            last = None
         if last is not None and last.info.status == "RUNNING":
             print(f"note: run {last.info.run_id} ({j.label}) was left RUNNING by a driver on "
                   f"{last.data.tags.get(Tag.HOST, '?')}; continuing it here from its latest checkpoint", flush=True)
         targets.append(ResumeTarget(last.info.run_id, last.data.tags[Tag.RUN_NAME], last.data.tags[Tag.STORAGE])
                        if last else None)
     return experiment, targets, finished
+
+
+def _no_checkpoint(storage: str, run_name: str) -> bool:
+    """True when a run on local storage has no registered checkpoint (remote storage: not known, False)."""
+    from hybridlab.jobs.checkpoint import is_local, latest_registered, local_path
+
+    return is_local(storage) and latest_registered(str(Path(local_path(storage)) / run_name)) is None
 
 
 def _combo_text(combo: dict) -> str:
