@@ -168,8 +168,10 @@ class Progress:
             if self.plain:
                 self._print(f"[{label}] training {total} steps" + (f" (resuming at step {done})" if done else ""))
                 return None
+            from rich.markup import escape
+
             self._ensure_bar()
-            self._task = self._bar.add_task(label, total=total, completed=done, info="")
+            self._task = self._bar.add_task(escape(label), total=total, completed=done, info="")
             return self._task
 
     def update(self, step: int, total: int, m: dict, task=None, prefix: str = "") -> None:
@@ -205,7 +207,7 @@ class Progress:
     def note(self, text: str) -> None:
         with self._lock:
             if self._bar is not None:
-                self._bar.console.print(text)
+                self._bar.console.print(text, markup=False, highlight=False)  # "[train.lr=…] " is not markup
             else:
                 self._print(text)
 
