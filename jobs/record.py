@@ -32,6 +32,7 @@ class Tag:
     KIND = "hybridlab.kind"  # comparison | eval for runs that are not training runs
     SWEEP = "hybridlab.sweep"  # on a sweep's parent run: the swept keys
     SWEEP_VALUES = "hybridlab.sweep_values"  # on a sweep child: its combination, "k=v, k=v"
+    SUPERSEDED = "hybridlab.superseded"  # on a sweep child --resume-sweep could not continue (no checkpoint): started anew
     LAYOUT = "hybridlab.layout"
     MODEL = "hybridlab.model"
     PARAMS = "hybridlab.params"
@@ -49,7 +50,6 @@ class Tag:
     CHECKPOINT = "hybridlab.checkpoint"  # on an eval run: the checkpoint it scored
     LAST_EVAL = "hybridlab.last_eval"
     COMPARED_RUNS = "hybridlab.compared_runs"
-    SUPERSEDED = "hybridlab.superseded"  # on a sweep child --resume-sweep could not continue (no checkpoint): started anew
     PARENT = "mlflow.parentRunId"  # MLflow's own nesting tag
     NOTE = "mlflow.note.content"
 
