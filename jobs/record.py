@@ -32,6 +32,7 @@ class Tag:
     KIND = "hybridlab.kind"  # comparison | eval for runs that are not training runs
     SWEEP = "hybridlab.sweep"  # on a sweep's parent run: the swept keys
     SWEEP_VALUES = "hybridlab.sweep_values"  # on a sweep child: its combination, "k=v, k=v"
+    SUPERSEDED = "hybridlab.superseded"  # on a sweep child --resume-sweep could not continue (no checkpoint): started anew
     LAYOUT = "hybridlab.layout"
     MODEL = "hybridlab.model"
     PARAMS = "hybridlab.params"

@@ -119,6 +119,7 @@ class ResourcesSpec:
     custom: dict[str, float] = field(default_factory=dict)  # extra Ray resources per worker
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     max_failures: int = 1
+    concurrent_runs: int = 1  # sweep combinations trained at once, each its own TorchTrainer (fractional resources pack them)
 
 
 @dataclass
@@ -429,6 +430,7 @@ def _check_values(spec: JobSpec, src: Source) -> None:
     pos(src, ("train", "lr"), t.lr)
     pos(src, ("train", "log_every"), t.log_every)
     pos(src, ("resources", "workers"), r.workers)
+    pos(src, ("resources", "concurrent_runs"), r.concurrent_runs)
     pos(src, ("storage", "keep"), spec.storage.keep)
     pos(src, ("tracking", "system_metrics_interval"), spec.tracking.system_metrics_interval)
     if spec.data.seq_len is not None:
