@@ -7,8 +7,19 @@
   partial rotation (A odd) and full rotation (2A = N), non-power-of-two lengths, a carried state,
   packed documents; and the op saves no (b, l, H, R, N) / (b, l, H, R, P) tensor for backward;
   the kernels' sincos (one range reduction for both) against float64 sin/cos up to |x| = 1e4;
+* guard zones (tests/guard_zones.py): every tensor the kernels touch is a view into a larger buffer
+  whose margins and gaps are NaN, so an unmasked out-of-range read makes an output NaN and a write
+  out of range changes a margin — over the cases above and over the GPU tests' shapes scaled down for
+  the interpreter (64 heads, d_state 128 with 32 angles, lengths that are not a multiple of the chunk,
+  state on and off, packed documents); the harness itself catches a planted read and write past the end;
+* the fallback: when the fused kernels cannot launch for a shape class, the op runs the unfused chain
+  qk_prep -> rank_expand -> ssm_scan (values and gradients as the reference) with one warning;
+  HYBRIDLAB_SSM_FUSED=0 keeps the fused path off;
 * the dispatcher: the torch backend is the reference chain, bad shapes raise;
-* full-size bf16 / fp32 checks on CUDA (marked gpu).
+* the kernels' shared memory and spills for Hopper (kernels/bench/triton_resources.py: compiled for
+  sm_90 on this CPU, when triton's ptxas is here);
+* full-size bf16 / fp32 checks on CUDA (marked gpu), each in its own process (a fault cannot poison
+  the others) with CUDA_LAUNCH_BLOCKING=1 and guard zones on the device.
 """
 
 from __future__ import annotations
@@ -121,6 +132,30 @@ def sincos_errors():
     return out
 
 
+# The GPU tests' shapes (64 heads, d_state 128 with 32 angles, 1000 tokens: 15 full chunks and a partial one, a state)
+# scaled down for the interpreter, keeping their edges: the head count, d_state / angles (two column steps in backward
+# pass 2), a length that is not a multiple of the chunk, state on and off, the packed case's documents.
+GUARD_CASES = [
+    # b, l, h, r, n, p, A, norm, bias, with_state, chunk, docs
+    (1, 10, 64, 1, 16, 16, 4, True, True, True, 16, None),  # 64 heads, SISO, one partial chunk, state
+    (1, 23, 3, 1, 128, 16, 32, True, True, False, 16, None),  # d_state 128 / 32 angles (the layer's), no state
+    (2, 21, 2, 4, 128, 16, 32, True, True, True, 4, None),  # MIMO R=4, N 128, 6 chunks (last partial), state
+    (2, 30, 1, 4, 32, 16, 8, True, True, True, 4,
+     [[0] * 9 + [1] * 1 + [2] * 7 + [3] * 13, [7] * 30]),  # the packed GPU case's structure: a 1-token document
+]
+
+
+def guarded_fused_case(*case, **kw):
+    """``fused_case`` with every kernel of the fused op run inside guard zones; -> (errors, violations)."""
+    import importlib
+
+    from guard_zones import guard_fused
+
+    with guard_fused(importlib.import_module("hybridlab.kernels.ssm_scan.triton_fused")) as violations:
+        errs = fused_case(*case, **kw)
+    return errs, violations
+
+
 _INTERP_SCRIPT = textwrap.dedent(
     """
     import sys
@@ -128,9 +163,9 @@ _INTERP_SCRIPT = textwrap.dedent(
     import test_ssm_fused as t
     fails = []
     for case in t.FUSED_CASES:
-        errs = t.fused_case(*case)
-        print(case[:11], {k: f"{v:.1e}" for k, v in errs.items()})
-        fails += [(case[:11], k, v) for k, v in errs.items() if not v < 1e-4]
+        errs, bad = t.guarded_fused_case(*case)
+        print(case[:11], {k: f"{v:.1e}" for k, v in errs.items()}, bad)
+        fails += [(case[:11], k, v) for k, v in errs.items() if not v < 1e-4] + [(case[:11], v) for v in bad]
     errs = t.sincos_errors()
     print("sincos max abs err by |x| scale:", errs)
     fails += [("sincos", k, v) for k, v in errs.items() if not v < 3e-7]
@@ -147,6 +182,133 @@ _INTERP_SCRIPT = textwrap.dedent(
 @pytest.mark.skipif(not has_module("triton"), reason="triton not installed")
 def test_fused_triton_interpreter_matches_reference():
     run_under_interpreter(_INTERP_SCRIPT)
+
+
+_GUARD_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, TESTS_DIR)
+    import test_ssm_fused as t
+    fails = []
+    for case in t.GUARD_CASES:
+        errs, bad = t.guarded_fused_case(*case)
+        print(case[:11], max(errs.values()), bad)
+        fails += [(case[:11], k, v) for k, v in errs.items() if not v < 1e-4] + [(case[:11], v) for v in bad]
+    print("FAILS", fails)
+    sys.exit(1 if fails else 0)
+    """
+)
+
+
+@pytest.mark.skipif(not has_module("triton"), reason="triton not installed")
+def test_fused_kernels_stay_in_bounds_at_the_gpu_tests_shapes():
+    """No read or write outside any tensor, every output element written, at the GPU tests' edge structure."""
+    run_under_interpreter(_GUARD_SCRIPT)
+
+
+@triton.jit
+def _shifted_copy_kernel(X, Y, n, READ_SHIFT: tl.constexpr, WRITE_SHIFT: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    tl.store(Y + i + WRITE_SHIFT, tl.load(X + i + READ_SHIFT, mask=i < n), mask=i < n)
+
+
+def harness_catches(read_shift: int, write_shift: int) -> list:
+    """Violations the guard-zone harness reports for a copy that reads / writes that far past the tensors' ends."""
+    from guard_zones import guarded_launches
+
+    from hybridlab.kernels.ssm_scan.triton_fused import Launch
+
+    x, y = torch.randn(10), torch.zeros(10)
+    bad: list = []
+    guarded_launches([Launch(_shifted_copy_kernel, (1,), (x, y, 10), dict(READ_SHIFT=read_shift, WRITE_SHIFT=write_shift,
+                                                                          BLOCK=16), 1, 1)], bad)
+    return bad
+
+
+_HARNESS_SCRIPT = textwrap.dedent(
+    """
+    import sys, warnings
+    sys.path.insert(0, TESTS_DIR)
+    import importlib
+    import test_ssm_fused as t
+    fails = []
+    clean, over_read, over_write = t.harness_catches(0, 0), t.harness_catches(1, 0), t.harness_catches(0, 1)
+    print("harness:", clean, over_read, over_write)
+    if clean or not any("not finite" in v for v in over_read) or not any("guard elements written" in v for v in over_write):
+        fails.append(("guard-zone harness", clean, over_read, over_write))
+
+    # the fallback: a class whose kernels cannot launch runs the unfused chain, values and gradients as the reference
+    tf = importlib.import_module("hybridlab.kernels.ssm_scan.triton_fused")
+    calls = []
+    tf._probe = lambda sc: (calls.append(sc), "simulated: 300000 B of shared memory")[1]
+    unfused = tf._unfused_fwd, tf._unfused_bwd
+    used = []
+    tf._unfused_fwd = lambda *a: (used.append("fwd"), unfused[0](*a))[1]
+    tf._unfused_bwd = lambda *a: (used.append("bwd"), unfused[1](*a))[1]
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        for case in (t.FUSED_CASES[0], t.FUSED_CASES[2], t.FUSED_CASES[5]):
+            for _ in range(2):
+                errs = t.fused_case(*case)
+                print("fallback", case[:7], max(errs.values()))
+                fails += [("fallback", case[:7], k, v) for k, v in errs.items() if not v < 1e-4]
+    msgs = [str(x.message) for x in w if issubclass(x.category, RuntimeWarning) and "unfused chain" in str(x.message)]
+    print("warnings:", msgs)
+    print("probed classes:", len(calls), "unfused calls:", used.count("fwd"), used.count("bwd"))
+    if len(msgs) != len(calls) or len(calls) != 3 or "R=4 d_state=32 headdim=16" not in " ".join(msgs):
+        fails.append(("one warning per shape class, naming it", msgs, len(calls)))
+    if used.count("fwd") != 6 or used.count("bwd") != 6:  # one triton forward and backward per fused_case
+        fails.append(("the unfused chain ran", used))
+    print("FAILS", fails)
+    sys.exit(1 if fails else 0)
+    """
+)
+
+
+@pytest.mark.skipif(not has_module("triton"), reason="triton not installed")
+def test_guard_harness_and_unlaunchable_fallback():
+    """The guard-zone harness flags a planted out-of-range read and write; a shape class the fused kernels cannot
+    launch falls back to the unfused chain with one warning per class and the reference's values and gradients."""
+    run_under_interpreter(_HARNESS_SCRIPT)
+
+
+_OFF_SCRIPT = textwrap.dedent(
+    """
+    import importlib, torch
+    from hybridlab.kernels import ssm_scan_fused
+    from hybridlab.kernels.ssm_scan.fused import fused_supported
+    tf = importlib.import_module("hybridlab.kernels.ssm_scan.triton_fused")
+    B, x, la = torch.randn(1, 8, 1, 16), torch.randn(1, 8, 2, 16), -torch.rand(1, 8, 2)
+    ok, why = fused_supported(B, x, None)
+    assert not ok and "HYBRIDLAB_SSM_FUSED=0" in why, (ok, why)
+    tf.ssm_scan_fused_triton = None  # auto must not reach the fused kernels
+    y, _ = ssm_scan_fused(B, B, None, None, None, None, None, x, None, la, la.exp(), la.exp(), eps=1e-5)
+    assert y.shape == (1, 8, 2, 1, 16)
+    print("ok")
+    """
+)
+
+
+@pytest.mark.skipif(not has_module("triton"), reason="triton not installed")
+def test_fused_path_off_switch():
+    run_under_interpreter(_OFF_SCRIPT, HYBRIDLAB_SSM_FUSED="0")
+
+
+def test_hopper_resources_of_the_default_configs():
+    """The default configs' largest kernels (R 4, d_state 128, bf16 and fp32) compiled for sm_90 fit Hopper's
+    227 KiB of shared memory and do not spill heavily (kernels/bench/triton_resources.py)."""
+    import subprocess
+    import sys
+
+    from hybridlab.kernels.bench.triton_resources import check_available
+
+    why = check_available()
+    if why:
+        pytest.skip(f"cannot compile for CUDA here: {why}")
+    proc = subprocess.run([sys.executable, "-m", "hybridlab.kernels.bench.triton_resources", "--set", "default"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "fused_fwd_kernel" in proc.stdout and "fused_bwd_chunk_kernel" in proc.stdout, proc.stdout
 
 
 # ---------------------------------------------------------------- dispatcher (CPU)
@@ -198,6 +360,96 @@ def test_triton_backend_without_cuda_raises():
 
 
 # ---------------------------------------------------------------- CUDA, full size
+#
+# Each case runs in its own process (``gpu_case_main``): an illegal memory access poisons the CUDA context of
+# the process it happens in, and every later test there would fail too. CUDA_LAUNCH_BLOCKING=1 makes such an
+# error name the kernel that faulted, and the guard zones (on the device) catch out-of-range writes and reads
+# that do not fault. Few specialisations: each case compiles its own kernels (the JIT cache on disk is shared).
+# ``scripts/device/fused_gpu_check.py`` runs the same cases in parallel processes.
+
+GPU_CASES = {
+    # name: (fused_case arguments (b, l, h, r, n, p, A, norm, bias, with_state, chunk, docs), dtype, tolerance, env)
+    "siso-bf16": ((2, 1000, 64, 1, 128, 64, 32, True, True, True, None, None), "bf16", 1e-2, {}),
+    "mimo4-bf16": ((2, 1000, 64, 4, 128, 64, 32, True, True, True, None, None), "bf16", 1e-2, {}),
+    "siso-fp32": ((2, 1000, 64, 1, 128, 64, 32, True, True, True, None, None), "fp32", 1e-4, {}),
+    "mimo4-fp32": ((2, 1000, 64, 4, 128, 64, 32, True, True, True, None, None), "fp32", 1e-4, {}),
+    "packed-mimo4-fp32": ((2, 1000, 8, 4, 128, 64, 32, True, True, True, None,
+                           [[0] * 300 + [1] * 1 + [2] * 255 + [3] * 444, [7] * 1000]), "fp32", 1e-4, {}),
+    # every class over a 1 KiB shared-memory limit: the unfused chain, with one warning
+    "fallback-mimo4-bf16": ((2, 1000, 64, 4, 128, 64, 32, True, True, True, None, None), "bf16", 1e-2,
+                            {"HYBRIDLAB_SSM_FUSED_MAX_SHARED": "1024"}),
+    # the whole Mamba-3 layer in float32 at d_model 2048 (64 heads x 64, d_state 128, 32 angles): the first H200 run's
+    # OutOfResources; against the same layer on the torch backend
+    "layer-siso-fp32": (("siso", 1), "fp32", 1e-4, {}),
+    "layer-mimo4-fp32": (("mimo", 4), "fp32", 1e-4, {}),
+}
+
+
+def layer_case(mode: str, rank: int, *, d_model: int = 2048, b: int = 1, l: int = 300, device="cuda", seed=0):
+    """Relative errors of a Mamba-3 layer on the auto backend (fused scan on CUDA) vs the same layer on torch:
+    the output and every parameter's gradient (float32)."""
+    from hybridlab.arch.layers.mamba3 import Mamba3
+    from hybridlab.arch.spec import Mamba3Block
+
+    blk = Mamba3Block(mode=mode, rank=rank if mode == "mimo" else None)
+    torch.manual_seed(seed)
+    fused = Mamba3(d_model, blk).to(device)
+    ref = Mamba3(d_model, blk, backend="torch").to(device)
+    ref.load_state_dict(fused.state_dict())
+    u = torch.randn(b, l, d_model, device=device, generator=torch.Generator(device).manual_seed(seed))
+    dout = torch.randn(b, l, d_model, device=device, generator=torch.Generator(device).manual_seed(seed + 1))
+    errs = {}
+    outs = []
+    for m in (fused, ref):
+        y = m(u)
+        (y * dout).sum().backward()
+        outs.append((y.detach(), {k: p.grad for k, p in m.named_parameters()}))
+    errs["y"] = rel(outs[0][0], outs[1][0])
+    errs.update({"d" + k: rel(g, outs[1][1][k]) for k, g in outs[0][1].items()})
+    return errs
+
+
+def gpu_case_main(name: str) -> int:
+    """Run one GPU case in this process: values and gradients vs the float64 reference, inside guard zones; print
+    the errors; 0 when within tolerance with no guard violation (and, for the fallback case, exactly one warning)."""
+    import time
+    import warnings
+
+    args, dt, tol, env = GPU_CASES[name]
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dt]
+    t0 = time.time()
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        if name.startswith("layer"):
+            errs, bad, errs2, bad2 = layer_case(*args), [], layer_case(*args, seed=1), []
+        else:
+            errs, bad = guarded_fused_case(*args, dtype=dtype, device="cuda")
+            errs2, bad2 = guarded_fused_case(*args, dtype=dtype, device="cuda", seed=1)  # the same class again
+    torch.cuda.synchronize()
+    fallback = [str(x.message) for x in w if "unfused chain" in str(x.message)]
+    worst = max(errs, key=errs.get)
+    print(f"{name}: max rel err {errs[worst]:.2e} ({worst}), {max(errs2.values()):.2e} at seed 1; guard violations "
+          f"{bad + bad2}; fallback warnings {fallback}; {time.time() - t0:.1f} s")
+    fails = [f"{k}: rel err {v:.2e} > {tol}" for e in (errs, errs2) for k, v in e.items() if not v < tol] + bad + bad2
+    if len(fallback) != (1 if env else 0):
+        fails.append(f"expected {1 if env else 0} fallback warnings, got {len(fallback)}")
+    for f in fails:
+        print("FAIL", f)
+    return 1 if fails else 0
+
+
+def run_gpu_case(name: str, timeout: int = 300):
+    """``gpu_case_main(name)`` in a fresh process with CUDA_LAUNCH_BLOCKING=1; returns the CompletedProcess."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1", **GPU_CASES[name][3])
+    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_ssm_fused as t; " \
+           f"sys.exit(t.gpu_case_main({name!r}))"
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
+
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -205,18 +457,9 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("r,n", [(1, 128), (4, 128), (4, 64), (2, 64)])
-def test_fused_gpu_matches_reference(r, n, dtype):
-    """The layer's shapes (64 heads x 64, A = N/4, norm + bias, chunk 64/R), 2 x 1000 tokens, with state."""
-    tol = 1e-2 if dtype == torch.bfloat16 else 1e-4
-    for nm, e in fused_case(2, 1000, 64, r, n, 64, n // 4, True, True, True, None, dtype=dtype, device="cuda").items():
-        assert e < tol, f"{nm}: rel err {e:.2e}"
-
-
-@gpu
-@needs_cuda
-def test_fused_gpu_packed_documents():
-    docs = [[0] * 300 + [1] * 1 + [2] * 255 + [3] * 444, [7] * 1000]
-    for nm, e in fused_case(2, 1000, 8, 4, 128, 64, 32, True, True, True, None, docs, device="cuda").items():
-        assert e < 1e-4, f"{nm}: rel err {e:.2e}"
+@pytest.mark.parametrize("name", list(GPU_CASES))
+def test_fused_gpu_matches_reference(name):
+    """The layer's shapes (64 heads x 64, d_state 128, 32 angles, norm + bias, chunk 64/R), 2 x 1000 tokens, with a
+    state; packed documents; the fallback. Each in its own process."""
+    proc = run_gpu_case(name)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

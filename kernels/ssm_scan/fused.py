@@ -14,6 +14,15 @@ backend — but the ``triton`` backend (``triton_fused.py``) builds q, k, v in r
 (b, l, H, R, N) / (b, l, H, R, P) tensors of the unfused chain never reach memory, forward or
 backward. Packed documents (``seq_idx`` / ``cu_seqlens``) as for ``ssm_scan``. ``auto`` picks
 triton on CUDA (or under TRITON_INTERPRET=1) when the kernels take the sizes, else torch.
+
+Where the fused kernels cannot launch on the GPU at hand for a shape class (dtype, rank, d_state,
+headdim, heads, angles, which optional inputs, chunk; e.g. more shared memory than the device has),
+the triton backend runs the unfused Triton chain qk_prep -> rank_expand -> ssm_scan for that class
+instead, with one RuntimeWarning naming it (``triton_fused.launch_check``: decided inside the op the
+first time the class is seen, from the compiled kernels' metadata; nothing is traced, so no graph
+break). The kernels' launch configs per (dtype, d_state, rank) are ``triton_fused.fused_config``;
+``python -m hybridlab.kernels.bench.triton_resources`` prints their shared memory and spills for
+Hopper, compiled on any machine.
 """
 
 from __future__ import annotations

@@ -1,0 +1,326 @@
+"""Shared memory, registers and spills of the ``ssm_scan_fused`` Triton kernels, compiled for a GPU
+that is not here (Hopper by default).
+
+    python -m hybridlab.kernels.bench.triton_resources [--set default|layer|tests|all] [--arch 90]
+        [--limit-kib 227] [--margin-kib 200] [--max-spill 4096] [--json PATH]
+
+For every case (dtype, rank R, d_state N, headdim P, angles A, norm / bias / rotary / seq_idx, whether the
+forward stores states for a backward) it builds the launches exactly as the op does
+(``triton_fused.fwd_launches`` / ``bwd_launches`` on "meta" tensors: no memory, no GPU), compiles
+each kernel with ``triton.compile`` for ``GPUTarget("cuda", ARCH, 32)`` and reads the shared memory
+from the compiled metadata and the registers and spills from the bundled ``ptxas -v``. It prints a
+table and exits 1 when a kernel needs more shared memory than ``--limit-kib`` (Hopper: 227 KiB per
+block) or spills more than ``--max-spill`` bytes per thread; rows above ``--margin-kib`` are marked.
+Exit 2: bad arguments; exit 3: no usable triton / ptxas here (nothing was checked).
+
+The numbers are those of the triton installed here: run it under the GPU machine's triton (3.6) for
+the figures that matter there (``pip install --target DIR triton==3.6.0`` and ``PYTHONPATH=DIR``
+works on a CPU machine). Compiles are cached by triton (``TRITON_CACHE_DIR``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+KIB = 1024
+HOPPER_SHARED = 227 * KIB  # the most dynamic shared memory one block may use on sm_90 (232448 bytes)
+
+_TY = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32", torch.int64: "i64"}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One launch class of ``ssm_scan_fused``: what decides the kernels' specialisations."""
+
+    name: str
+    dtype: str  # "bf16" | "fp32" | "fp16"
+    r: int
+    n: int
+    p: int = 64
+    h: int = 64
+    A: int | None = None  # angles; None: n // 4 (the layer's rope_fraction 0.5)
+    norm: bool = True
+    bias: bool = True
+    seq: bool = False
+    store: bool = True  # the forward stores h' per chunk (training); False: inference forward only
+    chunk: int | None = None  # positions per chunk; None: the layer's default 64 / R
+    b: int = 2
+    l: int = 2048
+
+    @property
+    def angles(self) -> int:
+        return self.n // 4 if self.A is None else self.A
+
+
+def layer_cases() -> list[Case]:
+    """The Mamba-3 layer's shapes: headdim 64, d_state 64 / 128, R 1 / 2 / 4, chunk 64 / R, norm + bias + rotary
+    (training: states stored), in bf16 and fp32."""
+    return [Case(f"layer {dt} R{r} N{n}", dt, r, n) for dt in ("bf16", "fp32") for n in (64, 128) for r in (1, 2, 4)]
+
+
+def variant_cases() -> list[Case]:
+    """The optional features on and off (each changes the kernels' constexprs) at R 1 and 4, N 128."""
+    out = []
+    for dt in ("bf16", "fp32"):
+        for r in (1, 4):
+            out += [Case(f"bare {dt} R{r} N128", dt, r, 128, norm=False, bias=False, A=0),
+                    Case(f"packed {dt} R{r} N128", dt, r, 128, seq=True),
+                    Case(f"inference {dt} R{r} N128", dt, r, 128, store=False)]
+    return out
+
+
+def test_cases() -> list[Case]:
+    """The GPU tests' shapes (tests/test_ssm_fused.py): 64 heads x 64, A = N / 4, norm + bias, l 1000."""
+    out = [Case(f"gpu-test {dt} R{r} N128", dt, r, 128, l=1000) for dt in ("bf16", "fp32") for r in (1, 4)]
+    out.append(Case("gpu-test packed fp32 R4 N128", "fp32", 4, 128, h=8, seq=True, l=1000))
+    return out
+
+
+def default_cases() -> list[Case]:
+    """A quick subset (CI): the largest forward and backward tiles, bf16 and fp32 (R 4, N 128)."""
+    return [Case(f"layer {dt} R4 N128", dt, 4, 128) for dt in ("bf16", "fp32")]
+
+
+SETS = {"default": default_cases, "layer": layer_cases, "tests": test_cases,
+        "all": lambda: layer_cases() + variant_cases() + test_cases()}
+
+
+def _fused_module():
+    return importlib.import_module("hybridlab.kernels.ssm_scan.triton_fused")
+
+
+def case_launches(case: Case) -> list:
+    """The ``Launch``es of one forward (+ backward when ``case.store``), built on meta tensors."""
+    tf = _fused_module()
+    from hybridlab.kernels.ssm_scan import chunk_rows
+
+    dt = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[case.dtype]
+    m, f32 = "meta", torch.float32
+    b, l, h, r, n, p, A = case.b, case.l, case.h, case.r, case.n, case.p, case.angles
+    proj = torch.empty(b, l, 2 * r * n, device=m, dtype=dt)  # B, C as views of one projection, as in the layer
+    B, C = proj[..., : r * n].view(b, l, r, n), proj[..., r * n :].view(b, l, r, n)
+    x = torch.empty(b, l, h, p, device=m, dtype=dt)
+    phase = torch.empty(b, l, h, A, device=m, dtype=f32) if A else None
+    w = torch.empty(n, device=m, dtype=dt) if case.norm else None
+    bias = torch.empty(h, r, n, device=m, dtype=dt) if case.bias else None
+    mx = torch.empty(h, r, p, device=m, dtype=dt) if r > 1 else None
+    la = torch.empty(b, l, h, device=m, dtype=f32)
+    h0 = torch.empty(b, h, p, n, device=m, dtype=f32)
+    k0 = torch.empty(b, h, r, n, device=m, dtype=dt)
+    v0 = torch.empty(b, h, r, p, device=m, dtype=dt)
+    seq = torch.empty(b, l, device=m, dtype=torch.int32) if case.seq else None
+    block, why = chunk_rows(r, case.chunk)
+    if why:
+        raise ValueError(f"case {case.name!r}: {why}")
+    (y, hf, hs, rstd), launches = tf.fwd_launches(B, C, phase, w, w, bias, bias, x, mx, la, la, la, h0, k0, v0, seq, 1e-5,
+                                                  block, case.store)
+    if case.store:
+        _, bwd = tf.bwd_launches(B, C, phase, w, w, bias, bias, x, mx, la, la, la, k0, v0, seq, hs, rstd, y, hf, 1e-5, block)
+        launches += bwd
+    return launches
+
+
+def _signature(launch):
+    """(signature, constexprs, attrs) for ``ASTSource``, specialised as triton's launcher would (pointers and
+    multiples of 16 get the divisibility hint)."""
+    fn = launch.kernel
+    names = list(fn.arg_names)
+    runtime = [nm for nm in names if nm not in launch.meta]
+    if len(runtime) != len(launch.args):
+        raise TypeError(f"{fn.__name__}: {len(launch.args)} arguments for {len(runtime)} runtime parameters")
+    dns = {names[d] if isinstance(d, int) else d for d in (getattr(fn, "do_not_specialize", None) or ())}
+    sig, attrs = {}, {}
+    for nm, a in zip(runtime, launch.args):
+        idx = (names.index(nm),)
+        if isinstance(a, torch.Tensor):
+            sig[nm] = "*" + _TY[a.dtype]
+            attrs[idx] = [["tt.divisibility", 16]]
+        elif isinstance(a, bool):
+            sig[nm] = "i1"
+        elif isinstance(a, int):
+            sig[nm] = "i32" if -(2**31) <= a < 2**31 else "i64"
+            if a % 16 == 0 and nm not in dns:
+                attrs[idx] = [["tt.divisibility", 16]]
+        elif isinstance(a, float):
+            sig[nm] = "fp32"
+        else:
+            raise TypeError(f"{fn.__name__}: argument {nm} of type {type(a).__name__}")
+    for nm in launch.meta:
+        sig[nm] = "constexpr"
+    return {nm: sig[nm] for nm in names}, dict(launch.meta), attrs
+
+
+def compile_launch(launch, arch: int = 90):
+    """triton's CompiledKernel of this launch for CUDA sm_<arch> (no GPU needed)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig, consts, attrs = _signature(launch)
+    target = GPUTarget("cuda", arch, 32)
+    backend = triton.compiler.make_backend(target)
+    opts = backend.parse_options(dict(num_warps=launch.num_warps, num_stages=launch.num_stages))
+    return triton.compile(ASTSource(fn=launch.kernel, signature=sig, constexprs=consts, attrs=attrs), target=target,
+                          options=opts.__dict__)
+
+
+def ptxas_path() -> str | None:
+    """The ptxas triton compiles with (its bundled one unless TRITON_PTXAS_PATH says otherwise), or None."""
+    try:
+        import triton
+
+        path = triton.knobs.nvidia.ptxas.path
+    except Exception:  # noqa: BLE001 - an older triton, or no CUDA backend: look beside the package
+        try:
+            import triton
+
+            path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+        except ImportError:
+            return None
+    return path if path and os.path.isfile(path) and os.access(path, os.X_OK) else None
+
+
+def ptxas_usage(ptx: str, arch: int = 90) -> dict:
+    """Registers, spill stores / loads and stack frame (bytes per thread) from ``ptxas -v``."""
+    suffix = "a" if arch == 90 else ""
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        out = subprocess.run([ptxas_path(), "-v", f"--gpu-name=sm_{arch}{suffix}", src, "-o", os.path.join(d, "k.cubin")],
+                             capture_output=True, text=True, check=True).stderr
+    regs = re.search(r"Used (\d+) registers", out)
+    spill = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", out)
+    return dict(regs=int(regs.group(1)) if regs else -1, stack=int(spill.group(1)) if spill else 0,
+                spill_st=int(spill.group(2)) if spill else 0, spill_ld=int(spill.group(3)) if spill else 0)
+
+
+def _launch_key(launch):
+    return (launch.kernel.__name__, tuple(sorted(launch.meta.items())),
+            tuple(_TY[a.dtype] if isinstance(a, torch.Tensor) else type(a).__name__ for a in launch.args),
+            launch.num_warps, launch.num_stages)
+
+
+@dataclass
+class Row:
+    case: str
+    kernel: str
+    config: str
+    shared: int
+    regs: int
+    spill_st: int
+    spill_ld: int
+    stack: int
+    seconds: float
+    verdict: str = ""
+
+
+def _config_text(launch) -> str:
+    m = launch.meta
+    parts = [f"{k}={m[k]}" for k in ("BP", "BW", "BR", "BLOCK") if k in m]
+    return " ".join(parts + [f"w{launch.num_warps}", f"s{launch.num_stages}"])
+
+
+def measure(cases, arch: int = 90, log=print) -> list[Row]:
+    """Compile every distinct launch of ``cases`` (each once) and return one row per (case, launch)."""
+    done: dict = {}
+    rows = []
+    for case in cases:
+        for launch in case_launches(case):
+            key = _launch_key(launch)
+            if key not in done:
+                t0 = time.time()
+                compiled = compile_launch(launch, arch)
+                usage = ptxas_usage(compiled.asm["ptx"], arch)
+                done[key] = (compiled.metadata.shared, usage, time.time() - t0)
+            shared, usage, secs = done[key]
+            row = Row(case.name, launch.kernel.__name__.strip("_"), _config_text(launch), shared, usage["regs"],
+                      usage["spill_st"], usage["spill_ld"], usage["stack"], round(secs, 1))
+            rows.append(row)
+            if log:
+                log(f"  compiled {row.case:32s} {row.kernel:24s} {secs:5.1f} s", file=sys.stderr)
+    return rows
+
+
+def judge(rows, limit: int, margin: int, max_spill: int) -> int:
+    """Mark each row; returns the number of failures (over the limit, or spilling more than ``max_spill``)."""
+    bad = 0
+    for row in rows:
+        why = []
+        if row.shared > limit:
+            why.append(f"SHARED > {limit // KIB} KiB")
+        elif row.shared > margin:
+            why.append(f"above the {margin // KIB} KiB margin")
+        if row.spill_st > max_spill:
+            why.append(f"SPILLS > {max_spill} B")
+        row.verdict = "; ".join(why) or "ok"
+        bad += row.shared > limit or row.spill_st > max_spill
+    return bad
+
+
+def table(rows) -> str:
+    head = f"{'case':32s} {'kernel':24s} {'config':28s} {'shared KiB':>10s} {'regs':>5s} {'spill st/ld B':>14s}  verdict"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r.case:32s} {r.kernel:24s} {r.config:28s} {r.shared / KIB:10.1f} {r.regs:5d} "
+                     f"{f'{r.spill_st}/{r.spill_ld}':>14s}  {r.verdict}")
+    return "\n".join(lines)
+
+
+def check_available() -> str:
+    """'' when this machine can compile for CUDA (triton with its NVIDIA backend and a ptxas), else why not."""
+    try:
+        import triton  # noqa: F401
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError as e:
+        return f"triton is not importable ({e})"
+    if ptxas_path() is None:
+        return "no ptxas (triton's bundled one is missing; set TRITON_PTXAS_PATH)"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return "TRITON_INTERPRET=1 (the kernels are interpreted, not compiled)"
+    return ""
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m hybridlab.kernels.bench.triton_resources", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--set", default="default", help=f"cases: {', '.join(SETS)} (default: default)")
+    ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (default 90: Hopper)")
+    ap.add_argument("--limit-kib", type=float, default=HOPPER_SHARED / KIB, help="fail above this shared memory (KiB)")
+    ap.add_argument("--margin-kib", type=float, default=200.0, help="mark rows above this shared memory (KiB)")
+    ap.add_argument("--max-spill", type=int, default=4096, help="fail above this many spill-store bytes per thread")
+    ap.add_argument("--json", default=None, help="also write the rows here")
+    args = ap.parse_args(argv)
+    if args.set not in SETS:
+        print(f"triton_resources: --set {args.set!r}: choose one of {', '.join(SETS)}", file=sys.stderr)
+        return 2
+    why = check_available()
+    if why:
+        print(f"triton_resources: cannot compile here: {why}", file=sys.stderr)
+        return 3
+    import triton
+
+    print(f"triton {triton.__version__}, target sm_{args.arch}, ptxas {ptxas_path()}")
+    rows = measure(SETS[args.set](), args.arch)
+    bad = judge(rows, int(args.limit_kib * KIB), int(args.margin_kib * KIB), args.max_spill)
+    print(table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(triton=triton.__version__, arch=args.arch, rows=[asdict(r) for r in rows]), f, indent=1)
+    print(f"{len(rows)} rows, {bad} over the limits" if bad else f"{len(rows)} rows, all within the limits")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
