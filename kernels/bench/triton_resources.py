@@ -175,35 +175,112 @@ def compile_launch(launch, arch: int = 90):
                           options=opts.__dict__)
 
 
-def ptxas_path() -> str | None:
-    """The ptxas triton compiles with (its bundled one unless TRITON_PTXAS_PATH says otherwise), or None."""
-    try:
-        import triton
-
-        path = triton.knobs.nvidia.ptxas.path
-    except Exception:  # noqa: BLE001 - an older triton, or no CUDA backend: look beside the package
-        try:
-            import triton
-
-            path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-        except ImportError:
-            return None
+def _tool(path) -> str | None:
     return path if path and os.path.isfile(path) and os.access(path, os.X_OK) else None
 
 
+def ptxas_path(arch: int = 90) -> str | None:
+    """The ptxas triton's own compile pipeline uses for sm_<arch>, or None. Triton 3.9 picks per arch (its
+    newer ``ptxas-blackwell`` for sm_90 and up: the PTX it emits for Hopper is too new for the older bundled
+    ``ptxas``); triton 3.6 has one ``knobs.nvidia.ptxas``."""
+    try:
+        from triton.backends.nvidia import compiler as nv
+
+        get = getattr(nv, "get_ptxas", None)
+        if get is not None:
+            try:
+                tool = get(arch)
+            except TypeError:  # an older signature without the arch
+                tool = get()
+            path = _tool(getattr(tool, "path", tool))
+            if path:
+                return path
+    except Exception:  # noqa: BLE001 - no NVIDIA backend: fall through
+        pass
+    try:
+        import triton
+
+        return _tool(triton.knobs.nvidia.ptxas.path)
+    except Exception:  # noqa: BLE001 - a triton without knobs: look beside the package
+        try:
+            import triton
+
+            return _tool(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas"))
+        except ImportError:
+            return None
+
+
+def cuobjdump_path() -> str | None:
+    try:
+        import triton
+
+        return _tool(triton.knobs.nvidia.cuobjdump.path)
+    except Exception:  # noqa: BLE001
+        try:
+            import triton
+
+            return _tool(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+        except ImportError:
+            return None
+
+
+NA = -1  # a figure that could not be had here (printed as "n/a")
+
+
 def ptxas_usage(ptx: str, arch: int = 90) -> dict:
-    """Registers, spill stores / loads and stack frame (bytes per thread) from ``ptxas -v``."""
+    """Registers, spill stores / loads and stack frame (bytes per thread) from ``ptxas -v`` (the ptxas triton
+    uses for this arch), or NA for each with ``why`` saying what failed."""
+    path = ptxas_path(arch)
+    if path is None:
+        return dict(regs=NA, stack=NA, spill_st=NA, spill_ld=NA, why="no ptxas")
     suffix = "a" if arch == 90 else ""
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        out = subprocess.run([ptxas_path(), "-v", f"--gpu-name=sm_{arch}{suffix}", src, "-o", os.path.join(d, "k.cubin")],
-                             capture_output=True, text=True, check=True).stderr
+        proc = subprocess.run([path, "-v", "--regAllocOptLevel=2", f"--gpu-name=sm_{arch}{suffix}", src, "-o",
+                               os.path.join(d, "k.cubin")], capture_output=True, text=True)
+        if proc.returncode != 0 and "regAllocOptLevel" in proc.stderr:  # an older ptxas without the option
+            proc = subprocess.run([path, "-v", f"--gpu-name=sm_{arch}{suffix}", src, "-o", os.path.join(d, "k.cubin")],
+                                  capture_output=True, text=True)
+    if proc.returncode != 0:
+        first = next((ln for ln in proc.stderr.splitlines() if ln.strip()), f"exit {proc.returncode}")
+        return dict(regs=NA, stack=NA, spill_st=NA, spill_ld=NA, why=f"ptxas {path}: {first.strip()}")
+    out = proc.stderr
     regs = re.search(r"Used (\d+) registers", out)
     spill = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", out)
-    return dict(regs=int(regs.group(1)) if regs else -1, stack=int(spill.group(1)) if spill else 0,
-                spill_st=int(spill.group(2)) if spill else 0, spill_ld=int(spill.group(3)) if spill else 0)
+    return dict(regs=int(regs.group(1)) if regs else NA, stack=int(spill.group(1)) if spill else NA,
+                spill_st=int(spill.group(2)) if spill else NA, spill_ld=int(spill.group(3)) if spill else NA, why="")
+
+
+def cubin_usage(cubin: bytes) -> dict:
+    """Registers and local memory (stack + spills, bytes per thread) of a compiled cubin from
+    ``cuobjdump --dump-resource-usage``: the fallback when ptxas -v cannot be rerun here."""
+    path = cuobjdump_path()
+    if path is None or not cubin:
+        return dict(regs=NA, stack=NA, spill_st=NA, spill_ld=NA, why="no cuobjdump / cubin")
+    with tempfile.TemporaryDirectory() as d:
+        f = os.path.join(d, "k.cubin")
+        with open(f, "wb") as fh:
+            fh.write(cubin)
+        proc = subprocess.run([path, "--dump-resource-usage", f], capture_output=True, text=True)
+    regs, local = re.search(r"REG:(\d+)", proc.stdout), re.search(r"LOCAL:(\d+)", proc.stdout)
+    if proc.returncode != 0 or not regs:
+        return dict(regs=NA, stack=NA, spill_st=NA, spill_ld=NA, why=f"cuobjdump: {proc.stderr.strip()[:120]}")
+    # LOCAL is stack + spills together: reported as the stack, spills unknown (NA)
+    return dict(regs=int(regs.group(1)), stack=int(local.group(1)) if local else NA, spill_st=NA, spill_ld=NA,
+                why="spills not separable from the stack (cuobjdump LOCAL)")
+
+
+def kernel_usage(compiled, arch: int = 90) -> dict:
+    """Registers / spills of a compiled kernel: ptxas -v first, else the cubin's resource usage."""
+    usage = ptxas_usage(compiled.asm.get("ptx", ""), arch)
+    if usage["regs"] == NA:
+        alt = cubin_usage(compiled.asm.get("cubin", b""))
+        if alt["regs"] != NA:
+            alt["why"] = f"{usage['why']}; {alt['why']}"
+            return alt
+    return usage
 
 
 def _launch_key(launch):
@@ -217,12 +294,14 @@ class Row:
     case: str
     kernel: str
     config: str
-    shared: int
-    regs: int
+    shared: int  # bytes per block (NA: the kernel did not compile)
+    regs: int  # per thread (NA: not measurable here)
     spill_st: int
     spill_ld: int
     stack: int
     seconds: float
+    threads: int = 0
+    note: str = ""  # why a figure is NA
     verdict: str = ""
 
 
@@ -233,7 +312,8 @@ def _config_text(launch) -> str:
 
 
 def measure(cases, arch: int = 90, log=print) -> list[Row]:
-    """Compile every distinct launch of ``cases`` (each once) and return one row per (case, launch)."""
+    """Compile every distinct launch of ``cases`` (each once) and return one row per (case, launch). A kernel
+    that does not compile gets a row with shared = NA and the error as its note (judged a failure)."""
     done: dict = {}
     rows = []
     for case in cases:
@@ -241,40 +321,65 @@ def measure(cases, arch: int = 90, log=print) -> list[Row]:
             key = _launch_key(launch)
             if key not in done:
                 t0 = time.time()
-                compiled = compile_launch(launch, arch)
-                usage = ptxas_usage(compiled.asm["ptx"], arch)
-                done[key] = (compiled.metadata.shared, usage, time.time() - t0)
+                try:
+                    compiled = compile_launch(launch, arch)
+                    shared, usage = int(compiled.metadata.shared), kernel_usage(compiled, arch)
+                except Exception as e:  # noqa: BLE001 - a compile error is a finding to report, not a crash
+                    msg = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+                    shared, usage = NA, dict(regs=NA, stack=NA, spill_st=NA, spill_ld=NA,
+                                             why=f"COMPILE FAILED: {type(e).__name__}: {msg[:160]}")
+                done[key] = (shared, usage, time.time() - t0)
             shared, usage, secs = done[key]
             row = Row(case.name, launch.kernel.__name__.strip("_"), _config_text(launch), shared, usage["regs"],
-                      usage["spill_st"], usage["spill_ld"], usage["stack"], round(secs, 1))
+                      usage["spill_st"], usage["spill_ld"], usage["stack"], round(secs, 1),
+                      threads=32 * launch.num_warps, note=usage.get("why", ""))
             rows.append(row)
             if log:
                 log(f"  compiled {row.case:32s} {row.kernel:24s} {secs:5.1f} s", file=sys.stderr)
     return rows
 
 
+REGS_PER_BLOCK = 65536  # sm_70 .. sm_100
+
+
 def judge(rows, limit: int, margin: int, max_spill: int) -> int:
-    """Mark each row; returns the number of failures (over the limit, or spilling more than ``max_spill``)."""
+    """Mark each row; returns the number of failures (did not compile, over the shared-memory limit, more
+    registers than a block may have, or spilling more than ``max_spill``). NA figures are not judged."""
     bad = 0
     for row in rows:
-        why = []
-        if row.shared > limit:
+        why, fail = [], False
+        if row.shared == NA:
+            why.append("DID NOT COMPILE")
+            fail = True
+        elif row.shared > limit:
             why.append(f"SHARED > {limit // KIB} KiB")
+            fail = True
         elif row.shared > margin:
             why.append(f"above the {margin // KIB} KiB margin")
-        if row.spill_st > max_spill:
+        if row.regs != NA and row.regs * row.threads > REGS_PER_BLOCK:
+            why.append(f"REGS x THREADS > {REGS_PER_BLOCK}")
+            fail = True
+        if row.spill_st != NA and row.spill_st > max_spill:
             why.append(f"SPILLS > {max_spill} B")
+            fail = True
         row.verdict = "; ".join(why) or "ok"
-        bad += row.shared > limit or row.spill_st > max_spill
+        bad += fail
     return bad
+
+
+def _fig(v: int, scale: float = 1.0, fmt: str = "d") -> str:
+    return "n/a" if v == NA else format(v / scale if scale != 1.0 else v, fmt)
 
 
 def table(rows) -> str:
     head = f"{'case':32s} {'kernel':24s} {'config':28s} {'shared KiB':>10s} {'regs':>5s} {'spill st/ld B':>14s}  verdict"
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.case:32s} {r.kernel:24s} {r.config:28s} {r.shared / KIB:10.1f} {r.regs:5d} "
-                     f"{f'{r.spill_st}/{r.spill_ld}':>14s}  {r.verdict}")
+        spill = f"{_fig(r.spill_st)}/{_fig(r.spill_ld)}"
+        lines.append(f"{r.case:32s} {r.kernel:24s} {r.config:28s} {_fig(r.shared, KIB, '.1f'):>10s} {_fig(r.regs):>5s} "
+                     f"{spill:>14s}  {r.verdict}")
+    notes = sorted({r.note for r in rows if r.note})
+    lines += [f"note: {n}" for n in notes]
     return "\n".join(lines)
 
 
@@ -287,7 +392,7 @@ def check_available() -> str:
     except ImportError as e:
         return f"triton is not importable ({e})"
     if ptxas_path() is None:
-        return "no ptxas (triton's bundled one is missing; set TRITON_PTXAS_PATH)"
+        return "no ptxas (triton's bundled one is missing; set TRITON_PTXAS_PATH / TRITON_PTXAS_BLACKWELL_PATH)"
     if os.environ.get("TRITON_INTERPRET") == "1":
         return "TRITON_INTERPRET=1 (the kernels are interpreted, not compiled)"
     return ""
@@ -311,7 +416,7 @@ def main(argv=None) -> int:
         return 3
     import triton
 
-    print(f"triton {triton.__version__}, target sm_{args.arch}, ptxas {ptxas_path()}")
+    print(f"triton {triton.__version__}, target sm_{args.arch}, ptxas {ptxas_path(args.arch)}")
     rows = measure(SETS[args.set](), args.arch)
     bad = judge(rows, int(args.limit_kib * KIB), int(args.margin_kib * KIB), args.max_spill)
     print(table(rows))

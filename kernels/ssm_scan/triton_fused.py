@@ -28,6 +28,7 @@ read by the backward.
 
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -756,17 +757,48 @@ def fwd_launches(B, C, phase, b_norm, c_norm, b_bias, c_bias, x, mimo_x, la, bet
 
 def _fused_fwd(B, C, phase, b_norm, c_norm, b_bias, c_bias, x, mimo_x, la, beta, gamma, h0, k0, v0, seq, eps, block, store):
     args = (B, C, phase, b_norm, c_norm, b_bias, c_bias, x, mimo_x, la, beta, gamma, h0, k0, v0, seq, eps, block, store)
-    if launch_check(shape_class(B, C, phase, b_norm, c_norm, b_bias, c_bias, x, mimo_x, seq, block, store)):
-        return _unfused_fwd(*args)
-    outs, launches = fwd_launches(*args)
-    _run(launches)
-    return outs
+    sc = shape_class(B, C, phase, b_norm, c_norm, b_bias, c_bias, x, mimo_x, seq, block, store)
+    if not launch_check(sc):
+        outs, launches = fwd_launches(*args)
+        if _run_or_refuse(sc, launches):
+            return outs
+    return _unfused_fwd(*args)
 
 
 def _run(launches):
     """Launch in order (one seam: tests/guard_zones.py runs them inside guard zones instead)."""
     for launch in launches:
         launch()
+
+
+def _cannot_launch_errors() -> tuple:
+    """The exceptions that mean "this kernel cannot be built or launched here" (raised before it runs, so
+    nothing was written yet that the fallback would not overwrite): triton's OutOfResources (shared memory,
+    registers, threads), its compile errors, a ptxas failure. Looked up by name: they moved between releases."""
+    found = []
+    for mod, name in (("triton.runtime.errors", "OutOfResources"), ("triton.compiler.errors", "CompilationError"),
+                      ("triton.runtime.errors", "PTXASError"), ("triton.backends.nvidia.compiler", "PTXASError")):
+        try:
+            found.append(getattr(importlib.import_module(mod), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(dict.fromkeys(found))
+
+
+_CANNOT_LAUNCH = _cannot_launch_errors()
+
+
+def _run_or_refuse(sc, launches) -> bool:
+    """Run the fused launches; True when they ran. When one of them cannot be built or launched (the safety net
+    behind ``launch_check``'s pre-check: e.g. a driver that refuses what the metadata said fits), the class is
+    marked as not launchable, with the one warning, and False tells the caller to take the unfused chain."""
+    try:
+        _run(launches)
+        return True
+    except _CANNOT_LAUNCH as e:
+        first = next((ln for ln in str(e).splitlines() if ln.strip()), "")
+        _refuse(sc, f"{type(e).__name__}: {first.strip()[:200]}")
+        return False
 
 
 def _norm_rows(n: int) -> int:
@@ -854,13 +886,17 @@ def _bwd_finish(bufs, B, b_bias, c_bias, mimo_x, k0, v0):
 
 def _fused_bwd(B, C, phase, b_norm, c_norm, b_bias, c_bias, x, mimo_x, la, beta, gamma, k0, v0, seq, hs, rstd, dy, dhf,
                eps, block):
-    if launch_check(shape_class(B, C, phase, b_norm, c_norm, b_bias, c_bias, x, mimo_x, seq, block, True)):
-        return _unfused_bwd(B, C, phase, b_norm, c_norm, b_bias, c_bias, x, mimo_x, la, beta, gamma, k0, v0, seq, hs, dy,
-                            dhf, eps, block)
-    bufs, launches = bwd_launches(B, C, phase, b_norm, c_norm, b_bias, c_bias, x, mimo_x, la, beta, gamma, k0, v0, seq, hs,
-                                  rstd, dy, dhf, eps, block)
-    _run(launches)
-    return _bwd_finish(bufs, B, b_bias, c_bias, mimo_x, k0, v0)
+    sc = shape_class(B, C, phase, b_norm, c_norm, b_bias, c_bias, x, mimo_x, seq, block, True)
+    # A refusal is kept per class and the forward's class (store=True) is the backward's: the backward of an
+    # unfused forward (rstd zeros, which the fused kernels would read) is never fused. A fused forward whose
+    # backward is refused at launch leaves h' per chunk that the unfused backward reads as its own (same layout).
+    if not launch_check(sc):
+        bufs, launches = bwd_launches(B, C, phase, b_norm, c_norm, b_bias, c_bias, x, mimo_x, la, beta, gamma, k0, v0, seq,
+                                      hs, rstd, dy, dhf, eps, block)
+        if _run_or_refuse(sc, launches):
+            return _bwd_finish(bufs, B, b_bias, c_bias, mimo_x, k0, v0)
+    return _unfused_bwd(B, C, phase, b_norm, c_norm, b_bias, c_bias, x, mimo_x, la, beta, gamma, k0, v0, seq, hs, dy, dhf,
+                        eps, block)
 
 
 # ------------------------------------------------------------------ can the kernels launch here?
@@ -941,37 +977,70 @@ def launch_check(sc: ShapeClass) -> str:
     dynamic shapes), and kept per class."""
     why = _CHECKED.get(sc)
     if why is None:
-        why = _CHECKED[sc] = _probe(sc)
+        why = _probe(sc)
         if why:
-            warnings.warn(f"ssm_scan_fused: the fused Triton kernels cannot run {_describe(sc)} on this GPU ({why}); "
-                          "using the unfused chain qk_prep -> rank_expand -> ssm_scan for this shape", RuntimeWarning,
-                          stacklevel=2)
+            _refuse(sc, why)
+        else:
+            _CHECKED[sc] = ""
     return why
 
 
+def _refuse(sc: ShapeClass, why: str) -> None:
+    """Mark the class as not launchable (every later call of it takes the unfused chain) and warn, once."""
+    if _CHECKED.get(sc):
+        return
+    _CHECKED[sc] = why
+    warnings.warn(f"ssm_scan_fused: the fused Triton kernels cannot run {_describe(sc)} on this GPU ({why}); "
+                  "using the unfused chain qk_prep -> rank_expand -> ssm_scan for this shape", RuntimeWarning,
+                  stacklevel=3)
+
+
+def _max_shared(device: int) -> int:
+    props = triton.runtime.driver.active.utils.get_device_properties(device)
+    max_shared = int(props["max_shared_mem"])
+    cap = os.environ.get("HYBRIDLAB_SSM_FUSED_MAX_SHARED")
+    return min(max_shared, int(cap)) if cap else max_shared
+
+
 def _probe(sc: ShapeClass) -> str:
-    """Compile every kernel of the class (through triton's launcher cache, ``warmup``: the launch that follows
-    reuses the binary) and check it against the device: shared memory, registers, threads. '' or why not.
-    Nothing to check under the interpreter. HYBRIDLAB_SSM_FUSED_MAX_SHARED (bytes) lowers the shared-memory
-    limit checked against (to exercise the fallback on a GPU)."""
+    """Compile every kernel of the class (``warmup``: through triton's cache, so the launch that follows reuses
+    the binary) and check it against the device: shared memory, registers, threads. '' or why not. Nothing
+    to check under the interpreter. HYBRIDLAB_SSM_FUSED_MAX_SHARED (bytes) lowers the shared-memory limit
+    checked against (to exercise the fallback on a GPU). Where the probe itself cannot run (a triton whose
+    warmup API differs), it answers '' and the launch's own OutOfResources is the safety net
+    (``_run_or_refuse``)."""
     if _INTERPRET:
         return ""
-    with torch.cuda.device(sc.device):
-        max_shared = triton.runtime.driver.active.utils.get_device_properties(sc.device)["max_shared_mem"]
-        if os.environ.get("HYBRIDLAB_SSM_FUSED_MAX_SHARED"):
-            max_shared = min(max_shared, int(os.environ["HYBRIDLAB_SSM_FUSED_MAX_SHARED"]))
-        for launch in class_launches(sc):
-            name = launch.kernel.__name__.strip("_")
-            try:
+    try:
+        with torch.cuda.device(sc.device):
+            max_shared = _max_shared(sc.device)
+            launches = class_launches(sc)
+    except Exception:  # noqa: BLE001 - no verdict possible here: the launch decides
+        return ""
+    for launch in launches:
+        name = launch.kernel.__name__.strip("_")
+        try:
+            with torch.cuda.device(sc.device):
                 compiled = launch.warmup()
-                if compiled.metadata.shared > max_shared:
-                    return f"{name} needs {compiled.metadata.shared} B of shared memory, the limit is {max_shared} B"
-                compiled._init_handles()  # loads it: raises OutOfResources for shared memory / threads
-                regs = (getattr(compiled, "n_regs", 0) or 0) * launch.num_warps * 32
-                if regs > _REGS_PER_BLOCK:
-                    return f"{name} needs {regs} registers per block, the GPU has {_REGS_PER_BLOCK}"
-            except Exception as e:  # noqa: BLE001 - OutOfResources, a compiler error: any of them means "cannot launch"
-                return f"{name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        except _CANNOT_LAUNCH as e:
+            first = next((ln for ln in str(e).splitlines() if ln.strip()), "")
+            return f"{name}: {type(e).__name__}: {first.strip()[:200]}"
+        except Exception:  # noqa: BLE001 - the probe's machinery, not the kernel: let the launch decide
+            return ""
+        shared = getattr(getattr(compiled, "metadata", None), "shared", None)
+        if shared is not None and int(shared) > max_shared:
+            return f"{name} needs {int(shared)} B of shared memory, the limit is {max_shared} B"
+        try:
+            with torch.cuda.device(sc.device):
+                compiled._init_handles()  # loads it: raises OutOfResources for shared memory / registers / threads
+        except _CANNOT_LAUNCH as e:
+            first = next((ln for ln in str(e).splitlines() if ln.strip()), "")
+            return f"{name}: {type(e).__name__}: {first.strip()[:200]}"
+        except Exception:  # noqa: BLE001
+            continue
+        regs = (getattr(compiled, "n_regs", 0) or 0) * launch.num_warps * 32
+        if regs > _REGS_PER_BLOCK:
+            return f"{name} needs {regs} registers per block, the GPU has {_REGS_PER_BLOCK}"
     return ""
 
 
