@@ -145,6 +145,14 @@ GUARD_CASES = [
 ]
 
 
+# headdim split over several programs per head (the fp32 forward's config on the GPU: 64 in two 32-wide blocks), here
+# forced to 16-wide blocks: headdim 32 (two full blocks) and 24 (a masked tail block), MIMO and SISO, packed
+GUARD_SPLIT_P_CASES = [
+    (1, 23, 2, 2, 32, 24, 8, True, True, True, 8, None),
+    (2, 20, 2, 1, 16, 32, 4, True, True, True, 16, [[0] * 5 + [1] * 15, [3] * 20]),
+]
+
+
 def guarded_fused_case(*case, **kw):
     """``fused_case`` with every kernel of the fused op run inside guard zones; -> (errors, violations)."""
     import importlib
@@ -190,9 +198,12 @@ _GUARD_SCRIPT = textwrap.dedent(
     sys.path.insert(0, TESTS_DIR)
     import test_ssm_fused as t
     fails = []
-    for case in t.GUARD_CASES:
+    import os
+    for case, split in [(c, False) for c in t.GUARD_CASES] + [(c, True) for c in t.GUARD_SPLIT_P_CASES]:
+        if split:  # headdim in 16-wide blocks: several programs per head in the forward and backward pass 1
+            os.environ.update(HYBRIDLAB_SSM_FUSED_FWD_BP="16", HYBRIDLAB_SSM_DH_BP="16")
         errs, bad = t.guarded_fused_case(*case)
-        print(case[:11], max(errs.values()), bad)
+        print(case[:11], "split P" if split else "", max(errs.values()), bad)
         fails += [(case[:11], k, v) for k, v in errs.items() if not v < 1e-4] + [(case[:11], v) for v in bad]
     print("FAILS", fails)
     sys.exit(1 if fails else 0)
