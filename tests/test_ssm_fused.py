@@ -392,8 +392,10 @@ def test_fused_path_off_switch():
 
 
 def test_hopper_resources_of_the_default_configs():
-    """The default configs' largest kernels (R 4, d_state 128, bf16 and fp32) compiled for sm_90 fit Hopper's
-    227 KiB of shared memory and do not spill heavily (kernels/bench/triton_resources.py)."""
+    """The float32 R 4, d_state 128 class (393 KiB of shared memory in the forward on the first H200 run) compiled for
+    sm_90 on this CPU with triton's own ptxas: every kernel fits Hopper's 227 KiB, registers x threads fit a block,
+    no heavy spills (kernels/bench/triton_resources.py --set ci; ~20 s of compiling, cached by triton after)."""
+    import os
     import subprocess
     import sys
 
@@ -402,10 +404,15 @@ def test_hopper_resources_of_the_default_configs():
     why = check_available()
     if why:
         pytest.skip(f"cannot compile for CUDA here: {why}")
-    proc = subprocess.run([sys.executable, "-m", "hybridlab.kernels.bench.triton_resources", "--set", "default"],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert "fused_fwd_kernel" in proc.stdout and "fused_bwd_chunk_kernel" in proc.stdout, proc.stdout
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "hybridlab.kernels.bench.triton_resources", "--set", "ci"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    out = proc.stdout
+    assert proc.returncode == 0, out[-4000:] + proc.stderr[-2000:]
+    rows = [ln.split() for ln in out.splitlines() if ln.startswith("layer fp32 R4 N128")]
+    kernels = {r[5] for r in rows}
+    assert {"fused_fwd_kernel", "fused_bwd_dh_kernel", "fused_bwd_chunk_kernel", "norm_bwd_kernel"} <= kernels, out
+    assert "all within the limits" in out, out
 
 
 # ---------------------------------------------------------------- dispatcher (CPU)
@@ -523,12 +530,25 @@ def gpu_case_main(name: str) -> int:
             errs, bad = guarded_fused_case(*args, dtype=dtype, device="cuda")
             errs2, bad2 = guarded_fused_case(*args, dtype=dtype, device="cuda", seed=1)  # the same class again
     torch.cuda.synchronize()
+    import importlib
+
+    notes = importlib.import_module("hybridlab.kernels.ssm_scan.triton_fused").PROBE_NOTES
     fallback = [str(x.message) for x in w if "unfused chain" in str(x.message)]
     worst = max(errs, key=errs.get)
-    print(f"{name}: max rel err {errs[worst]:.2e} ({worst}), {max(errs2.values()):.2e} at seed 1; guard violations "
-          f"{bad + bad2}; fallback warnings {fallback}; {time.time() - t0:.1f} s")
+    path = "unfused chain (fallback)" if fallback else "fused kernels"
+    print(f"{name}: {path}; max rel err {errs[worst]:.2e} ({worst}), {max(errs2.values()):.2e} at seed 1; guard "
+          f"violations {bad + bad2}; {time.time() - t0:.1f} s")
+    for msg in fallback:
+        print("  warning:", msg)
+    for note in notes:
+        print("  pre-check could not run:", note)
     fails = [f"{k}: rel err {v:.2e} > {tol}" for e in (errs, errs2) for k, v in e.items() if not v < tol] + bad + bad2
-    if len(fallback) != (1 if env else 0):
+    # the forced-fallback case: exactly one warning (one class); the op-level cases: the fused kernels must fit (no
+    # fallback); a whole layer may take either path (it must not crash, and must match the torch layer)
+    if name.startswith("layer"):
+        if len(fallback) > 1:
+            fails.append(f"expected at most one fallback warning (one class), got {len(fallback)}")
+    elif len(fallback) != (1 if env else 0):
         fails.append(f"expected {1 if env else 0} fallback warnings, got {len(fallback)}")
     for f in fails:
         print("FAIL", f)

@@ -1,21 +1,30 @@
 """Shared memory, registers and spills of the ``ssm_scan_fused`` Triton kernels, compiled for a GPU
-that is not here (Hopper by default).
+that need not be here (Hopper by default).
 
-    python -m hybridlab.kernels.bench.triton_resources [--set default|layer|tests|all] [--arch 90]
+    python -m hybridlab.kernels.bench.triton_resources [--set ci|default|layer|tests|all] [--arch 90]
         [--limit-kib 227] [--margin-kib 200] [--max-spill 4096] [--json PATH]
 
 For every case (dtype, rank R, d_state N, headdim P, angles A, norm / bias / rotary / seq_idx, whether the
 forward stores states for a backward) it builds the launches exactly as the op does
 (``triton_fused.fwd_launches`` / ``bwd_launches`` on "meta" tensors: no memory, no GPU), compiles
 each kernel with ``triton.compile`` for ``GPUTarget("cuda", ARCH, 32)`` and reads the shared memory
-from the compiled metadata and the registers and spills from the bundled ``ptxas -v``. It prints a
-table and exits 1 when a kernel needs more shared memory than ``--limit-kib`` (Hopper: 227 KiB per
-block) or spills more than ``--max-spill`` bytes per thread; rows above ``--margin-kib`` are marked.
-Exit 2: bad arguments; exit 3: no usable triton / ptxas here (nothing was checked).
+from the compiled metadata, and the registers and spills from ``ptxas -v`` run with the ptxas triton's
+own pipeline uses for that arch (triton 3.9: ``ptxas-blackwell`` for sm_90+, since its PTX is newer than
+the older bundled ``ptxas`` accepts; triton 3.6: ``knobs.nvidia.ptxas``); failing that, from the cubin
+(``cuobjdump --dump-resource-usage``: registers, and stack + spills together); a figure that cannot be
+had here prints as ``n/a`` with a note saying why. On a machine with a GPU of that arch it also loads
+each kernel as a launch would and prints the driver's registers / spills (a kernel the driver refuses,
+e.g. OutOfResources, fails the run).
 
-The numbers are those of the triton installed here: run it under the GPU machine's triton (3.6) for
-the figures that matter there (``pip install --target DIR triton==3.6.0`` and ``PYTHONPATH=DIR``
-works on a CPU machine). Compiles are cached by triton (``TRITON_CACHE_DIR``).
+It prints a table and exits 1 when a kernel does not compile, needs more shared memory than
+``--limit-kib`` (Hopper: 227 KiB = 232448 B per block), more registers than a block has, or spills more
+than ``--max-spill`` bytes per thread; rows above ``--margin-kib`` are marked. Exit 2: bad arguments;
+exit 3: no usable triton / ptxas here (nothing was checked). Success: the last line reads
+"N rows, all within the limits".
+
+Sets: ``ci`` (float32 R 4, d_state 128: ~20 s), ``default`` (that in bf16 and fp32), ``layer`` (bf16 / fp32 x
+d_state 64 / 128 x headdim 64 / 128 x R 1 / 2 / 4), ``tests`` (the GPU tests' shapes), ``all``. The numbers
+are those of the triton installed here; compiles are cached by triton (``TRITON_CACHE_DIR``).
 """
 
 from __future__ import annotations
@@ -310,6 +319,9 @@ class Row:
     threads: int = 0
     note: str = ""  # why a figure is NA
     verdict: str = ""
+    drv_regs: int = NA  # as the CUDA driver reports them after loading the kernel (only on a GPU of this arch)
+    drv_spills: int = NA
+    drv_error: str = ""  # the driver refused to load it (e.g. OutOfResources)
 
 
 def _config_text(launch) -> str:
@@ -328,18 +340,20 @@ def measure(cases, arch: int = 90, log=print) -> list[Row]:
             key = _launch_key(launch)
             if key not in done:
                 t0 = time.time()
+                drv = {}
                 try:
                     compiled = compile_launch(launch, arch)
                     shared, usage = int(compiled.metadata.shared), kernel_usage(compiled, arch)
+                    drv = driver_usage(compiled, arch)
                 except Exception as e:  # noqa: BLE001 - a compile error is a finding to report, not a crash
                     msg = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
                     shared, usage = NA, dict(regs=NA, stack=NA, spill_st=NA, spill_ld=NA,
                                              why=f"COMPILE FAILED: {type(e).__name__}: {msg[:160]}")
-                done[key] = (shared, usage, time.time() - t0)
-            shared, usage, secs = done[key]
+                done[key] = (shared, usage, time.time() - t0, drv)
+            shared, usage, secs, drv = done[key]
             row = Row(case.name, launch.kernel.__name__.strip("_"), _config_text(launch), shared, usage["regs"],
                       usage["spill_st"], usage["spill_ld"], usage["stack"], round(secs, 1),
-                      threads=32 * launch.num_warps, note=usage.get("why", ""))
+                      threads=32 * launch.num_warps, note=usage.get("why", ""), **drv)
             rows.append(row)
             if log:
                 log(f"  compiled {row.case:32s} {row.kernel:24s} {secs:5.1f} s", file=sys.stderr)
@@ -347,6 +361,29 @@ def measure(cases, arch: int = 90, log=print) -> list[Row]:
 
 
 REGS_PER_BLOCK = 65536  # sm_70 .. sm_100
+
+
+def gpu_here(arch: int) -> bool:
+    """Whether this machine has a CUDA GPU of compute capability ``arch`` (then the driver's figures are read)."""
+    try:
+        if not torch.cuda.is_available():
+            return False
+        major, minor = torch.cuda.get_device_capability()
+        return major * 10 + minor == arch
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def driver_usage(compiled, arch: int) -> dict:
+    """On a GPU of this arch: load the kernel as a launch would (``_init_handles``) and return the registers and
+    spills the driver reports, or the error it raises (OutOfResources: the launch would fail). Else {}."""
+    if not gpu_here(arch):
+        return {}
+    try:
+        compiled._init_handles()
+    except Exception as e:  # noqa: BLE001 - the finding: this kernel cannot be launched here
+        return dict(drv_error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200])
+    return dict(drv_regs=int(getattr(compiled, "n_regs", NA) or NA), drv_spills=int(getattr(compiled, "n_spills", NA) or 0))
 
 
 def judge(rows, limit: int, margin: int, max_spill: int) -> int:
@@ -369,6 +406,9 @@ def judge(rows, limit: int, margin: int, max_spill: int) -> int:
         if row.spill_st != NA and row.spill_st > max_spill:
             why.append(f"SPILLS > {max_spill} B")
             fail = True
+        if row.drv_error:
+            why.append(f"DRIVER REFUSES: {row.drv_error}")
+            fail = True
         row.verdict = "; ".join(why) or "ok"
         bad += fail
     return bad
@@ -380,11 +420,15 @@ def _fig(v: int, scale: float = 1.0, fmt: str = "d") -> str:
 
 def table(rows) -> str:
     head = f"{'case':32s} {'kernel':24s} {'config':28s} {'shared KiB':>10s} {'regs':>5s} {'spill st/ld B':>14s}  verdict"
+    drv = any(r.drv_regs != NA or r.drv_error for r in rows)
+    if drv:
+        head = head.replace("  verdict", f"  {'driver regs/spills':>18s}  verdict")
     lines = [head, "-" * len(head)]
     for r in rows:
         spill = f"{_fig(r.spill_st)}/{_fig(r.spill_ld)}"
+        extra = f"  {_fig(r.drv_regs) + '/' + _fig(r.drv_spills):>18s}" if drv else ""
         lines.append(f"{r.case:32s} {r.kernel:24s} {r.config:28s} {_fig(r.shared, KIB, '.1f'):>10s} {_fig(r.regs):>5s} "
-                     f"{spill:>14s}  {r.verdict}")
+                     f"{spill:>14s}{extra}  {r.verdict}")
     notes = sorted({r.note for r in rows if r.note})
     lines += [f"note: {n}" for n in notes]
     return "\n".join(lines)
@@ -424,6 +468,12 @@ def main(argv=None) -> int:
     import triton
 
     print(f"triton {triton.__version__}, target sm_{args.arch}, ptxas {ptxas_path(args.arch)}")
+    if gpu_here(args.arch):
+        print(f"GPU here: {torch.cuda.get_device_name()} (the driver's registers / spills, and whether it loads each "
+              "kernel, are read too)")
+    else:
+        print(f"no sm_{args.arch} GPU here: shared memory from the compiled metadata, registers / spills from ptxas -v "
+              "(the driver's own figures need that GPU)")
     rows = measure(SETS[args.set](), args.arch)
     bad = judge(rows, int(args.limit_kib * KIB), int(args.margin_kib * KIB), args.max_spill)
     print(table(rows))

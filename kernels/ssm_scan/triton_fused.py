@@ -961,6 +961,7 @@ def class_launches(sc: ShapeClass) -> list:
 
 _REGS_PER_BLOCK = 65536  # sm_70 .. sm_100
 _CHECKED: dict = {}
+PROBE_NOTES: list = []  # where the pre-check could not run (its machinery, not a kernel, failed): for diagnostics
 
 
 def _describe(sc: ShapeClass) -> str:
@@ -1015,7 +1016,8 @@ def _probe(sc: ShapeClass) -> str:
         with torch.cuda.device(sc.device):
             max_shared = _max_shared(sc.device)
             launches = class_launches(sc)
-    except Exception:  # noqa: BLE001 - no verdict possible here: the launch decides
+    except Exception as e:  # noqa: BLE001 - no verdict possible here: the launch decides
+        PROBE_NOTES.append(f"{_describe(sc)}: building the launches: {type(e).__name__}: {e}")
         return ""
     for launch in launches:
         name = launch.kernel.__name__.strip("_")
@@ -1025,7 +1027,8 @@ def _probe(sc: ShapeClass) -> str:
         except _CANNOT_LAUNCH as e:
             first = next((ln for ln in str(e).splitlines() if ln.strip()), "")
             return f"{name}: {type(e).__name__}: {first.strip()[:200]}"
-        except Exception:  # noqa: BLE001 - the probe's machinery, not the kernel: let the launch decide
+        except Exception as e:  # noqa: BLE001 - the probe's machinery, not the kernel: let the launch decide
+            PROBE_NOTES.append(f"{_describe(sc)}: {name}.warmup: {type(e).__name__}: {e}")
             return ""
         shared = getattr(getattr(compiled, "metadata", None), "shared", None)
         if shared is not None and int(shared) > max_shared:
@@ -1036,7 +1039,8 @@ def _probe(sc: ShapeClass) -> str:
         except _CANNOT_LAUNCH as e:
             first = next((ln for ln in str(e).splitlines() if ln.strip()), "")
             return f"{name}: {type(e).__name__}: {first.strip()[:200]}"
-        except Exception:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001
+            PROBE_NOTES.append(f"{_describe(sc)}: {name}._init_handles: {type(e).__name__}: {e}")
             continue
         regs = (getattr(compiled, "n_regs", 0) or 0) * launch.num_warps * 32
         if regs > _REGS_PER_BLOCK:
