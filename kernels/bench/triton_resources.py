@@ -360,6 +360,26 @@ def measure(cases, arch: int = 90, log=print) -> list[Row]:
     return rows
 
 
+def _measure_one(case, arch):
+    return measure([case], arch, log=None)
+
+
+def measure_parallel(cases, arch: int = 90, jobs: int = 1, log=print) -> list[Row]:
+    """``measure`` with the cases spread over ``jobs`` fresh processes (compiling is single-threaded)."""
+    if jobs <= 1 or len(cases) <= 1:
+        return measure(cases, arch, log)
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    rows = []
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+        for case, got in zip(cases, pool.map(_measure_one, cases, [arch] * len(cases))):
+            rows += got
+            if log:
+                log(f"  compiled {case.name:32s} ({sum(r.seconds for r in got):.1f} s)", file=sys.stderr)
+    return rows
+
+
 REGS_PER_BLOCK = 65536  # sm_70 .. sm_100
 
 
@@ -457,6 +477,7 @@ def main(argv=None) -> int:
     ap.add_argument("--margin-kib", type=float, default=200.0, help="mark rows above this shared memory (KiB)")
     ap.add_argument("--max-spill", type=int, default=4096, help="fail above this many spill-store bytes per thread")
     ap.add_argument("--json", default=None, help="also write the rows here")
+    ap.add_argument("--jobs", type=int, default=0, help="cases compiled at once (default: CPU cores, at most 8)")
     args = ap.parse_args(argv)
     if args.set not in SETS:
         print(f"triton_resources: --set {args.set!r}: choose one of {', '.join(SETS)}", file=sys.stderr)
@@ -474,7 +495,8 @@ def main(argv=None) -> int:
     else:
         print(f"no sm_{args.arch} GPU here: shared memory from the compiled metadata, registers / spills from ptxas -v "
               "(the driver's own figures need that GPU)")
-    rows = measure(SETS[args.set](), args.arch)
+    jobs = args.jobs or min(8, os.cpu_count() or 1)
+    rows = measure_parallel(SETS[args.set](), args.arch, jobs)
     bad = judge(rows, int(args.limit_kib * KIB), int(args.margin_kib * KIB), args.max_spill)
     print(table(rows))
     if args.json:
@@ -485,4 +507,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # through the package's module, not __main__: the worker processes unpickle its Case / Row / functions
+    from hybridlab.kernels.bench.triton_resources import main as _main
+
+    sys.exit(_main())

@@ -1,12 +1,28 @@
 """The GPU checks of ``ssm_scan_fused`` on one GPU, each case in its own process, several at once.
 
-    python scripts/device/fused_gpu_check.py [--jobs 3] [--cases NAME,NAME] [--timeout 300]
+    python scripts/device/fused_gpu_check.py [--jobs 4] [--cases NAME,NAME] [--timeout 240]
 
-Runs every case of ``tests/test_ssm_fused.py::GPU_CASES`` (the layer's shapes in bf16 and fp32, SISO and MIMO
-R=4, packed documents, the forced fallback to the unfused chain, whole float32 Mamba-3 layers at d_model 2048)
-as ``gpu_case_main(name)`` in a fresh Python with CUDA_LAUNCH_BLOCKING=1: a fault names its kernel and poisons
-only its own process; guard zones on the device catch out-of-range writes. Prints one line per case and exits
-1 if any failed (their output follows). Success: every line ``ok`` and "all N cases passed".
+Runs every case of ``tests/test_ssm_fused.py::GPU_CASES`` as ``gpu_case_main(name)`` in a fresh Python with
+CUDA_LAUNCH_BLOCKING=1 (an illegal memory access then names the kernel that made it, and poisons only its own
+process), with every kernel of the fused op run inside NaN guard zones on the device (tests/guard_zones.py:
+an out-of-range write or unmasked read that does not fault is reported as a "guard violation"):
+
+  siso-bf16, mimo4-bf16, siso-fp32, mimo4-fp32   the layer's scan shapes: 2 x 1000 tokens (a chunk tail), 64 heads,
+                                                 d_state 128 (32 angles), headdim 64, norm + bias, a carried state;
+                                                 values and gradients vs the float64 reference; the fused kernels
+                                                 must fit (no fallback warning)
+  packed-mimo4-fp32                              packed documents (a 1-token document, a chunk-straddling one)
+  fallback-mimo4-bf16                            HYBRIDLAB_SSM_FUSED_MAX_SHARED=1024: every class "does not fit", so
+                                                 the op must take the unfused chain, with exactly one warning
+  layer-siso-fp32, layer-mimo4-fp32              a whole float32 Mamba-3 layer at d_model 2048 (the first H200 run's
+                                                 OutOfResources), vs the same layer on the torch backend: it must
+                                                 not crash, and may take either path (the line says which)
+
+Each line reads "ok|FAIL <case> <seconds> <case>: <path>; max rel err ...; guard violations [...]". Exit 0 and
+"all N cases passed" is success; a failed case's last 60 lines follow the summary (a fault shows
+"<kernel> (grid ..., {...}) failed: ... illegal memory access"). "pre-check could not run" lines mean the
+launch pre-check's machinery failed on this triton (the launch-time OutOfResources net still applies).
+About 2-3 minutes on one H200 (most of it compiling, cached on disk by triton for a second run).
 """
 
 from __future__ import annotations
@@ -25,9 +41,9 @@ def main(argv=None) -> int:
     import test_ssm_fused as t  # noqa: E402  (tests/ on the path)
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--jobs", type=int, default=3, help="cases at once (each compiles its kernels: CPU-bound)")
+    ap.add_argument("--jobs", type=int, default=4, help="cases at once (each compiles its kernels: CPU-bound)")
     ap.add_argument("--cases", default=",".join(t.GPU_CASES), help="comma-separated case names")
-    ap.add_argument("--timeout", type=int, default=300, help="seconds per case")
+    ap.add_argument("--timeout", type=int, default=240, help="seconds per case (then it counts as failed)")
     args = ap.parse_args(argv)
     names = [n for n in args.cases.split(",") if n]
     unknown = [n for n in names if n not in t.GPU_CASES]
