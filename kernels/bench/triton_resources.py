@@ -2,7 +2,7 @@
 that need not be here (Hopper by default).
 
     python -m hybridlab.kernels.bench.triton_resources [--set ci|default|layer|tests|all] [--arch 90]
-        [--limit-kib 227] [--margin-kib 200] [--max-spill 4096] [--json PATH]
+        [--only REGEX] [--jobs N] [--limit-kib 227] [--margin-kib 200] [--max-spill 4096] [--json PATH]
 
 For every case (dtype, rank R, d_state N, headdim P, angles A, norm / bias / rotary / seq_idx, whether the
 forward stores states for a backward) it builds the launches exactly as the op does
@@ -477,6 +477,7 @@ def main(argv=None) -> int:
     ap.add_argument("--margin-kib", type=float, default=200.0, help="mark rows above this shared memory (KiB)")
     ap.add_argument("--max-spill", type=int, default=4096, help="fail above this many spill-store bytes per thread")
     ap.add_argument("--json", default=None, help="also write the rows here")
+    ap.add_argument("--only", default=None, help="keep the set's cases whose name matches this regex (e.g. 'fp32|P128')")
     ap.add_argument("--jobs", type=int, default=0, help="cases compiled at once (default: CPU cores, at most 8)")
     args = ap.parse_args(argv)
     if args.set not in SETS:
@@ -495,8 +496,19 @@ def main(argv=None) -> int:
     else:
         print(f"no sm_{args.arch} GPU here: shared memory from the compiled metadata, registers / spills from ptxas -v "
               "(the driver's own figures need that GPU)")
+    cases = SETS[args.set]()
+    if args.only:
+        try:
+            pat = re.compile(args.only)
+        except re.error as e:
+            print(f"triton_resources: --only {args.only!r}: {e}", file=sys.stderr)
+            return 2
+        cases = [c for c in cases if pat.search(c.name)]
+        if not cases:
+            print(f"triton_resources: --only {args.only!r} keeps none of the {args.set!r} cases", file=sys.stderr)
+            return 2
     jobs = args.jobs or min(8, os.cpu_count() or 1)
-    rows = measure_parallel(SETS[args.set](), args.arch, jobs)
+    rows = measure_parallel(cases, args.arch, jobs)
     bad = judge(rows, int(args.limit_kib * KIB), int(args.margin_kib * KIB), args.max_spill)
     print(table(rows))
     if args.json:

@@ -24,6 +24,15 @@ gradients go:
 
 RMSNorm's 1/rms per (token, rank) row is computed by the forward (head 0's programs store it) and
 read by the backward.
+
+Launch parameters (headdim blocks, warps, pipeline stages, pass 2's column block) come from
+``fused_config``: float32 runs its dots on the FMA units with operands staged through shared memory, so
+it takes one stage and headdim in 32-wide blocks (several programs per head) to stay inside Hopper's
+227 KiB. Every launch is built as a ``Launch`` first (``fwd_launches`` / ``bwd_launches``), which lets
+the pre-check (``launch_check``), the resource report (kernels/bench/triton_resources.py) and the
+tests' guard zones (tests/guard_zones.py) see exactly what would run. A shape class whose kernels cannot
+launch here (pre-check verdict, or OutOfResources / a compile error at launch: ``_run_or_refuse``) is
+refused once, with a RuntimeWarning, and runs the unfused Triton chain (``_unfused_fwd`` / ``_unfused_bwd``).
 """
 
 from __future__ import annotations
