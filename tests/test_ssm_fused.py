@@ -309,6 +309,45 @@ def fallback_case(case, mode: str):
     return diff, msgs, used
 
 
+def compiled_fallback_case(case):
+    """The op under ``torch.compile(fullgraph=True)`` (a graph break raises) with the class refused by the pre-check:
+    -> (max relative difference from the unfused chain over y, h and every gradient, fallback warnings)."""
+    import importlib
+    import warnings
+
+    tf = importlib.import_module("hybridlab.kernels.ssm_scan.triton_fused")
+    b, l, h, r, n, p, A, norm, bias, with_state, chunk, docs = case
+    leaves, dy, dh = fused_inputs(b, l, h, r, n, p, A, norm, bias, with_state)
+    names = [k for k, v in leaves.items() if v is not None]
+
+    def f(*vals):
+        ls = dict(zip(names, vals))
+        B, C = ls["proj"][..., 3 : 3 + r * n].view(b, l, r, n), ls["proj"][..., 3 + r * n :].view(b, l, r, n)
+        x = ls["xproj"][..., 2:].view(b, l, h, p)
+        st = ScanState(ls["h0"], ls["k0"], ls["v0"]) if "h0" in ls else None
+        y, fs = ssm_scan_fused(B, C, ls.get("phase"), ls.get("b_norm"), ls.get("c_norm"), ls.get("b_bias"),
+                               ls.get("c_bias"), x, ls.get("mimo_x"), ls["la"], ls["beta"], ls["gamma"], st, eps=1e-5,
+                               backend="triton", chunk_size=chunk)
+        return y, fs.h
+
+    saved = tf._probe
+    tf._probe = lambda sc: "simulated: 300000 B of shared memory"
+    tf._CHECKED.clear()
+    torch._dynamo.reset()
+    try:
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            ls = {k: leaves[k].clone().requires_grad_() for k in names}
+            y, hf = torch.compile(f, backend="aot_eager", fullgraph=True)(*ls.values())
+            got = _outputs_and_grads(ls, y, ScanState(hf, None, None), dy, dh)
+    finally:
+        tf._probe = saved
+        tf._CHECKED.clear()
+    want = unfused_chain_outputs(case)
+    msgs = [str(x.message) for x in w if issubclass(x.category, RuntimeWarning) and "unfused chain" in str(x.message)]
+    return max(rel(got[k], want[k]) for k in want), msgs
+
+
 _FALLBACK_SCRIPT = textwrap.dedent(
     """
     import sys
@@ -331,6 +370,11 @@ _FALLBACK_SCRIPT = textwrap.dedent(
             fails.append((mode, case[:7], "one warning naming the class", msgs))
         if used != want_used:
             fails.append((mode, case[:7], "the unfused chain ran", used))
+    # the same decision under torch.compile(fullgraph=True): made inside the op, so no graph break
+    diff, msgs = t.compiled_fallback_case(t.FUSED_CASES[2])
+    print("compiled", f"max rel |fallback - unfused chain| {diff:.1e}", msgs)
+    if not diff < 1e-7 or len(msgs) != 1:
+        fails.append(("compiled fallback", diff, msgs))
     print("FAILS", fails)
     sys.exit(1 if fails else 0)
     """
@@ -341,7 +385,7 @@ _FALLBACK_SCRIPT = textwrap.dedent(
 def test_unlaunchable_class_falls_back_to_the_unfused_chain():
     """A shape class whose fused kernels cannot launch (the pre-check's verdict, or an OutOfResources when the
     forward's or only the backward's kernels are launched) gives the unfused Triton chain's values and gradients,
-    with one RuntimeWarning naming the class (not one per call)."""
+    with one RuntimeWarning naming the class (not one per call); also under torch.compile(fullgraph=True)."""
     run_under_interpreter(_FALLBACK_SCRIPT)
 
 
