@@ -449,7 +449,7 @@ def test_hopper_resources_of_the_default_configs():
     if why:
         pytest.skip(f"cannot compile for CUDA here: {why}")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "hybridlab.kernels.bench.triton_resources", "--set", "ci"],
+    proc = subprocess.run([sys.executable, "-m", "hybridlab.kernels.bench.triton_resources", "--set", "ci", "--fail-on-spill"],
                           capture_output=True, text=True, timeout=300, env=env)
     out = proc.stdout
     assert proc.returncode == 0, out[-4000:] + proc.stderr[-2000:]
@@ -457,6 +457,21 @@ def test_hopper_resources_of_the_default_configs():
     kernels = {r[5] for r in rows}
     assert {"fused_fwd_kernel", "fused_bwd_dh_kernel", "fused_bwd_chunk_kernel", "norm_bwd_kernel"} <= kernels, out
     assert "all within the limits" in out, out
+
+
+def test_resource_verdicts():
+    """triton_resources' judge: what makes a launch fail fails the run (no compile, shared memory over the limit,
+    registers x threads over a block's, the driver refusing); heavy spills and the margin are marks only."""
+    from hybridlab.kernels.bench.triton_resources import KIB, NA, Row, judge
+
+    def row(shared=100 * KIB, regs=128, spill=0, threads=256, drv_error=""):
+        return Row("c", "k", "", shared, regs, spill, spill, 0, 0.0, threads=threads, drv_error=drv_error)
+
+    rows = [row(), row(shared=228 * KIB), row(shared=NA), row(regs=255, threads=512), row(drv_error="OutOfResources"),
+            row(spill=5000), row(shared=210 * KIB), row(regs=NA, spill=NA)]
+    assert judge(rows, 227 * KIB, 200 * KIB, 4096) == 4
+    assert [r.verdict.split(" ")[0] for r in rows] == ["ok", "SHARED", "DID", "REGS", "DRIVER", "SPILLS", "above", "ok"]
+    assert judge([row(spill=5000)], 227 * KIB, 200 * KIB, 4096, fail_on_spill=True) == 1
 
 
 # ---------------------------------------------------------------- dispatcher (CPU)
