@@ -689,7 +689,10 @@ def fused_config(dtype: torch.dtype, n: int, r: int, p: int) -> FusedConfig:
         # 16-bit: the configs the H200 benchmarks ran; the forward's two stages take 164 / 180 KiB (R 1 / 4,
         # d_state 128), backward pass 2 50 KiB.
         cfg = dict(fwd_bp=bp, fwd_warps=8, fwd_stages=2, bw=32)
-    cfg.update(dh_bp=min(bp, 32), dh_warps=4, dh_stages=2, bwd_warps=8, bwd_stages=1)
+    # backward pass 2 holds whole headdim rows: at fp32 headdim 128 eight warps leave ptxas 32 registers and ~31 KB of
+    # spills per thread (triton 3.6, sm_90, d_state 128); sixteen warps: 64 registers, ~4.5 KB
+    wide_fp32 = dtype == torch.float32 and bp >= 128
+    cfg.update(dh_bp=min(bp, 32), dh_warps=4, dh_stages=2, bwd_warps=16 if wide_fp32 else 8, bwd_stages=1)
     env = dict(fwd_bp="HYBRIDLAB_SSM_FUSED_FWD_BP", fwd_warps="HYBRIDLAB_SSM_FUSED_FWD_WARPS",
                fwd_stages="HYBRIDLAB_SSM_FUSED_FWD_STAGES", bwd_stages="HYBRIDLAB_SSM_FUSED_BWD_STAGES", dh_bp="HYBRIDLAB_SSM_DH_BP", dh_warps="HYBRIDLAB_SSM_DH_WARPS",
                bw="HYBRIDLAB_SSM_FUSED_BW", bwd_warps="HYBRIDLAB_SSM_FUSED_BWD_WARPS")
