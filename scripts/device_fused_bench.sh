@@ -7,6 +7,10 @@
 #   bench  `bench ssm` on the first shape: scan, fused scan vs the unfused chain (+ peak memory), checks (~3 min)
 #   layer  whole Mamba-3 layers: ours eager / compiled vs the official mamba_ssm Mamba3 (when carried) (~5 min)
 #   layer-unfused  ours eager with HYBRIDLAB_SSM_FUSED=0 (qk_prep -> rank_expand -> ssm_scan): the A/B (~2 min)
+#   fusedcheck     scripts/device/fused_gpu_check.py: the fused scan's GPU cases, each in its own process (~2-3 min);
+#                  success: "all 8 cases passed"
+#   resources      python -m hybridlab.kernels.bench.triton_resources --set layer: every layer class's kernels'
+#                  shared memory / registers / spills (ptxas and the driver's), ~3 min; success: "all within the limits"
 #   run from the repo root:  bash scripts/device_fused_bench.sh tests bench     # then: ... layer
 set -u
 export PYTHONUNBUFFERED=1
@@ -28,6 +32,11 @@ for part in $PARTS; do
     layer-unfused) echo "== layer bench, unfused chain"
       HYBRIDLAB_SSM_FUSED=0 timeout ${LAYER_TIMEOUT:-420} python3 scripts/bench_mamba3_layer.py --out "$OUT/unfused" \
         --no-compile --no-official 2>&1 | tee "$OUT/layer_unfused.log" | tail -12 ;;
-    *) echo "unknown part $part (tests | bench | layer | layer-unfused)"; exit 2 ;;
+    fusedcheck) echo "== ssm_scan_fused GPU cases, one process each (CUDA_LAUNCH_BLOCKING=1, guard zones)"
+      timeout ${CHECK_TIMEOUT:-420} python3 scripts/device/fused_gpu_check.py 2>&1 | tee "$OUT/fusedcheck.log" | tail -40 ;;
+    resources) echo "== fused kernels' resources per class (compiled here; the driver's figures from this GPU)"
+      timeout ${RES_TIMEOUT:-420} python3 -m hybridlab.kernels.bench.triton_resources --set layer \
+        --json "$OUT/resources.json" 2>/dev/null | tee "$OUT/resources.log" | tail -80 ;;
+    *) echo "unknown part $part (fusedcheck | resources | tests | bench | layer | layer-unfused)"; exit 2 ;;
   esac
 done

@@ -14,6 +14,19 @@ backend — but the ``triton`` backend (``triton_fused.py``) builds q, k, v in r
 (b, l, H, R, N) / (b, l, H, R, P) tensors of the unfused chain never reach memory, forward or
 backward. Packed documents (``seq_idx`` / ``cu_seqlens``) as for ``ssm_scan``. ``auto`` picks
 triton on CUDA (or under TRITON_INTERPRET=1) when the kernels take the sizes, else torch.
+
+Where the fused kernels cannot launch on the GPU at hand for a shape class (dtype, rank, d_state,
+headdim, heads, angles, which optional inputs, chunk; e.g. more shared memory than the device has),
+the triton backend runs the unfused Triton chain qk_prep -> rank_expand -> ssm_scan for that class
+instead, with one RuntimeWarning naming it. Decided inside the op (nothing of it is traced, so no graph
+break under torch.compile) the first time the class is seen: ``triton_fused.launch_check`` compiles the
+class's kernels and checks their shared memory / registers against the device; behind it, an
+OutOfResources (or compile error) raised when the fused kernels are launched also refuses the class and
+reruns the call on the unfused chain (nothing was written yet). HYBRIDLAB_SSM_FUSED_MAX_SHARED=BYTES
+lowers the limit checked against (to exercise the fallback). The kernels' launch configs per (dtype,
+d_state, rank, headdim) are ``triton_fused.fused_config``; ``python -m
+hybridlab.kernels.bench.triton_resources`` prints their shared memory, registers and spills for Hopper,
+compiled on any machine (and the driver's figures on a GPU).
 """
 
 from __future__ import annotations

@@ -24,19 +24,32 @@ gradients go:
 
 RMSNorm's 1/rms per (token, rank) row is computed by the forward (head 0's programs store it) and
 read by the backward.
+
+Launch parameters (headdim blocks, warps, pipeline stages, pass 2's column block) come from
+``fused_config``: float32 runs its dots on the FMA units with operands staged through shared memory, so
+it takes one stage and headdim in 32-wide blocks (several programs per head) to stay inside Hopper's
+227 KiB. Every launch is built as a ``Launch`` first (``fwd_launches`` / ``bwd_launches``), which lets
+the pre-check (``launch_check``), the resource report (kernels/bench/triton_resources.py) and the
+tests' guard zones (tests/guard_zones.py) see exactly what would run. A shape class whose kernels cannot
+launch here (pre-check verdict, or OutOfResources / a compile error at launch: ``_run_or_refuse``) is
+refused once, with a RuntimeWarning, and runs the unfused Triton chain (``_unfused_fwd`` / ``_unfused_bwd``).
 """
 
 from __future__ import annotations
 
+import importlib
 import os
-from typing import List, Optional, Tuple
+import warnings
+from dataclasses import dataclass
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
 from .._triton_utils import INTERPRET as _INTERPRET
 from .._triton_utils import pow2 as _pow2
 from .._triton_utils import sincos, tl, token_rows, triton
-from ..ssm_io.qk_prep import qk_prep_reference
+from ..ssm_io.qk_prep import qk_prep_reference  # (importing ssm_io's op files registers the ops the fallback runs)
+from ..ssm_io.rank_expand import rank_expand_reference  # noqa: F401
 from .reference import ScanState, normalize_state
 from .triton import (
     _block_rows,
@@ -52,7 +65,7 @@ from .triton import (
     _next_chunk,
 )
 
-__all__ = ["ssm_scan_fused_triton"]
+__all__ = ["ssm_scan_fused_triton", "fused_config", "launch_check", "shape_class"]
 
 # ------------------------------------------------------------------ building q/k/v tiles
 #
@@ -202,7 +215,12 @@ def _per_rank(x, T: tl.constexpr, R: tl.constexpr, C: tl.constexpr):
 # ------------------------------------------------------------------ forward
 
 
-@triton.jit
+# The arguments that change with the batch and the length (not the model) are not specialised on (triton
+# would otherwise compile again whenever e.g. L is or is not a multiple of 16): one compile per shape class.
+_SIZE_ARGS = ["L", "NCHUNKS", "sp_b", "rstd_c_off"]
+
+
+@triton.jit(do_not_specialize=_SIZE_ARGS)
 def _fused_fwd_kernel(
     Bp, Cp, PH, BW_, CW_, BB_, CB_, X, MX, LA, BETA, GAMMA, H0, K0, V0, SEQ, Y, HF, HS, RSTD,
     L, NH, NCHUNKS, s_bc, s_x, sp_b, sp_l, sp_h, sp_a, eps, rstd_c_off,
@@ -314,7 +332,7 @@ def _fused_fwd_kernel(
 # ------------------------------------------------------------------ backward pass 1: the dH chain
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZE_ARGS)
 def _fused_bwd_dh_kernel(
     Cp, PH, CW_, CB_, RSTD, DY, LA, BETA, K0, V0, SEQ, DHF, DHS, DH0, DK0P, DV0,
     L, NH, NCHUNKS, s_bc, sp_b, sp_l, sp_h, sp_a, rstd_c_off,
@@ -405,7 +423,7 @@ def _state_uv(DHS, HS, st_off, p, pmask, ucol, vcol, umask, vmask, N: tl.constex
             tl.load(HS + st_off + pu, mask=mu, other=0.0), tl.load(HS + st_off + pv, mask=mv, other=0.0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZE_ARGS)
 def _fused_bwd_chunk_kernel(
     Bp, Cp, PH, BW_, CW_, BB_, CB_, X, MX, LA, BETA, GAMMA, K0, V0, SEQ, RSTD, HS, DHS, DY,
     GB, GC, DBB, DCB, DPH, DX, DMX, DLA, DBETA, DGAMMA, SCR,
@@ -585,13 +603,13 @@ def _fused_bwd_chunk_kernel(
 # ------------------------------------------------------------------ the norm's backward, after the heads are summed
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "rstd_off"])
 def _norm_bwd_kernel(X, W, RSTD, G, DX, DW_PART, n_rows, s_bc, rstd_off,
                      R: tl.constexpr, N: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, HAS_NORM: tl.constexpr):
     """Rows (token, rank) of B or C: with g = Σ_h d(normed x) (fp32), dx = rstd (w g - x̂ mean(x̂ w g)),
     x̂ = x rstd, and this program's part of dw = Σ_rows g x̂ (no norm: dx = g)."""
     pid = tl.program_id(0)
-    row = pid * BR + tl.arange(0, BR)
+    row = pid.to(tl.int64) * BR + tl.arange(0, BR)  # int64: token x s_bc passes 2^31 at ~250k tokens of a 8k-wide projection
     n = tl.arange(0, BN)
     m = (row < n_rows)[:, None] & (n < N)[None, :]
     g = tl.load(G + row[:, None] * N + n[None, :], mask=m, other=0.0)
@@ -609,18 +627,88 @@ def _norm_bwd_kernel(X, W, RSTD, G, DX, DW_PART, n_rows, s_bc, rstd_off,
 
 
 # ------------------------------------------------------------------ launch
+#
+# Every launch is first built as a ``Launch`` (kernel, grid, arguments, constexprs, warps, stages) by
+# ``fwd_launches`` / ``bwd_launches``, then run. The same builders, given "meta" tensors, tell
+# ``kernels/bench/triton_resources.py`` (and the dispatcher's pre-check) exactly what would be
+# compiled, without a GPU or any memory.
 
-_BWD_WARPS = int(os.environ.get("HYBRIDLAB_SSM_FUSED_BWD_WARPS", "8"))
-_FWD_WARPS = int(os.environ.get("HYBRIDLAB_SSM_FUSED_FWD_WARPS", "8"))
-_DH_BP = int(os.environ.get("HYBRIDLAB_SSM_DH_BP", "32"))
-_DH_WARPS = int(os.environ.get("HYBRIDLAB_SSM_DH_WARPS", "4"))
-_UV_BW = int(os.environ.get("HYBRIDLAB_SSM_FUSED_BW", "32"))  # column block of backward pass 2 (two per step)
+
+class Launch(NamedTuple):
+    kernel: object  # the @triton.jit function
+    grid: tuple
+    args: tuple
+    meta: dict  # constexpr arguments
+    num_warps: int
+    num_stages: int
+
+    def __call__(self):
+        self.kernel[self.grid](*self.args, **self.meta, num_warps=self.num_warps, num_stages=self.num_stages)
+
+    def warmup(self):
+        """Compile (or fetch from the cache) without launching; returns triton's CompiledKernel."""
+        return self.kernel.warmup(*self.args, grid=self.grid, **self.meta, num_warps=self.num_warps,
+                                  num_stages=self.num_stages)
 
 
-def _uv_plan(n: int, A: int) -> tuple[int, int, int]:
+@dataclass(frozen=True)
+class FusedConfig:
+    """Launch parameters of the fused kernels for one (dtype, d_state, rank) class (see ``fused_config``)."""
+
+    fwd_bp: int  # headdim block of the forward (programs per (batch, head) = P / fwd_bp)
+    fwd_warps: int
+    fwd_stages: int
+    dh_bp: int  # headdim block of backward pass 1
+    dh_warps: int
+    dh_stages: int
+    bw: int  # d_state column block of backward pass 2 (two per step)
+    bwd_warps: int
+    bwd_stages: int
+
+
+def _env_int(name: str) -> int | None:
+    v = os.environ.get(name)
+    return int(v) if v else None
+
+
+def fused_config(dtype: torch.dtype, n: int, r: int, p: int) -> FusedConfig:
+    """The launch parameters for these sizes: chosen so that every kernel's shared memory stays well
+    under Hopper's 227 KiB (``kernels/bench/triton_resources.py`` checks it per case) with few
+    register spills; environment variables override them for experiments (HYBRIDLAB_SSM_FUSED_FWD_BP,
+    _FWD_WARPS, _FWD_STAGES, _DH_BP, _DH_WARPS, _BW, _BWD_WARPS)."""
+    bp = max(_pow2(p), 16)
+    if dtype == torch.float32:
+        # IEEE fp32 dots run on the FMA units with their operands staged through shared memory, and a
+        # two-stage pipeline of the forward's chunk loop doubles that: 357 / 393 KiB (R 1 / 4, d_state 128,
+        # headdim 64) on sm_90, more than the 227 KiB a block may have (the first H200 run's OutOfResources).
+        # One stage and two headdim blocks per head: 88 KiB, no heavy spills; backward pass 2 in 16-wide
+        # column blocks: 100 KiB and ~1 KB of spills where 32-wide ones spilled ~29 KB (ptxas fell back to 32
+        # registers).
+        cfg = dict(fwd_bp=min(bp, 32), fwd_warps=8, fwd_stages=1, bw=16)
+    else:
+        # 16-bit: the configs the H200 benchmarks ran; the forward's two stages take 164 / 180 KiB (R 1 / 4,
+        # d_state 128), backward pass 2 50 KiB.
+        cfg = dict(fwd_bp=bp, fwd_warps=8, fwd_stages=2, bw=32)
+    # backward pass 2 holds whole headdim rows: at fp32 headdim 128 eight warps leave ptxas 32 registers and ~31 KB of
+    # spills per thread (triton 3.6, sm_90, d_state 128); sixteen warps: 64 registers, ~4.5 KB
+    wide_fp32 = dtype == torch.float32 and bp >= 128
+    cfg.update(dh_bp=min(bp, 32), dh_warps=4, dh_stages=2, bwd_warps=16 if wide_fp32 else 8, bwd_stages=1)
+    env = dict(fwd_bp="HYBRIDLAB_SSM_FUSED_FWD_BP", fwd_warps="HYBRIDLAB_SSM_FUSED_FWD_WARPS",
+               fwd_stages="HYBRIDLAB_SSM_FUSED_FWD_STAGES", bwd_stages="HYBRIDLAB_SSM_FUSED_BWD_STAGES", dh_bp="HYBRIDLAB_SSM_DH_BP", dh_warps="HYBRIDLAB_SSM_DH_WARPS",
+               bw="HYBRIDLAB_SSM_FUSED_BW", bwd_warps="HYBRIDLAB_SSM_FUSED_BWD_WARPS")
+    for key, name in env.items():
+        v = _env_int(name)
+        if v is not None:
+            cfg[key] = v
+    cfg["fwd_bp"] = max(16, min(bp, _pow2(cfg["fwd_bp"])))
+    cfg["dh_bp"] = max(16, min(bp, _pow2(cfg["dh_bp"])))
+    return FusedConfig(**cfg)
+
+
+def _uv_plan(n: int, A: int, bw: int) -> tuple[int, int, int]:
     """(BW, NPAIR, NIT) of backward pass 2: BW-wide column blocks (a power of two >= 16), NPAIR rotation
     pair steps covering [0, A), then steps of two blocks over [2A, N)."""
-    bw = max(16, min(_pow2(_UV_BW), _pow2(A) if A else _pow2(n)))
+    bw = max(16, min(_pow2(bw), _pow2(A) if A else _pow2(n)))
     npair = -(-A // bw)
     return bw, npair, npair + -(-(n - 2 * A) // (2 * bw))
 
@@ -648,34 +736,95 @@ def _tiles(n: int, A: int) -> dict:
     return dict(BA=max(16, _pow2(A)) if A else 16, BE=max(16, _pow2(n - 2 * A)) if n > 2 * A else 16, HAS_REST=n > 2 * A)
 
 
-def _fused_fwd(B, C, phase, b_norm, c_norm, b_bias, c_bias, x, mimo_x, la, beta, gamma, h0, k0, v0, seq, eps, block, store):
+def _warps(w: int) -> int:
+    return 4 if _INTERPRET else w
+
+
+def fwd_launches(B, C, phase, b_norm, c_norm, b_bias, c_bias, x, mimo_x, la, beta, gamma, h0, k0, v0, seq, eps, block,
+                 store):
+    """-> ((y, h_final, h' per chunk, rstd), [Launch]) of the forward."""
     b, l, r, n, nh, p, A, nchunks = _meta(B, x, phase, block)
     dev = B.device
+    cfg = fused_config(B.dtype, n, r, p)
     y = torch.empty(b, l, nh, r, p, device=dev, dtype=B.dtype)
     hf = torch.empty(b, nh, p, n, device=dev, dtype=torch.float32)
     hs = torch.empty(b, nh, nchunks, p, n, device=dev, dtype=B.dtype) if store else B.new_empty(0)
     # [0]: B's rows, [1]: C's (zeros where a side has no norm: every output is defined)
     rstd = torch.zeros(2, b, l, r, device=dev, dtype=torch.float32)
     ieee = B.dtype == torch.float32
-    BN, BP = max(_pow2(n), 16), max(_pow2(p), 16)
+    BN = max(_pow2(n), 16)
     any_t = la  # stands in for an absent optional tensor (never read: its flag is off)
-    _fused_fwd_kernel[(b * nh, 1)](
-        B, C, phase if phase is not None else any_t, b_norm if b_norm is not None else any_t,
-        c_norm if c_norm is not None else any_t, b_bias if b_bias is not None else any_t,
-        c_bias if c_bias is not None else any_t, x, mimo_x if mimo_x is not None else any_t,
-        la, beta, gamma, h0, k0, v0, seq if seq is not None else any_t, y, hf, hs if store else hf, rstd,
-        l, nh, nchunks, B.stride(1), x.stride(1), *_phase_args(phase), eps, b * l * r,
-        R=r, N=n, P=p, A=A, BN=BN, BP=BP, BLOCK=block, STORE_STATES=store, IEEE=ieee, HAS_SEQ=seq is not None,
-        **_flags(b_norm, c_norm, b_bias, c_bias, phase, mimo_x), **_tiles(n, A),
-        num_warps=4 if _INTERPRET else _FWD_WARPS, num_stages=2,
+    opt = lambda t: t if t is not None else any_t  # noqa: E731
+    launch = Launch(
+        _fused_fwd_kernel, (b * nh, -(-p // cfg.fwd_bp)),
+        (B, C, opt(phase), opt(b_norm), opt(c_norm), opt(b_bias), opt(c_bias), x, opt(mimo_x), la, beta, gamma, h0, k0, v0,
+         opt(seq), y, hf, hs if store else hf, rstd, l, nh, nchunks, B.stride(1), x.stride(1), *_phase_args(phase), eps,
+         b * l * r),
+        dict(R=r, N=n, P=p, A=A, BN=BN, BP=cfg.fwd_bp, BLOCK=block, STORE_STATES=store, IEEE=ieee, HAS_SEQ=seq is not None,
+             **_flags(b_norm, c_norm, b_bias, c_bias, phase, mimo_x), **_tiles(n, A)),
+        _warps(cfg.fwd_warps), cfg.fwd_stages,
     )
-    return y, hf, hs, rstd
+    return (y, hf, hs, rstd), [launch]
 
 
-def _fused_bwd(B, C, phase, b_norm, c_norm, b_bias, c_bias, x, mimo_x, la, beta, gamma, k0, v0, seq, hs, rstd, dy, dhf,
-               eps, block):
+def _fused_fwd(B, C, phase, b_norm, c_norm, b_bias, c_bias, x, mimo_x, la, beta, gamma, h0, k0, v0, seq, eps, block, store):
+    args = (B, C, phase, b_norm, c_norm, b_bias, c_bias, x, mimo_x, la, beta, gamma, h0, k0, v0, seq, eps, block, store)
+    sc = shape_class(B, C, phase, b_norm, c_norm, b_bias, c_bias, x, mimo_x, seq, block, store)
+    if not launch_check(sc):
+        outs, launches = fwd_launches(*args)
+        if _run_or_refuse(sc, launches):
+            return outs
+    return _unfused_fwd(*args)
+
+
+def _run(launches):
+    """Launch in order (one seam: tests/guard_zones.py runs them inside guard zones instead)."""
+    for launch in launches:
+        launch()
+
+
+def _cannot_launch_errors() -> tuple:
+    """The exceptions that mean "this kernel cannot be built or launched here" (raised before it runs, so
+    nothing was written yet that the fallback would not overwrite): triton's OutOfResources (shared memory,
+    registers, threads), its compile errors, a ptxas failure. Looked up by name: they moved between releases."""
+    found = []
+    for mod, name in (("triton.runtime.errors", "OutOfResources"), ("triton.compiler.errors", "CompilationError"),
+                      ("triton.runtime.errors", "PTXASError"), ("triton.backends.nvidia.compiler", "PTXASError")):
+        try:
+            found.append(getattr(importlib.import_module(mod), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(dict.fromkeys(found))
+
+
+_CANNOT_LAUNCH = _cannot_launch_errors()
+
+
+def _run_or_refuse(sc, launches) -> bool:
+    """Run the fused launches; True when they ran. When one of them cannot be built or launched (the safety net
+    behind ``launch_check``'s pre-check: e.g. a driver that refuses what the metadata said fits), the class is
+    marked as not launchable, with the one warning, and False tells the caller to take the unfused chain."""
+    try:
+        _run(launches)
+        return True
+    except _CANNOT_LAUNCH as e:
+        first = next((ln for ln in str(e).splitlines() if ln.strip()), "")
+        _refuse(sc, f"{type(e).__name__}: {first.strip()[:200]}")
+        return False
+
+
+def _norm_rows(n: int) -> int:
+    """Rows per program of the norm's backward (a ~4096-element fp32 tile)."""
+    return max(1, min(64, 4096 // max(_pow2(n), 16)))
+
+
+def bwd_launches(B, C, phase, b_norm, c_norm, b_bias, c_bias, x, mimo_x, la, beta, gamma, k0, v0, seq, hs, rstd, dy, dhf,
+                 eps, block):
+    """-> (buffers, [Launch]) of the backward: pass 1 (the dH chain), pass 2 (every chunk), the norm's backward of
+    B and of C. The buffers are finished by ``_bwd_finish``."""
     b, l, r, n, nh, p, A, nchunks = _meta(B, x, phase, block)
     dev, f32 = B.device, torch.float32
+    cfg = fused_config(B.dtype, n, r, p)
     ieee = B.dtype == torch.float32
     flags = _flags(b_norm, c_norm, b_bias, c_bias, phase, mimo_x)
     any_t = la
@@ -686,52 +835,258 @@ def _fused_bwd(B, C, phase, b_norm, c_norm, b_bias, c_bias, x, mimo_x, la, beta,
     dhs = torch.empty(b, nh, nchunks, p, n, device=dev, dtype=B.dtype)
     dh0 = torch.empty(b, nh, p, n, device=dev, dtype=f32)
     dv0 = torch.empty(b, nh, r, p, device=dev, dtype=f32)
-    BPs = max(min(BP, _pow2(_DH_BP)), 16)
-    npb = -(-p // BPs)
+    npb = -(-p // cfg.dh_bp)
     dk0p = torch.empty(b, nh, npb, r, n, device=dev, dtype=f32)
     rstd_c_off = b * l * r
-    _fused_bwd_dh_kernel[(b * nh, npb)](
-        C, opt(phase), opt(c_norm), opt(c_bias), rstd, dy, la, beta, k0, v0, seq_t, dhf, dhs, dh0, dk0p, dv0,
-        l, nh, nchunks, C.stride(1), *_phase_args(phase), rstd_c_off,
-        R=r, N=n, P=p, A=A, BN=BN, BP=BPs, BLOCK=block, IEEE=ieee, HAS_SEQ=seq is not None,
-        C_NORM=flags["C_NORM"], C_BIAS=flags["C_BIAS"], HAS_ROT=flags["HAS_ROT"], **_tiles(n, A),
-        num_warps=4 if _INTERPRET else _DH_WARPS, num_stages=2,
-    )
+    launches = [Launch(
+        _fused_bwd_dh_kernel, (b * nh, npb),
+        (C, opt(phase), opt(c_norm), opt(c_bias), rstd, dy, la, beta, k0, v0, seq_t, dhf, dhs, dh0, dk0p, dv0,
+         l, nh, nchunks, C.stride(1), *_phase_args(phase), rstd_c_off),
+        dict(R=r, N=n, P=p, A=A, BN=BN, BP=cfg.dh_bp, BLOCK=block, IEEE=ieee, HAS_SEQ=seq is not None,
+             C_NORM=flags["C_NORM"], C_BIAS=flags["C_BIAS"], HAS_ROT=flags["HAS_ROT"], **_tiles(n, A)),
+        _warps(cfg.dh_warps), cfg.dh_stages,
+    )]
     # pass 2: every chunk's gradients, heads fastest
     gb = torch.zeros(b, l, r, n, device=dev, dtype=f32)
     gc = torch.zeros(b, l, r, n, device=dev, dtype=f32)
-    dbb = torch.zeros(nh, r, n, device=dev, dtype=f32) if b_bias is not None else B.new_empty(0)
-    dcb = torch.zeros(nh, r, n, device=dev, dtype=f32) if c_bias is not None else B.new_empty(0)
-    dph = torch.empty_like(phase) if phase is not None else B.new_empty(0)
+    dbb = torch.zeros(nh, r, n, device=dev, dtype=f32) if b_bias is not None else None
+    dcb = torch.zeros(nh, r, n, device=dev, dtype=f32) if c_bias is not None else None
+    dph = torch.empty_like(phase) if phase is not None else None
     dx = torch.empty(b, l, nh, p, device=dev, dtype=x.dtype)
-    dmx = torch.zeros(nh, r, p, device=dev, dtype=f32) if mimo_x is not None else B.new_empty(0)
+    dmx = torch.zeros(nh, r, p, device=dev, dtype=f32) if mimo_x is not None else None
     dla, dbeta, dgamma = (torch.empty(b, l, nh, device=dev, dtype=f32) for _ in range(3))
     scr = torch.empty(b * nchunks * nh, 2, block, block, device=dev, dtype=B.dtype)
-    bw, npair, nit = _uv_plan(n, A)
-    _fused_bwd_chunk_kernel[(b * nchunks * nh,)](
-        B, C, opt(phase), opt(b_norm), opt(c_norm), opt(b_bias), opt(c_bias), x, opt(mimo_x), la, beta, gamma, k0, v0,
-        seq_t, rstd, hs, dhs, dy, gb, gc, dbb if b_bias is not None else any_t, dcb if c_bias is not None else any_t,
-        dph if phase is not None else any_t, dx, dmx if mimo_x is not None else any_t, dla, dbeta, dgamma, scr,
-        l, nh, nchunks, B.stride(1), x.stride(1), *_phase_args(phase), rstd_c_off,
-        R=r, N=n, P=p, A=A, BW=bw, NPAIR=npair, NIT=nit, BP=BP, BLOCK=block, IEEE=ieee, HAS_SEQ=seq is not None, **flags,
-        num_warps=4 if _INTERPRET else _BWD_WARPS, num_stages=1,
-    )
+    bw, npair, nit = _uv_plan(n, A, cfg.bw)
+    launches.append(Launch(
+        _fused_bwd_chunk_kernel, (b * nchunks * nh,),
+        (B, C, opt(phase), opt(b_norm), opt(c_norm), opt(b_bias), opt(c_bias), x, opt(mimo_x), la, beta, gamma, k0, v0,
+         seq_t, rstd, hs, dhs, dy, gb, gc, opt(dbb), opt(dcb), opt(dph), dx, opt(dmx), dla, dbeta, dgamma, scr,
+         l, nh, nchunks, B.stride(1), x.stride(1), *_phase_args(phase), rstd_c_off),
+        dict(R=r, N=n, P=p, A=A, BW=bw, NPAIR=npair, NIT=nit, BP=BP, BLOCK=block, IEEE=ieee, HAS_SEQ=seq is not None,
+             **flags),
+        _warps(cfg.bwd_warps), cfg.bwd_stages,
+    ))
     # the norm's backward on the head-summed gradients
-    BR = max(1, min(64, 4096 // BN))
+    BR = _norm_rows(n)
     nrows = b * l * r
-    grads = []
+    nprog = -(-nrows // BR)
+    norm = []
     for X, w, g, off in ((B, b_norm, gb, 0), (C, c_norm, gc, rstd_c_off)):
         dX = torch.empty(b, l, r, n, device=dev, dtype=X.dtype)
-        nprog = -(-nrows // BR)
         dw = torch.empty(nprog, n, device=dev, dtype=f32) if w is not None else None
-        _norm_bwd_kernel[(nprog,)](X, opt(w), rstd, g, dX, dw if dw is not None else g, nrows, X.stride(1), off,
-                                   R=r, N=n, BN=BN, BR=BR, HAS_NORM=w is not None, num_warps=4)
-        grads.append((dX, dw.sum(0).to(w.dtype) if dw is not None else B.new_empty(0)))
-    (dB, dbw), (dC, dcw) = grads
-    dk0 = dk0p[:, :, 0] if npb == 1 else dk0p.sum(2)
-    cast = lambda g, t: g.to(t.dtype) if t is not None else g  # noqa: E731
-    return [dB, dC, dph, dbw, dcw, cast(dbb, b_bias), cast(dcb, c_bias), dx, cast(dmx, mimo_x), dla, dbeta, dgamma, dh0,
-            dk0.to(k0.dtype), dv0.to(v0.dtype)]
+        launches.append(Launch(_norm_bwd_kernel, (nprog,), (X, opt(w), rstd, g, dX, dw if dw is not None else g, nrows,
+                                                            X.stride(1), off),
+                               dict(R=r, N=n, BN=BN, BR=BR, HAS_NORM=w is not None), 4, 1))
+        norm.append((dX, dw, w))
+    bufs = dict(norm=norm, dph=dph, dbb=dbb, dcb=dcb, dx=dx, dmx=dmx, dla=dla, dbeta=dbeta, dgamma=dgamma, dh0=dh0,
+                dk0p=dk0p, dv0=dv0)
+    return bufs, launches
+
+
+def _bwd_finish(bufs, B, b_bias, c_bias, mimo_x, k0, v0):
+    empty = lambda: B.new_empty(0)  # noqa: E731  (one per absent gradient: a custom op's outputs may not alias)
+    (dB, dbw, bw_), (dC, dcw, cw_) = bufs["norm"]
+    dk0p = bufs["dk0p"]
+    dk0 = dk0p[:, :, 0] if dk0p.shape[2] == 1 else dk0p.sum(2)
+    cast = lambda g, t: g.to(t.dtype) if t is not None else empty()  # noqa: E731
+    return [dB, dC, bufs["dph"] if bufs["dph"] is not None else empty(),
+            dbw.sum(0).to(bw_.dtype) if dbw is not None else empty(),
+            dcw.sum(0).to(cw_.dtype) if dcw is not None else empty(),
+            cast(bufs["dbb"], b_bias), cast(bufs["dcb"], c_bias), bufs["dx"], cast(bufs["dmx"], mimo_x), bufs["dla"],
+            bufs["dbeta"], bufs["dgamma"], bufs["dh0"], dk0.to(k0.dtype), bufs["dv0"].to(v0.dtype)]
+
+
+def _fused_bwd(B, C, phase, b_norm, c_norm, b_bias, c_bias, x, mimo_x, la, beta, gamma, k0, v0, seq, hs, rstd, dy, dhf,
+               eps, block):
+    sc = shape_class(B, C, phase, b_norm, c_norm, b_bias, c_bias, x, mimo_x, seq, block, True)
+    # A refusal is kept per class and the forward's class (store=True) is the backward's: the backward of an
+    # unfused forward (rstd zeros, which the fused kernels would read) is never fused. A fused forward whose
+    # backward is refused at launch leaves h' per chunk that the unfused backward reads as its own (same layout).
+    if not launch_check(sc):
+        bufs, launches = bwd_launches(B, C, phase, b_norm, c_norm, b_bias, c_bias, x, mimo_x, la, beta, gamma, k0, v0, seq,
+                                      hs, rstd, dy, dhf, eps, block)
+        if _run_or_refuse(sc, launches):
+            return _bwd_finish(bufs, B, b_bias, c_bias, mimo_x, k0, v0)
+    return _unfused_bwd(B, C, phase, b_norm, c_norm, b_bias, c_bias, x, mimo_x, la, beta, gamma, k0, v0, seq, hs, dy, dhf,
+                        eps, block)
+
+
+# ------------------------------------------------------------------ can the kernels launch here?
+
+
+class ShapeClass(NamedTuple):
+    """What decides the fused kernels' compiled code (not the batch or the length): one launch check each."""
+
+    device: int  # CUDA device index
+    dtype: torch.dtype  # B, C, x
+    r: int
+    n: int
+    p: int
+    nh: int
+    A: int
+    s_bc: int  # token strides of B/C and x, and the phase's strides but the batch's (specialised on by triton)
+    s_x: int
+    sp: tuple
+    params: tuple  # dtypes of b_norm, c_norm, b_bias, c_bias, mimo_x (None: absent)
+    block: int
+    seq: bool
+    store: bool  # the forward stores states (a backward follows)
+
+
+def shape_class(B, C, phase, b_norm, c_norm, b_bias, c_bias, x, mimo_x, seq, block, store) -> ShapeClass:
+    """The ``ShapeClass`` of the op's arguments (B, C, x as token rows, the phase dense, as the kernels get them)."""
+    sp = tuple(int(v) for v in phase.stride()[1:]) if phase is not None else (1, 1, 1)
+    params = tuple(t.dtype if t is not None else None for t in (b_norm, c_norm, b_bias, c_bias, mimo_x))
+    b, l, r, n, nh, p, A, _ = _meta(B, x, phase, block)
+    return ShapeClass(B.device.index or 0, B.dtype, r, n, p, nh, A, B.stride(1), x.stride(1), sp, params, block,
+                      seq is not None, bool(store))
+
+
+def class_launches(sc: ShapeClass) -> list:
+    """The launches of one forward (+ backward when ``sc.store``) of this class, on meta tensors (no memory)."""
+    m, f32, dt = "meta", torch.float32, sc.dtype
+    r, n, p, nh, A = sc.r, sc.n, sc.p, sc.nh, sc.A
+    l = 2 * (sc.block // r)  # two chunks: the length is not specialised on
+    strided = lambda shape, stride: torch.empty(  # noqa: E731
+        1 + sum((a - 1) * b for a, b in zip(shape, stride)), device=m, dtype=dt).as_strided(shape, stride)
+    B = strided((1, l, r, n), (l * sc.s_bc, sc.s_bc, n, 1))
+    C = strided((1, l, r, n), (l * sc.s_bc, sc.s_bc, n, 1))
+    x = strided((1, l, nh, p), (l * sc.s_x, sc.s_x, p, 1))
+    phase = None
+    if A:
+        shape, stride = (1, l, nh, A), (0, *sc.sp)
+        span = 1 + sum((a - 1) * b for a, b in zip(shape[1:], stride[1:]))
+        phase = torch.empty(span, device=m, dtype=f32).as_strided(shape, (span, *sc.sp))
+    shapes = ((n,), (n,), (nh, r, n), (nh, r, n), (nh, r, p))
+    pr = [torch.empty(s, device=m, dtype=d) if d is not None else None for s, d in zip(shapes, sc.params)]
+    la = torch.empty(1, l, nh, device=m, dtype=f32)
+    h0 = torch.empty(1, nh, p, n, device=m, dtype=f32)
+    k0, v0 = torch.empty(1, nh, r, n, device=m, dtype=dt), torch.empty(1, nh, r, p, device=m, dtype=dt)
+    seq = torch.empty(1, l, device=m, dtype=torch.int32) if sc.seq else None
+    (y, hf, hs, rstd), launches = fwd_launches(B, C, phase, pr[0], pr[1], pr[2], pr[3], x, pr[4], la, la, la, h0, k0, v0,
+                                               seq, 1e-5, sc.block, sc.store)
+    if sc.store:
+        launches += bwd_launches(B, C, phase, pr[0], pr[1], pr[2], pr[3], x, pr[4], la, la, la, k0, v0, seq, hs, rstd, y,
+                                 hf, 1e-5, sc.block)[1]
+    return launches
+
+
+_REGS_PER_BLOCK = 65536  # sm_70 .. sm_100
+_CHECKED: dict = {}
+PROBE_NOTES: list = []  # where the pre-check could not run (its machinery, not a kernel, failed): for diagnostics
+
+
+def _describe(sc: ShapeClass) -> str:
+    feats = [nm for nm, t in zip(("b_norm", "c_norm", "b_bias", "c_bias", "mimo_x"), sc.params) if t is not None]
+    return (f"{str(sc.dtype).replace('torch.', '')} R={sc.r} d_state={sc.n} headdim={sc.p} heads={sc.nh} angles={sc.A} "
+            f"chunk={sc.block // sc.r}{' packed' if sc.seq else ''}{' training' if sc.store else ' inference'}"
+            f"{' with ' + '/'.join(feats) if feats else ''}")
+
+
+def launch_check(sc: ShapeClass) -> str:
+    """'' when every kernel of this class compiles and fits the GPU, else why not, with a warning (once per
+    class): the op then runs the unfused chain qk_prep -> rank_expand -> ssm_scan for it. Decided inside the
+    op, the first time a class is seen (so nothing of it is traced: no graph break under torch.compile, any
+    dynamic shapes), and kept per class."""
+    why = _CHECKED.get(sc)
+    if why is None:
+        why = _probe(sc)
+        if why:
+            _refuse(sc, why)
+        else:
+            _CHECKED[sc] = ""
+    return why
+
+
+def _refuse(sc: ShapeClass, why: str) -> None:
+    """Mark the class as not launchable (every later call of it takes the unfused chain) and warn, once."""
+    if _CHECKED.get(sc):
+        return
+    _CHECKED[sc] = why
+    warnings.warn(f"ssm_scan_fused: the fused Triton kernels cannot run {_describe(sc)} on this GPU ({why}); "
+                  "using the unfused chain qk_prep -> rank_expand -> ssm_scan for this shape", RuntimeWarning,
+                  stacklevel=3)
+
+
+def _max_shared(device: int) -> int:
+    props = triton.runtime.driver.active.utils.get_device_properties(device)
+    max_shared = int(props["max_shared_mem"])
+    cap = os.environ.get("HYBRIDLAB_SSM_FUSED_MAX_SHARED")
+    return min(max_shared, int(cap)) if cap else max_shared
+
+
+def _probe(sc: ShapeClass) -> str:
+    """Compile every kernel of the class (``warmup``: through triton's cache, so the launch that follows reuses
+    the binary) and check it against the device: shared memory, registers, threads. '' or why not. Nothing
+    to check under the interpreter. HYBRIDLAB_SSM_FUSED_MAX_SHARED (bytes) lowers the shared-memory limit
+    checked against (to exercise the fallback on a GPU). Where the probe itself cannot run (a triton whose
+    warmup API differs), it answers '' and the launch's own OutOfResources is the safety net
+    (``_run_or_refuse``)."""
+    if _INTERPRET:
+        return ""
+    try:
+        with torch.cuda.device(sc.device):
+            max_shared = _max_shared(sc.device)
+            launches = class_launches(sc)
+    except Exception as e:  # noqa: BLE001 - no verdict possible here: the launch decides
+        PROBE_NOTES.append(f"{_describe(sc)}: building the launches: {type(e).__name__}: {e}")
+        return ""
+    for launch in launches:
+        name = launch.kernel.__name__.strip("_")
+        try:
+            with torch.cuda.device(sc.device):
+                compiled = launch.warmup()
+        except _CANNOT_LAUNCH as e:
+            first = next((ln for ln in str(e).splitlines() if ln.strip()), "")
+            return f"{name}: {type(e).__name__}: {first.strip()[:200]}"
+        except Exception as e:  # noqa: BLE001 - the probe's machinery, not the kernel: let the launch decide
+            PROBE_NOTES.append(f"{_describe(sc)}: {name}.warmup: {type(e).__name__}: {e}")
+            return ""
+        shared = getattr(getattr(compiled, "metadata", None), "shared", None)
+        if shared is not None and int(shared) > max_shared:
+            return f"{name} needs {int(shared)} B of shared memory, the limit is {max_shared} B"
+        try:
+            with torch.cuda.device(sc.device):
+                compiled._init_handles()  # loads it: raises OutOfResources for shared memory / registers / threads
+        except _CANNOT_LAUNCH as e:
+            first = next((ln for ln in str(e).splitlines() if ln.strip()), "")
+            return f"{name}: {type(e).__name__}: {first.strip()[:200]}"
+        except Exception as e:  # noqa: BLE001
+            PROBE_NOTES.append(f"{_describe(sc)}: {name}._init_handles: {type(e).__name__}: {e}")
+            continue
+        regs = (getattr(compiled, "n_regs", 0) or 0) * launch.num_warps * 32
+        if regs > _REGS_PER_BLOCK:
+            return f"{name} needs {regs} registers per block, the GPU has {_REGS_PER_BLOCK}"
+    return ""
+
+
+def _unfused_fwd(B, C, phase, b_norm, c_norm, b_bias, c_bias, x, mimo_x, la, beta, gamma, h0, k0, v0, seq, eps, block,
+                 store):
+    """The op's outputs from the unfused Triton chain: y, h_final, and the scan's h' per chunk as the op's h'
+    (the same tensor: (b, H, nchunks, P, N) in B's dtype); rstd unused (zeros)."""
+    b, l, r, n, nh, p, A, nchunks = _meta(B, x, phase, block)
+    q, k = torch.ops.hybridlab.qk_prep(B, C, phase, b_norm, c_norm, b_bias, c_bias, nh, eps)
+    v = torch.ops.hybridlab.rank_expand(x, mimo_x) if mimo_x is not None else x[:, :, :, None].contiguous()
+    y, hf, hs = torch.ops.hybridlab.ssm_scan(q, k, v, la, beta, gamma, h0, k0, v0, seq, block, store)
+    return y, hf, hs, torch.zeros(2, b, l, r, device=B.device, dtype=torch.float32)
+
+
+def _unfused_bwd(B, C, phase, b_norm, c_norm, b_bias, c_bias, x, mimo_x, la, beta, gamma, k0, v0, seq, hs, dy, dhf, eps,
+                 block):
+    """The op's gradients through the unfused chain's backward ops (q, k, v recomputed; h' from the forward)."""
+    nh = x.shape[2]
+    q, k = torch.ops.hybridlab.qk_prep(B, C, phase, b_norm, c_norm, b_bias, c_bias, nh, eps)
+    v = torch.ops.hybridlab.rank_expand(x, mimo_x) if mimo_x is not None else x[:, :, :, None].contiguous()
+    dq, dk, dv, dla, dbeta, dgamma, dh0, dk0, dv0 = torch.ops.hybridlab.ssm_scan_bwd(q, k, v, la, beta, gamma, k0, v0, seq,
+                                                                                     hs, dy, dhf, block)
+    del q, k, v
+    dB, dC, dph, dbw, dcw, dbb, dcb = torch.ops.hybridlab.qk_prep_bwd(B, C, phase, b_norm, c_norm, b_bias, c_bias, dq, dk,
+                                                                      nh, eps)
+    if mimo_x is not None:
+        dx, dmx = torch.ops.hybridlab.rank_expand_bwd(x, mimo_x, dv)
+    else:
+        dx, dmx = dv[:, :, :, 0].contiguous(), B.new_empty(0)
+    return [dB, dC, dph, dbw, dcw, dbb, dcb, dx, dmx, dla, dbeta, dgamma, dh0, dk0, dv0]
 
 
 # ------------------------------------------------------------------ torch.library ops
@@ -808,6 +1163,14 @@ def _fused_backward(ctx, dy, dhf, _dhs, _drstd):
 torch.library.register_autograd("hybridlab::ssm_scan_fused", _fused_backward, setup_context=_fused_setup)
 
 
+def _dense_phase(phase):
+    """The phase as the kernels take it: fp32, and dense (dphase shares its strides; a broadcast one is copied)."""
+    phase = phase.float()
+    if torch.empty_like(phase).stride() != phase.stride():
+        phase = phase.contiguous()
+    return phase
+
+
 def ssm_scan_fused_triton(B, C, phase, b_norm, c_norm, b_bias, c_bias, x, mimo_x, log_alpha, beta, gamma, state, *,
                           eps: float, seq_idx=None, chunk_size=None, last_kv: bool = True):
     """The ``triton`` backend of ``ssm_scan_fused`` (arguments checked by the dispatcher): ``(y, ScanState)``."""
@@ -818,9 +1181,7 @@ def ssm_scan_fused_triton(B, C, phase, b_norm, c_norm, b_bias, c_bias, x, mimo_x
     la, be, ga = (t.float().contiguous() for t in (log_alpha, beta, gamma))
     h0, k0, v0 = st.h.float().contiguous(), st.k.to(B.dtype).contiguous(), st.v.to(B.dtype).contiguous()
     if phase is not None:
-        phase = phase.float()
-        if torch.empty_like(phase).stride() != phase.stride():  # not dense (e.g. broadcast): dphase shares its strides
-            phase = phase.contiguous()
+        phase = _dense_phase(phase)
     params = [t.contiguous() if t is not None else None for t in (b_norm, c_norm, b_bias, c_bias, mimo_x)]
     seq = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
     Bt, Ct, xt = token_rows(B), token_rows(C), token_rows(x)
