@@ -108,6 +108,8 @@ class Worker:
         self.state = LoopState()
         self.resumed_from: Optional[str] = None
         self.sysmon = None  # the node's MLflow system-metrics monitor (local rank 0 only)
+        self._compile_reported = False  # train/compile_s is logged once, at the first log point
+        self._compile_window_reset = False
 
     # ------------------------------------------------------------ 1. set-up
 
@@ -144,7 +146,7 @@ class Worker:
         self.n_params = sum(p.numel() for p in model.parameters())
         counts = count_spec(self.job.model_spec, self.job.seq_len)
         self.flops_per_token = float(counts.get("flops_per_token_train") or 6 * self.n_params)
-        self.engine, self.own_schedule = build_engine(model, t, self.world)
+        self.engine, self.own_schedule = build_engine(model, t, self.world, self.device)
         self.step_fn = TrainStep(self.engine, self.device)
         self.stats = StepStats(self.device)
         self.stream = TrainStream(self.job.resolved["data"], t.micro_batch, t.grad_accum, t.seed, self.rank, self.world)
@@ -213,6 +215,9 @@ class Worker:
             tokens = self.seqs_per_step * self.stream.seq_len_at(step)  # a curriculum's stages differ in length
             s.step, s.tokens = step, s.tokens + tokens
             s.window_tokens += tokens
+            if self.step_fn.compile_s is not None and not self._compile_window_reset:
+                s.window_start, s.window_tokens = time.perf_counter(), 0  # compiling is not training throughput
+                self._compile_window_reset = True
             if not (log_point or ckpt_point):
                 continue
             # a sync point: every rank is here at the same step (nothing is checkpointed unchecked)
@@ -253,6 +258,9 @@ class Worker:
             m[Metric.GRAD_NORM] = float(gn)
         if self.peak:
             m[Metric.MFU] = self.flops_per_token * tps / (self.peak * self.world)
+        if self.step_fn.compile_s is not None and not self._compile_reported:
+            m[Metric.COMPILE_S] = self.step_fn.compile_s
+            self._compile_reported = True
         self.progress.send(rec.Metrics(step=step, metrics=m))
         s.last_metrics, s.synced_step = m, step
         s.window_start, s.window_tokens = time.perf_counter(), 0

@@ -86,6 +86,8 @@ def train(
     log_every: int = typer.Option(TrainSpec.log_every, "--log-every", min=1, help="Sync the step statistics every N steps, as a job does."),
     json_out: Optional[str] = typer.Option(None, "--json", help="Append the result as a JSON line to this file."),
     profile: int = typer.Option(0, "--profile", min=0, help="Print the N most expensive CUDA kernels of one step."),
+    compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile",
+                                            help="torch.compile the step (train.compile); default: auto (on for CUDA)."),
     set_: Optional[List[str]] = SetOpt,
 ):
     """Training throughput of a job's step function here (DeepSpeed, no Ray): tokens/s, MFU, peak memory."""
@@ -96,7 +98,8 @@ def train(
     if ssm_backend in ("triton", "cute"):
         _need_cuda(f"train --ssm-backend {ssm_backend}")
     res = measure_training(spec, seq_len, micro_batch, steps, warmup, zero_stage, precision, ssm_backend,
-                           set_ or [], checkpointing, profile_top=profile, log_every=log_every)
+                           set_ or [], checkpointing, profile_top=profile, log_every=log_every,
+                           compile="auto" if compile_ is None else compile_)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 speaks for all
         return
     print(json.dumps(res))
