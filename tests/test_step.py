@@ -124,3 +124,15 @@ def test_compiled_step_trains_like_eager():
     assert eager[-1] < eager[0]  # it trains
     assert comp == pytest.approx(eager, rel=1e-4, abs=1e-5)
     assert e_out.logits.shape == (2, 16, 64) and torch.allclose(c_out.logits, e_out.logits, rtol=1e-4, atol=1e-5)
+
+
+def test_plain_pytorch_baseline_runs_at_tiny_size():
+    from hybridlab.jobs.baseline import measure_baseline
+
+    sets = TINY
+    for comp in (False, True):
+        r = measure_baseline("zoo:tiny-hybrid", seq_len=16, micro_batch=2, steps=2, warmup=1, compile=comp,
+                             overrides=sets, compile_backend="aot_eager")
+        assert {"tokens_per_s", "step_ms", "peak_memory_gib", "mfu", "compile", "final_loss"} <= set(r)
+        assert r["tokens_per_s"] > 0 and r["step_ms"] > 0 and r["compile"] is comp
+        assert 0 < r["final_loss"] < 10 and r["peak_memory_gib"] > 0  # ln(64) ~ 4.2 at the start
