@@ -149,6 +149,18 @@ def make_optimizer(model: torch.nn.Module, train, device: torch.device) -> Optio
                              eps=1e-8, weight_decay=train["weight_decay"], fused=choice == TORCH_FUSED)
 
 
+def engine_zero_stage(train, world: int) -> int:
+    """The ZeRO stage the engine runs: ``train.zero_stage``, except that ZeRO 1-2 on a world of one
+    partitions over one rank — nothing saved, but per-parameter gradient hooks, bucket copies and
+    collectives on every step — so it runs as stage 0 (same math, same memory). A
+    ``train.deepspeed.zero_optimization`` written by the user is kept as written."""
+    train = _train_dict(train)
+    stage = deepspeed_config(train, world)["zero_optimization"].get("stage", train["zero_stage"])
+    if world == 1 and stage in (1, 2) and "zero_optimization" not in (train.get("deepspeed") or {}):
+        return 0
+    return stage
+
+
 def build_engine(model: torch.nn.Module, train, world: int, device: Optional[torch.device] = None,
                  compile_backend: Optional[str] = None):
     """(DeepSpeed engine, whether the job's LR schedule is ours): the job's optimizer, schedule and ZeRO set-up.
@@ -163,6 +175,7 @@ def build_engine(model: torch.nn.Module, train, world: int, device: Optional[tor
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     cfg = deepspeed_config(train, world)
+    cfg["zero_optimization"]["stage"] = engine_zero_stage(train, world)
     own_schedule = "scheduler" not in cfg
     sched = (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train))) if own_schedule else None
     if use_compile(train.get("compile", "auto"), device) and hasattr(model, "compile_training"):

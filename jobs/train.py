@@ -55,6 +55,7 @@ from hybridlab.jobs.step import (  # noqa: F401  (deepspeed_config, lr_lambda, .
     checkpoint_activations,
     deep_merge,
     deepspeed_config,
+    engine_zero_stage,
     lr_lambda,
     peak_flops,
     peak_memory_bytes,
@@ -147,6 +148,7 @@ class Worker:
         counts = count_spec(self.job.model_spec, self.job.seq_len)
         self.flops_per_token = float(counts.get("flops_per_token_train") or 6 * self.n_params)
         self.engine, self.own_schedule = build_engine(model, t, self.world, self.device)
+        self.engine_stage = engine_zero_stage(t, self.world)
         self.step_fn = TrainStep(self.engine, self.device)
         self.stats = StepStats(self.device)
         self.stream = TrainStream(self.job.resolved["data"], t.micro_batch, t.grad_accum, t.seed, self.rank, self.world)
@@ -183,6 +185,11 @@ class Worker:
             if meta.get("world") != self.world and t.zero_stage > 0:
                 raise RuntimeError(f"checkpoint {d} was written by {meta.get('world')} ZeRO workers; this run has "
                                    f"{self.world}: resume with resources.workers={meta.get('world')}")
+            written = int(meta.get("engine_zero_stage", meta.get("zero_stage", self.engine_stage)))
+            if written != self.engine_stage:  # the optimizer state's layout differs: it would not load (or load wrong)
+                raise RuntimeError(f"checkpoint {d} holds DeepSpeed ZeRO-{written} state; this run's engine is "
+                                   f"ZeRO-{self.engine_stage} (ZeRO 1-2 run as 0 on one worker): resume with "
+                                   f"--set train.deepspeed.zero_optimization.stage={written}")
             load_path, _ = self.engine.load_checkpoint(d, tag=ckpt.DS_TAG, load_optimizer_states=True,
                                                        load_lr_scheduler_states=True)
             if load_path is None:
@@ -319,7 +326,8 @@ class Worker:
             ckpt.write_data_state(staging, self.rank, self.stream.state_dict())
             if self.rank == 0:
                 ckpt.write_meta(staging, {"step": step, "tokens": s.tokens, "world": self.world,
-                                          "zero_stage": t.zero_stage, "precision": t.precision, "time": time.time()})
+                                          "zero_stage": t.zero_stage, "engine_zero_stage": self.engine_stage,
+                                          "precision": t.precision, "time": time.time()})
             size = ckpt.dir_bytes(staging)
             ray.train.report({"step": step, "checkpoint_step": step},
                              checkpoint=ray.train.Checkpoint.from_directory(staging),

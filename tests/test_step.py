@@ -136,3 +136,24 @@ def test_plain_pytorch_baseline_runs_at_tiny_size():
         assert {"tokens_per_s", "step_ms", "peak_memory_gib", "mfu", "compile", "final_loss"} <= set(r)
         assert r["tokens_per_s"] > 0 and r["step_ms"] > 0 and r["compile"] is comp
         assert 0 < r["final_loss"] < 10 and r["peak_memory_gib"] > 0  # ln(64) ~ 4.2 at the start
+
+
+def test_one_worker_runs_zero_1_2_as_stage_0_unless_the_user_says_otherwise():
+    from hybridlab.jobs.spec import TrainSpec
+    from hybridlab.jobs.step import build_engine, engine_zero_stage
+    from hybridlab.jobs.throughput import _init_distributed
+
+    assert [engine_zero_stage(TrainSpec(zero_stage=z), 1) for z in (0, 1, 2, 3)] == [0, 0, 0, 3]
+    assert [engine_zero_stage(TrainSpec(zero_stage=z), 4) for z in (0, 1, 2, 3)] == [0, 1, 2, 3]
+    forced = TrainSpec(zero_stage=2, deepspeed={"zero_optimization": {"stage": 2}})
+    assert engine_zero_stage(forced, 1) == 2
+    _init_distributed(torch.device("cpu"))
+    for t, want in ((TrainSpec(zero_stage=2, precision="fp32", compile=False), 0), (forced, 2)):
+        engine, _ = build_engine(_model(), dataclasses_replace(t, precision="fp32", compile=False), 1, torch.device("cpu"))
+        assert engine.zero_optimization_stage() == want
+
+
+def dataclasses_replace(obj, **kw):
+    import dataclasses
+
+    return dataclasses.replace(obj, **kw)
