@@ -188,7 +188,7 @@ class Worker:
             written = int(meta.get("engine_zero_stage", meta.get("zero_stage", self.engine_stage)))
             if written != self.engine_stage:  # the optimizer state's layout differs: it would not load (or load wrong)
                 raise RuntimeError(f"checkpoint {d} holds DeepSpeed ZeRO-{written} state; this run's engine is "
-                                   f"ZeRO-{self.engine_stage} (ZeRO 1-2 run as 0 on one worker): resume with "
+                                   f"ZeRO-{self.engine_stage} (fp32 ZeRO 1-2 runs as 0 on one worker): resume with "
                                    f"--set train.deepspeed.zero_optimization.stage={written}")
             load_path, _ = self.engine.load_checkpoint(d, tag=ckpt.DS_TAG, load_optimizer_states=True,
                                                        load_lr_scheduler_states=True)

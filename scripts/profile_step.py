@@ -47,6 +47,11 @@ def main(argv=None) -> int:
     ray.train.get_context = lambda: ctx  # a world of one, without Ray Train
     ray.train.report = lambda *args, **kw: None  # the checkpoint stays in staging (deleted): its cost is still paid
     tr.Worker._write_worker_info = lambda self: None
+    if a.device == "cuda":
+        import ray.train.torch as rtt
+        import torch
+
+        rtt.get_device = lambda: torch.device("cuda", 0)  # what Ray Train would hand the one worker
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):

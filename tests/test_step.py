@@ -86,7 +86,7 @@ def test_train_compile_key_is_validated(tmp_path):
     assert use_compile(True, torch.device("cpu")) is True and use_compile(False, torch.device("cuda")) is False
 
 
-def _engine_losses(compile_setting, steps=3, backend="aot_eager"):
+def _engine_losses(compile_setting, steps=3, backend="aot_eager", precision="fp32", deepspeed=None):
     from hybridlab.jobs.data import RandomTokens
     from hybridlab.jobs.spec import TrainSpec
     from hybridlab.jobs.step import StepStats, TrainStep, build_engine
@@ -96,8 +96,8 @@ def _engine_losses(compile_setting, steps=3, backend="aot_eager"):
     _init_distributed(cpu)
     torch._dynamo.reset()
     model = _model()
-    train = TrainSpec(steps=steps, micro_batch=2, grad_accum=2, lr=1e-2, warmup=0, zero_stage=2, precision="fp32",
-                      compile=compile_setting)
+    train = TrainSpec(steps=steps, micro_batch=2, grad_accum=2, lr=1e-2, warmup=0, zero_stage=2, precision=precision,
+                      compile=compile_setting, deepspeed=deepspeed or {})
     engine, _ = build_engine(model, train, 1, cpu, compile_backend=backend)
     step, stats = TrainStep(engine, cpu), StepStats(cpu)
     stream = RandomTokens(64, 16, 2, seed=0)
@@ -138,19 +138,24 @@ def test_plain_pytorch_baseline_runs_at_tiny_size():
         assert 0 < r["final_loss"] < 10 and r["peak_memory_gib"] > 0  # ln(64) ~ 4.2 at the start
 
 
-def test_one_worker_runs_zero_1_2_as_stage_0_unless_the_user_says_otherwise():
+def test_one_fp32_worker_runs_zero_1_2_as_stage_0_unless_the_user_says_otherwise():
     from hybridlab.jobs.spec import TrainSpec
     from hybridlab.jobs.step import build_engine, engine_zero_stage
     from hybridlab.jobs.throughput import _init_distributed
 
     assert [engine_zero_stage(TrainSpec(zero_stage=z), 1) for z in (0, 1, 2, 3)] == [0, 0, 0, 3]
     assert [engine_zero_stage(TrainSpec(zero_stage=z), 4) for z in (0, 1, 2, 3)] == [0, 1, 2, 3]
+    assert [engine_zero_stage(TrainSpec(zero_stage=z, precision="bf16"), 1) for z in (0, 1, 2, 3)] == [0, 1, 2, 3]
     forced = TrainSpec(zero_stage=2, deepspeed={"zero_optimization": {"stage": 2}})
     assert engine_zero_stage(forced, 1) == 2
     _init_distributed(torch.device("cpu"))
     for t, want in ((TrainSpec(zero_stage=2, precision="fp32", compile=False), 0), (forced, 2)):
         engine, _ = build_engine(_model(), dataclasses_replace(t, precision="fp32", compile=False), 1, torch.device("cpu"))
-        assert engine.zero_optimization_stage() == want
+        assert engine.zero_optimization_stage() == want and engine.enable_backward_allreduce == (want != 0)
+    # the lean engine (stage 0, no all-reduce) trains exactly like ZeRO-2, with gradient accumulation
+    lean, _, _ = _engine_losses(False)
+    zero2, _, _ = _engine_losses(False, deepspeed={"zero_optimization": {"stage": 2}})
+    assert lean == pytest.approx(zero2, rel=1e-5)
 
 
 def dataclasses_replace(obj, **kw):
