@@ -115,10 +115,11 @@ def checkpoint_activations(model) -> None:
             checkpoint(_f, x, cache, seq_idx, use_reentrant=False) if cache is None else _f(x, cache))
 
 
-def use_compile(setting, device: torch.device) -> bool:
-    """``train.compile``: ``"auto"`` compiles on CUDA (inductor's Triton kernels) and not on the CPU."""
+def use_compile(setting, device: torch.device, zero_stage: int = 0) -> bool:
+    """``train.compile``: ``"auto"`` compiles on CUDA (inductor's Triton kernels) and not on the CPU, nor
+    under ZeRO-3 (whose per-module parameter gathering hooks dynamo would trace through; ``true`` forces it)."""
     if setting == "auto":
-        return device.type == "cuda"
+        return device.type == "cuda" and zero_stage < 3
     return bool(setting)
 
 
@@ -181,7 +182,7 @@ def build_engine(model: torch.nn.Module, train, world: int, device: Optional[tor
     cfg["zero_optimization"]["stage"] = engine_zero_stage(train, world)
     own_schedule = "scheduler" not in cfg
     sched = (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train))) if own_schedule else None
-    if use_compile(train.get("compile", "auto"), device) and hasattr(model, "compile_training"):
+    if use_compile(train.get("compile", "auto"), device, train["zero_stage"]) and hasattr(model, "compile_training"):
         model.compile_training(**({"backend": compile_backend} if compile_backend else {}))
     optimizer = make_optimizer(model, train, device)
     if optimizer is not None:

@@ -217,7 +217,8 @@ class Worker:
             log_point = step % t.log_every == 0 or step == t.steps
             ckpt_point = bool(t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps
             batches = [self.stream.get(step, micro) for micro in range(t.grad_accum)]
-            out = self.step_fn(batches, keep_logits=log_point and self.rank == 0)
+            # train/acc's logits come from one extra forward: under ZeRO-3 a forward is collective, so all ranks run it
+            out = self.step_fn(batches, keep_logits=log_point and (self.rank == 0 or self.engine_stage == 3))
             self.stats.add(step, out.loss)
             tokens = self.seqs_per_step * self.stream.seq_len_at(step)  # a curriculum's stages differ in length
             s.step, s.tokens = step, s.tokens + tokens

@@ -84,6 +84,7 @@ def test_train_compile_key_is_validated(tmp_path):
     assert "train.compile" in str(e.value) and "yes please" in str(e.value)
     assert use_compile("auto", torch.device("cpu")) is False and use_compile("auto", torch.device("cuda")) is True
     assert use_compile(True, torch.device("cpu")) is True and use_compile(False, torch.device("cuda")) is False
+    assert use_compile("auto", torch.device("cuda"), zero_stage=3) is False and use_compile(True, torch.device("cuda"), 3)
 
 
 def _engine_losses(compile_setting, steps=3, backend="aot_eager", precision="fp32", deepspeed=None):
