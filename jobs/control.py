@@ -32,6 +32,22 @@ class ProgressSender:
     def send(self, msg) -> None:
         if self.rank != 0:
             return
+        self._send(msg)
+
+    def send_failure(self, failure) -> None:
+        """Any rank's failure, delivered before the exception propagates (blocking, bounded)."""
+        if self.rank == 0:
+            self._send(failure)
+            self.close(timeout=15)
+        elif self.sink is not None:
+            try:
+                self.sink.put(failure, timeout=15)
+            except Exception:  # noqa: BLE001 - the driver is gone: the exception still reaches Ray
+                pass
+        else:
+            print(f"[hybridlab] {failure.error}", flush=True)
+
+    def _send(self, msg) -> None:
         if self._thread is None:
             print(f"[hybridlab] {msg}", flush=True)
             return

@@ -32,6 +32,7 @@ class Tag:
     KIND = "hybridlab.kind"  # comparison | eval for runs that are not training runs
     SWEEP = "hybridlab.sweep"  # on a sweep's parent run: the swept keys
     SWEEP_VALUES = "hybridlab.sweep_values"  # on a sweep child: its combination, "k=v, k=v"
+    SUPERSEDED = "hybridlab.superseded"  # on a sweep child --resume-sweep could not continue (no checkpoint): started anew
     LAYOUT = "hybridlab.layout"
     MODEL = "hybridlab.model"
     PARAMS = "hybridlab.params"
@@ -41,6 +42,7 @@ class Tag:
     WORLD_SIZE = "hybridlab.world_size"
     STATUS = "hybridlab.status"  # a Status value, set when the run ends
     ERROR = "hybridlab.error"  # why a run did not finish
+    LAST_WORKER_ERROR = "hybridlab.last_worker_error"  # the latest exception a worker raised (a restart may follow)
     VERSION = "hybridlab.version"
     GIT_SHA = "hybridlab.git_sha"
     EXPERIMENT = "hybridlab.experiment"
@@ -49,6 +51,7 @@ class Tag:
     CHECKPOINT = "hybridlab.checkpoint"  # on an eval run: the checkpoint it scored
     LAST_EVAL = "hybridlab.last_eval"
     COMPARED_RUNS = "hybridlab.compared_runs"
+    STOPPED_EARLY = "hybridlab.stopped_early"  # train.early_stop ended training: the step it stopped at
     PARENT = "mlflow.parentRunId"  # MLflow's own nesting tag
     NOTE = "mlflow.note.content"
 
@@ -85,6 +88,20 @@ EVAL_METRIC_RE = re.compile(r"^eval/(?P<task>[^/]+)/len_(?P<len>\d+)/(?P<what>[^
 
 def metric_name(task: str, seq_len: int, what: str = "acc") -> str:
     return f"eval/{task}/len_{seq_len}/{what}"
+
+
+# ---- the best value of a validated metric over a run (train.eval_every: jobs/validation.py)
+BEST_PREFIX, BEST_STEP_PREFIX = "best/", "best_step/"
+
+
+def best_metric(metric: str) -> str:
+    """``best/<metric>``: the metric's best value over the run's validation points and final evals."""
+    return BEST_PREFIX + metric
+
+
+def best_step_metric(metric: str) -> str:
+    """``best_step/<metric>``: the step at which ``best/<metric>`` was reached."""
+    return BEST_STEP_PREFIX + metric
 
 
 # ---- text evals (jobs/text_evals.py): lm-evaluation-harness, needle-in-a-haystack, per-position perplexity
@@ -196,7 +213,8 @@ class Checkpoint:
 
 @dataclass
 class Eval(_StepMetrics):
-    """The evals after training (``metric_name`` names -> values)."""
+    """Eval metrics at ``step`` (``metric_name`` names -> values): the validation evals during training
+    (``train.eval_every``), and the evals after training with the run's ``best/`` metrics."""
 
 
 @dataclass
@@ -210,7 +228,28 @@ class End:
     loss: Optional[float] = None
     acc: Optional[float] = None
     evals: dict = field(default_factory=dict)
+    stopped_early: Optional[int] = None  # train.early_stop ended training at this step (status FINISHED)
     time: float = field(default_factory=_now)
 
 
-Message = Union[Start, Metrics, Checkpoint, Eval, End]
+@dataclass
+class Failure:
+    """A worker raised: sent (by the failing rank, whichever it is) before its exception reaches Ray, so
+    the driver can say why the workers restart or fail instead of only that they did."""
+
+    rank: int
+    step: int  # the last step the worker completed
+    error: str  # "ExceptionType: message", one line
+    traceback: str = ""
+    time: float = field(default_factory=_now)
+
+    @staticmethod
+    def of(exc: BaseException, rank: int, step: int) -> "Failure":
+        import traceback as tb
+
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        return Failure(rank=rank, step=step, error=f"{type(exc).__name__}: {first}".rstrip(": "),
+                       traceback="".join(tb.format_exception(exc))[-20000:])
+
+
+Message = Union[Start, Metrics, Checkpoint, Eval, End, Failure]

@@ -67,6 +67,26 @@ class DataSpec:
 
 
 @dataclass
+class ValidationSpec:
+    """``train.validation``: which of the job's evals run at each ``eval_every`` (jobs/validation.py)."""
+
+    tasks: list[str] = field(default_factory=list)  # eval task names as in the eval list; empty: all
+    seq_lens: list[int] = field(default_factory=list)  # empty: each eval entry's own lengths
+    batches: Optional[int] = None  # None: the eval entry's
+    batch_size: Optional[int] = None
+
+
+@dataclass
+class EarlyStopSpec:
+    """``train.early_stop``: end training once a validated metric reaches a threshold (jobs/validation.py)."""
+
+    metric: str
+    threshold: float
+    mode: Literal["max", "min"] = "max"
+    patience: int = 1  # validation points in a row at which the threshold must hold
+
+
+@dataclass
 class TrainSpec:
     steps: int = 1000
     micro_batch: int = 8
@@ -86,6 +106,9 @@ class TrainSpec:
     log_every: int = 10
     seed: int = 0
     deepspeed: dict = field(default_factory=dict)  # merged over the generated DeepSpeed config
+    eval_every: Optional[int] = None  # validate every N steps (jobs/validation.py); None: only the final evals
+    validation: Optional[ValidationSpec] = None
+    early_stop: Optional[EarlyStopSpec] = None
 
 
 @dataclass
@@ -97,6 +120,7 @@ class ResourcesSpec:
     custom: dict[str, float] = field(default_factory=dict)  # extra Ray resources per worker
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     max_failures: int = 1
+    concurrent_runs: int = 1  # sweep combinations trained at once, each its own TorchTrainer (fractional resources pack them)
 
 
 @dataclass
@@ -359,6 +383,10 @@ def _validate(data: dict, src: Source, model_overrides: list[str], check_data: b
                 e.seq_lens = [spec.data.seq_len] if spec.data.seq_len else []
     if spec.data.seq_len is None:
         raise src.error(("data",), "missing required key 'seq_len'")
+    from hybridlab.jobs import validation
+
+    validation.check(spec.train, [e.to_dict() for e in spec.eval], src,
+                     lengths_known=check_data or all(e.seq_lens for e in spec.eval))
 
     if limits:
         from hybridlab.jobs.preflight import HostLimits, check_limits
@@ -403,6 +431,7 @@ def _check_values(spec: JobSpec, src: Source) -> None:
     pos(src, ("train", "lr"), t.lr)
     pos(src, ("train", "log_every"), t.log_every)
     pos(src, ("resources", "workers"), r.workers)
+    pos(src, ("resources", "concurrent_runs"), r.concurrent_runs)
     pos(src, ("storage", "keep"), spec.storage.keep)
     pos(src, ("tracking", "system_metrics_interval"), spec.tracking.system_metrics_interval)
     if spec.data.seq_len is not None:

@@ -47,6 +47,7 @@ from hybridlab.jobs.control import ProgressSender, StopRequest
 from hybridlab.jobs.data import TrainStream
 from hybridlab.jobs.evals import run_evals
 from hybridlab.jobs.record import Metric, Status
+from hybridlab.jobs.validation import Validation
 from hybridlab.jobs.step import (  # noqa: F401  (deepspeed_config, lr_lambda, ...: part of this module's API)
     PEAK_FLOPS,
     StepStats,
@@ -107,6 +108,7 @@ class Worker:
         self.progress = ProgressSender(sink, self.rank)
         self.stop = StopRequest(control)
         self.state = LoopState()
+        self.validation = Validation(job.resolved["train"], job.resolved["eval"])  # train.eval_every / early_stop
         self.resumed_from: Optional[str] = None
         self.sysmon = None  # the node's MLflow system-metrics monitor (local rank 0 only)
         self._compile_reported = False  # train/compile_s is logged once, at the first log point
@@ -198,6 +200,7 @@ class Worker:
         s = self.state
         s.step = s.synced_step = s.last_ckpt_step = int(meta["step"])
         s.tokens = int(meta.get("tokens", 0))
+        self.validation.load_state_dict(meta.get("validation"))  # best values and patience so far
         self.stream.resume(data_state)  # a text stream continues where the checkpoint left it (else get() reads forward)
         if self.own_schedule and self.engine.lr_scheduler is not None:
             # the job's lr wins over the checkpoint's (so `--resume --set train.lr=...` takes effect);
@@ -226,24 +229,60 @@ class Worker:
             if self.step_fn.compile_s is not None and not self._compile_window_reset:
                 s.window_start, s.window_tokens = time.perf_counter(), 0  # compiling is not training throughput
                 self._compile_window_reset = True
-            if not (log_point or ckpt_point):
-                continue
-            # a sync point: every rank is here at the same step (nothing is checkpointed unchecked)
-            synced = self.stats.sync(stop=self.stop.requested())
-            if synced.nonfinite:
-                return self._nonfinite_end(synced)
-            if log_point:
-                self._log(step, synced.loss, out.logits, batches[0])
-            if synced.stop:
-                return self._stopped_end()
-            if ckpt_point:
-                problem = self.save()
-                if problem:
-                    return rec.End(step=step, status=Status.DISK_FULL, message=problem + self._good_checkpoint(step),
-                                   last_checkpoint_step=s.last_ckpt_step)
-                s.window_start = time.perf_counter()  # checkpoint time is not training throughput
+            if log_point or ckpt_point:
+                end = self._sync_point(step, log_point, ckpt_point, out, batches[0])
+                if end is not None:
+                    return end
+            if self.validation.due(step, t.steps) and self._validate(step):
+                return self._early_end()
         return rec.End(step=s.step, status=Status.FINISHED, last_checkpoint_step=s.last_ckpt_step,
                        loss=s.last_metrics.get(Metric.LOSS), acc=s.last_metrics.get(Metric.ACC))
+
+    def _sync_point(self, step: int, log_point: bool, ckpt_point: bool, out, batch) -> Optional[rec.End]:
+        """Every rank is here at the same step (nothing is checkpointed unchecked): the non-finite check,
+        the metrics, the stop request, the checkpoint. The run's end when one of them ends it."""
+        s = self.state
+        synced = self.stats.sync(stop=self.stop.requested())
+        if synced.nonfinite:
+            return self._nonfinite_end(synced)
+        if log_point:
+            self._log(step, synced.loss, out.logits, batch)
+        if synced.stop:
+            return self._stopped_end()
+        if ckpt_point:
+            problem = self.save()
+            if problem:
+                return rec.End(step=step, status=Status.DISK_FULL, message=problem + self._good_checkpoint(step),
+                               last_checkpoint_step=s.last_ckpt_step)
+            s.window_start = time.perf_counter()  # checkpoint time is not training throughput
+        return None
+
+    def _validate(self, step: int) -> bool:
+        """Run the validation evals (``train.eval_every``), log them at ``step``; True (on every rank) when
+        ``train.early_stop`` says training is done."""
+        import torch.distributed as dist
+
+        metrics = self.evals(self.validation.entries)
+        stop = False
+        if self.rank == 0:
+            self.validation.observe(step, metrics)
+            stop = self.validation.should_stop(metrics)
+            self.progress.send(rec.Eval(step=step, metrics=metrics))
+        flag = torch.tensor([1.0 if stop else 0.0], device=self.device)
+        dist.broadcast(flag, 0)  # rank 0 decides for all
+        self.state.window_start = time.perf_counter()  # validation time is not training throughput
+        return flag.item() > 0
+
+    def _early_end(self) -> rec.End:
+        """``train.early_stop`` was met: a clean end at this step (its checkpoint, then the final evals)."""
+        s = self.state
+        if s.last_ckpt_step != s.step:
+            problem = self.save()
+            if problem:
+                return rec.End(step=s.step, status=Status.DISK_FULL, message=problem + self._good_checkpoint(s.step),
+                               last_checkpoint_step=s.last_ckpt_step)
+        return rec.End(step=s.step, status=Status.FINISHED, last_checkpoint_step=s.last_ckpt_step,
+                       loss=s.last_metrics.get(Metric.LOSS), acc=s.last_metrics.get(Metric.ACC), stopped_early=s.step)
 
     def _log(self, step: int, loss: float, logits: Optional[torch.Tensor], batch) -> None:
         s = self.state
@@ -328,7 +367,8 @@ class Worker:
             if self.rank == 0:
                 ckpt.write_meta(staging, {"step": step, "tokens": s.tokens, "world": self.world,
                                           "zero_stage": t.zero_stage, "engine_zero_stage": self.engine_stage,
-                                          "precision": t.precision, "time": time.time()})
+                                          "precision": t.precision, "time": time.time(),
+                                          "validation": self.validation.state_dict()})
             size = ckpt.dir_bytes(staging)
             ray.train.report({"step": step, "checkpoint_step": step},
                              checkpoint=ray.train.Checkpoint.from_directory(staging),
@@ -347,13 +387,15 @@ class Worker:
 
     # ------------------------------------------------------------ 5. evals
 
-    def evals(self) -> dict:
-        """Rank 0 runs the evals (all ranks in lockstep under ZeRO-3, whose forward is collective)."""
+    def evals(self, entries: Optional[list] = None) -> dict:
+        """Rank 0 runs the evals (all ranks in lockstep under ZeRO-3, whose forward is collective):
+        the job's, or ``entries`` (the validation evals)."""
         import torch.distributed as dist
 
         out = {}
         if self.train_spec.zero_stage == 3 or self.rank == 0:
-            out = run_evals(self.engine.module, self.job.resolved["eval"], self.job.resolved["data"], self.device)
+            entries = self.job.resolved["eval"] if entries is None else entries
+            out = run_evals(self.engine.module, entries, self.job.resolved["data"], self.device)
         dist.barrier()
         return out if self.rank == 0 else {}
 
@@ -388,7 +430,14 @@ def train_loop_per_worker(config: dict) -> None:
         if end.status == Status.FINISHED and worker.job.spec.eval:
             end.evals = worker.evals()
             if worker.rank == 0:
-                worker.progress.send(rec.Eval(step=end.step, metrics=end.evals))
+                best = {}
+                if worker.validation.every:  # the run's best validation values, the final evals included
+                    worker.validation.observe(end.step, end.evals, validated_only=True)
+                    best = worker.validation.best_metrics()
+                worker.progress.send(rec.Eval(step=end.step, metrics={**end.evals, **best}))
         worker.finish(end)
+    except Exception as e:  # an interrupt is not a failure to explain
+        worker.progress.send_failure(rec.Failure.of(e, worker.rank, worker.state.step))
+        raise
     finally:
         worker.stop_system_metrics()  # a worker that fails leaves no monitor thread logging into the run

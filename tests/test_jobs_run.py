@@ -171,3 +171,24 @@ def test_zero_stages_agree_in_a_sweep(tmp_path):
     for stage in ("2", "3"):
         for a, b in zip(curves["1"], curves[stage]):
             assert abs(a - b) <= 2e-3 * max(1.0, abs(a)), (stage, curves)
+
+
+def test_worker_exception_is_said_and_kept(tmp_path):
+    """A worker's own exception reaches the console and the run's MLflow record (a traceback artifact per
+    attempt and rank, a tag), not only "failed"."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / ".staging").write_text("not a folder")  # the worker's set-up fails creating its staging folder
+    job = job_file(tmp_path, "boom", steps=3)
+    r = hl(["run", job, "--set", "resources.workers=1", "--set", "resources.max_failures=0"], tmp_path)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0, out
+    assert any("worker rank 0 failed after step 0: FileExistsError" in ln for ln in out.splitlines()), out
+    client = mlflow_client(tmp_path)
+    run = client.get_run(run_id_of(out))
+    assert run.info.status == "FAILED" and "FileExistsError" in run.data.tags["hybridlab.error"]
+    assert "FileExistsError" in run.data.tags["hybridlab.last_worker_error"]
+    names = {a.path for a in client.list_artifacts(run.info.run_id, "failures")}
+    assert names == {"failures/attempt_1_rank_0.txt"}, names
+    text = Path(client.download_artifacts(run.info.run_id, "failures/attempt_1_rank_0.txt", str(tmp_path))).read_text()
+    assert "Traceback" in text and ".staging" in text

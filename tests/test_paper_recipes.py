@@ -70,3 +70,15 @@ def test_zoology_recipe_is_figure_2():
     m2 = jobs[0].model_spec.blocks["m2"]
     assert (m2.rope, m2.trapezoid, m2.bc_norm) == (False, False, False)
     assert jobs[0].model_spec.blocks["m3r4"].mode == "mimo"
+
+
+def test_recipes_validate_and_stop_early_as_the_protocols_do(state_tracking):
+    # state tracking: best validation accuracy at 256 (best/eval/<task>/len_256/scaled_acc picks the lr)
+    for j in state_tracking:
+        t = j.spec.train
+        assert t.eval_every and t.validation.seq_lens == [256] and t.early_stop is None
+    # Zoology: early stop at 0.99 validation accuracy, on the run's own training length
+    for j in expand_sweep(str(RECIPES / "zoology-mqar.yaml")):
+        es = j.spec.train.early_stop
+        assert j.spec.train.eval_every and (es.threshold, es.mode) == (0.99, "max")
+        assert es.metric == f"eval/mqar/len_{j.spec.data.seq_len}/acc"

@@ -426,3 +426,53 @@ def test_lm_task_windows_and_scores(tmp_path, text_files):
         t.batch(2, seed=0, seq_len=10_000)
     with pytest.raises(TaskError, match="split"):
         make_task("lm", path=str(out), split="test")
+
+
+# --------------------------------------------------------------------------- the vectorised generators' distributions
+
+
+def _match(expr, i, lpar, rpar):
+    depth = 0
+    for j in range(i, len(expr)):
+        depth += (expr[j] == lpar) - (expr[j] == rpar)
+        if depth == 0:
+            return j
+    raise AssertionError("unbalanced")
+
+
+def test_modarith_bracketed_trees_have_the_grammars_distribution():
+    # random style: the root is "( X )" with probability BRACKET_P = 0.25
+    t = make_task("modarith", brackets=True, seq_len=40)
+    rows = t.batch(4000, seed=5).inputs[:, :-1].tolist()
+    root_bracket = sum(r[0] == t.LPAR and _match(r, 0, t.LPAR, t.RPAR) == len(r) - 1 for r in rows) / len(rows)
+    assert abs(root_bracket - 0.25) < 0.03
+    # full style (Deletang): the root "(L op R)" splits at a left size uniform in [1, n - 4]
+    f = make_task("modarith", brackets=True, bracket_style="full", seq_len=21)  # n = 20 tokens, left in [1, 16]
+    left_sizes = []
+    for r in f.batch(3200, seed=6).inputs[:, :-1].tolist():
+        assert r[0] == f.LPAR and r[-1] == f.RPAR
+        j = _match(r, 1, f.LPAR, f.RPAR) if r[1] == f.LPAR else (2 if r[1] == f.MINUS else 1)
+        left_sizes.append(j)  # the left part is r[1 : j + 1]
+        assert r[j + 1] in (f.PLUS, f.MINUS)
+    counts = torch.bincount(torch.tensor(left_sizes), minlength=17)[1:]
+    assert counts.shape[0] == 16 and int(counts.min()) > 200 - 5 * 14 and int(counts.max()) < 200 + 5 * 14
+
+
+def test_mqar_slots_and_keys_have_zoologys_distribution():
+    # keys: distinct, uniform over the key range; power-law query slots: P(slot i) ~ i^(a-1), without replacement
+    t = make_task("mqar", vocab=64, seq_len=40, num_kv_pairs=1, query_gaps="power", power_a=0.5, echo_values=False)
+    b = t.batch(6000, seed=7)
+    slots = (41 - 2) // 2
+    q = (b.inputs[:, 2:] == b.inputs[:, :1]).float().argmax(1)  # the query key's offset in the region
+    assert (q % 2 == 0).all()
+    freq = torch.bincount(q // 2, minlength=slots).double() / 6000
+    w = torch.arange(1, slots + 1, dtype=torch.float64) ** (0.5 - 1)
+    assert (freq - w / w.sum()).abs().max() < 0.02
+    many = make_task("mqar", vocab=64, seq_len=124, num_kv_pairs=31)  # N(N-1) > 2K: the shuffle branch
+    for task in (many, make_task("mqar", vocab=8192, seq_len=512, num_kv_pairs=64)):
+        k = task.batch(64, seed=8).inputs[:, 0:2 * task.num_kv_pairs:2]
+        assert all(len(set(r)) == task.num_kv_pairs for r in k.tolist())
+        assert int(k.min()) >= task.key_lo and int(k.max()) < task.val_lo
+    first = many.batch(3000, seed=9).inputs[:, 0]
+    counts = torch.bincount(first - many.key_lo, minlength=many.num_keys)
+    assert int(counts.min()) > 3000 / 31 - 5 * 10 and int(counts.max()) < 3000 / 31 + 5 * 10

@@ -32,7 +32,7 @@ Eval: ``final_acc`` (and its ``scaled_acc``).
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -41,6 +41,7 @@ from .base import IGNORE, Opt, Task, _err
 
 PAD, NUM0 = 0, 1
 BRACKET_P = 0.25
+_SPLIT, _BRACKET, _CLOSED = 0, 1, 2  # inner nodes: "L op R", "( X )", "( L op R )" (bracket_style full)
 
 
 class ModArith(Task):
@@ -92,14 +93,8 @@ class ModArith(Task):
         m = self.modulus
         E = self._expr_len(L)
         pad = L - E - (self.target == "final")
-        full_vals = None
-        if self.full:
-            u = rng.random((B, 2 * E + 2))
-            pairs = [self._gen_full(E, row) for row in u.tolist()]
-            expr = np.asarray([p[0] for p in pairs], dtype=np.int64).reshape(B, E)
-            full_vals = [p[1] for p in pairs]
-        elif self.brackets:
-            expr = np.stack([self._gen_tree(E, rng) for _ in range(B)])
+        if self.brackets:
+            expr, vals = self._bracketed(np.full(B, E, dtype=np.int64), rng)
         else:
             k = (E - 1) // 2
             expr = np.empty((B, E), dtype=np.int64)
@@ -111,87 +106,108 @@ class ModArith(Task):
             values = self._scan(torch.from_numpy(expr)).numpy()
             targets[:, pad::2] = values[:, 0::2] + NUM0
         else:
-            if full_vals is not None:
-                vals = full_vals
-            elif self.brackets:
-                vals = [self.evaluate(row) for row in expr]
-            else:
-                vals = self._scan(torch.from_numpy(expr))[:, -1].tolist()
+            if not self.brackets:
+                vals = self._scan(torch.from_numpy(expr))[:, -1].numpy()
             inputs = np.concatenate([inputs, np.full((B, 1), self.EQ)], 1)
             targets[:, -1] = np.asarray(vals, dtype=np.int64) + NUM0
         return inputs, targets
 
     def _generate_varlen(self, lengths, L, rng):
-        if self.brackets:  # per-sequence generators anyway: one call per distinct length
-            return super()._generate_varlen(lengths, L, rng)
-        # bracket-free: one expression matrix for all rows, one precedence scan, then each row's cut
         m, B = self.modulus, len(lengths)
         E = np.array([self._expr_len(int(n)) for n in lengths])  # == n (running) or n - 1 (final): no pad
         Em = int(E.max())
+        inputs = np.full((B, L), PAD, dtype=np.int64)
+        targets = np.full((B, L), IGNORE, dtype=np.int64)
+        rows = np.arange(B)
+        if self.brackets:  # target final: each row's expression, "=", its value
+            expr, vals = self._bracketed(E, rng)
+            inputs[:, :Em] = expr
+            inputs[rows, E] = self.EQ
+            targets[rows, E] = vals + NUM0
+            return inputs, targets
+        # bracket-free: one expression matrix for all rows, one precedence scan, then each row's cut
         expr = np.empty((B, Em), dtype=np.int64)
         expr[:, 0::2] = rng.integers(0, m, (B, (Em + 1) // 2)) + NUM0
         expr[:, 1::2] = rng.integers(0, self.n_ops, (B, Em // 2)) + self.PLUS
         values = self._scan(torch.from_numpy(expr)).numpy() + NUM0
         inside = np.arange(Em)[None, :] < E[:, None]
-        inputs = np.full((B, L), PAD, dtype=np.int64)
-        targets = np.full((B, L), IGNORE, dtype=np.int64)
         inputs[:, :Em] = np.where(inside, expr, PAD)
         if self.target == "running":
             at_number = inside & (np.arange(Em)[None, :] % 2 == 0)
             targets[:, :Em] = np.where(at_number, values, IGNORE)
         else:
-            rows = np.arange(B)
             inputs[rows, E] = self.EQ
             targets[rows, E] = values[rows, E - 1]
         return inputs, targets
 
-    def _gen_full(self, n: int, u) -> tuple:
-        """Delétang et al.'s bracketed expression of exactly n tokens and its value, from the
-        uniform numbers ``u`` (a list of at least 2n + 2; each node uses one or two)."""
-        m, n_ops = self.modulus, self.n_ops
-        out: List[int] = []
-        it = iter(u)
+    def _bracketed(self, E: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray]:
+        """Random bracketed expressions, row i of exactly ``E[i]`` tokens: (tokens (B, max E), 0 after each
+        row's end; values (B,) mod m).
 
-        def emit(n: int) -> int:  # depth <= n / 4 + 1: fine for Python's recursion limit at eval lengths
-            if n <= 4:
-                d = int(next(it) * m)
-                leaf = {1: [NUM0 + d], 2: [self.MINUS, NUM0 + d], 3: [self.LPAR, NUM0 + d, self.RPAR],
-                        4: [self.LPAR, self.MINUS, NUM0 + d, self.RPAR]}[n]
-                out.extend(leaf)
-                return d if n in (1, 3) else -d % m
-            left = 1 + int(next(it) * (n - 4))  # uniform in [1, n - 4]
-            k = int(next(it) * n_ops)
-            out.append(self.LPAR)
-            lv = emit(left)
-            out.append(self.PLUS + k)
-            rv = emit(n - left - 3)
-            out.append(self.RPAR)
-            return (lv + rv if k == 0 else lv - rv if k == 1 else lv * rv) % m
-
-        v = emit(n)
-        return out, v
-
-    def _gen_tree(self, n: int, rng) -> np.ndarray:
-        """Random bracketed expression of exactly n (odd) tokens."""
-        m = self.modulus
-        u = iter(rng.random(4 * n + 4).tolist())
-        out: List[int] = []
-        stack: List[object] = [n]  # ints: expressions to render; tokens as ("tok", id)
-        while stack:
-            item = stack.pop()
-            if isinstance(item, tuple):
-                out.append(item[1])
-                continue
-            size = item
-            if size == 1:
-                out.append(NUM0 + int(next(u) * m))
-            elif next(u) < BRACKET_P:
-                stack += [("t", self.RPAR), size - 2, ("t", self.LPAR)]
-            else:
-                left = 2 * int(next(u) * ((size - 1) // 2)) + 1  # odd in [1, size-2]
-                op = self.PLUS + int(next(u) * self.n_ops)
-                stack += [size - 1 - left, ("t", op), left]
-        return np.asarray(out, dtype=np.int64)
+        Every row's expression tree is grown one level at a time for all rows at once (a node knows its
+        offset and size, so its tokens go straight to their positions), each node drawing its own uniforms;
+        the values are then folded bottom-up, level by level, with the precedence of the rendered text
+        (:func:`_fold`). Grammars (module docstring): ``full`` (Delétang: every operation ``(L op R)``,
+        leaves ``d -d (d) (-d)``, a left size uniform in [1, n-4]) and ``random`` (a node is bracketed with
+        probability ``BRACKET_P``, else split at a uniform odd left size; * binds tighter)."""
+        m, n_ops, full = self.modulus, self.n_ops, self.full
+        B, W = len(E), int(np.max(E))
+        flat = np.zeros(B * W, dtype=np.int64)  # the token matrix, flat: a node is addressed by one index
+        at0, size = np.arange(B, dtype=np.int64) * W, np.asarray(E, dtype=np.int64).copy()  # each node's first token
+        node = np.arange(B)  # node ids; the roots are 0..B-1
+        n_nodes = B
+        leaves: list = []  # (ids, value) per level
+        inner: list = []  # (ids, kind, op, left ids, right ids) per level
+        digit_at = np.array([0, 0, 1, 1, 2])  # a leaf of size s has its digit at offset digit_at[s]
+        while len(at0):
+            u = rng.random((len(at0), 3))
+            leaf = size <= (4 if full else 1)
+            li, ki = np.flatnonzero(leaf), np.flatnonzero(~leaf)
+            # leaves: a number, in full style also -d, (d), (-d) for sizes 2, 3, 4
+            a, sz, d = at0[li], size[li], (u[li, 0] * m).astype(np.int64)
+            flat[a + digit_at[sz]] = NUM0 + d
+            if full:
+                neg = (sz == 2) | (sz == 4)
+                flat[a[neg] + (sz[neg] == 4)] = self.MINUS
+                br = sz >= 3
+                flat[a[br]] = self.LPAR
+                flat[(a + sz - 1)[br]] = self.RPAR
+                d = np.where(neg, -d, d) % m
+            leaves.append((node[li], d))
+            a, sz, ids, u = at0[ki], size[ki], node[ki], u[ki]
+            op = (u[:, 2] * n_ops).astype(np.int64)
+            if full:  # "(" left op right ")"
+                left = 1 + (u[:, 1] * (sz - 4)).astype(np.int64)
+                kind = np.full(len(a), _CLOSED)
+                flat[a] = self.LPAR
+                flat[a + 1 + left] = self.PLUS + op
+                flat[a + sz - 1] = self.RPAR
+                child_at = [a + 1, a + 2 + left]
+                child_size = [left, sz - left - 3]
+                two = np.ones(len(a), dtype=bool)
+            else:  # "(" child ")" or left op right
+                bracket = u[:, 0] < BRACKET_P
+                left = 2 * (u[:, 1] * ((sz - 1) // 2)).astype(np.int64) + 1  # odd in [1, s - 2]
+                kind = np.where(bracket, _BRACKET, _SPLIT)
+                bi, si = np.flatnonzero(bracket), np.flatnonzero(~bracket)
+                flat[a[bi]] = self.LPAR
+                flat[a[bi] + sz[bi] - 1] = self.RPAR
+                flat[a[si] + left[si]] = self.PLUS + op[si]
+                child_at = [np.where(bracket, a + 1, a), a + left + 1]
+                child_size = [np.where(bracket, sz - 2, left), sz - 1 - left]
+                two = ~bracket
+            n_two = int(two.sum())
+            lid = n_nodes + np.arange(len(a))
+            n_nodes += len(a)
+            rid = np.full(len(a), -1)
+            rid[two] = n_nodes + np.arange(n_two)
+            n_nodes += n_two
+            inner.append((ids, kind, op, lid, rid))
+            at0 = np.concatenate([child_at[0], child_at[1][two]])
+            size = np.concatenate([child_size[0], child_size[1][two]])
+            node = np.concatenate([lid, rid[two]])
+        tokens = flat.reshape(B, W)
+        return tokens, _fold(n_nodes, leaves, inner, m)[:B]
 
     # -- solving
     def _scan(self, expr: torch.Tensor) -> torch.Tensor:
@@ -271,3 +287,49 @@ class ModArith(Task):
             vals = self._scan(inputs[:, pad:L - 1])[:, -1]
         out[:, -1] = vals + NUM0
         return out
+
+
+def _fold(n_nodes: int, leaves: list, inner: list, m: int) -> np.ndarray:
+    """Each node's value mod m, folded bottom-up from ``_bracketed``'s tree levels.
+
+    A node's text is kept as a sum of signed products, as precedence reads it: one term ``a`` (``one``), or a
+    first term ``a``, the sum ``mid`` of the terms between, and a last term ``z``. Then ``X * Y`` multiplies
+    X's last term into Y's first, ``X +- Y`` adds Y's terms (its first one signed), and a bracket closes a
+    text into one term (its whole value)."""
+    one = np.ones(n_nodes, dtype=bool)
+    a = np.zeros(n_nodes, dtype=np.int64)
+    mid = np.zeros(n_nodes, dtype=np.int64)
+    z = np.zeros(n_nodes, dtype=np.int64)
+    for ids, v in leaves:
+        a[ids] = v
+    for ids, kind, op, lid, rid in reversed(inner):
+        br = kind == _BRACKET
+        if br.any():  # "( X )": one term, X's value
+            c = lid[br]
+            a[ids[br]] = np.where(one[c], a[c], a[c] + mid[c] + z[c]) % m
+            one[ids[br]] = True
+        pair = ~br
+        ids, op, x, y = ids[pair], op[pair], lid[pair], rid[pair]
+        xo, yo = one[x], one[y]
+        # X * Y
+        prod = np.where(xo, a[x], z[x]) * a[y] % m
+        m_one = xo & yo
+        m_a = np.where(xo, prod, a[x])
+        m_mid = np.where(xo, 0, mid[x]) + np.where(yo, 0, mid[y]) + np.where(~xo & ~yo, prod, 0)
+        m_z = np.where(yo, prod, z[y])
+        # X + Y, X - Y
+        sign = np.where(op == 1, -1, 1)
+        s_a = a[x]
+        s_mid = np.where(xo, 0, mid[x] + z[x]) + np.where(yo, 0, sign * a[y] + mid[y])
+        s_z = np.where(yo, sign * a[y], z[y])
+        mul = op == 2
+        one[ids] = mul & m_one
+        a[ids] = np.where(mul, m_a, s_a) % m
+        mid[ids] = np.where(mul, m_mid, s_mid) % m
+        z[ids] = np.where(mul, m_z, s_z) % m
+        closed = kind[pair] == _CLOSED
+        if closed.any():  # "( L op R )": one term
+            c = ids[closed]
+            a[c] = np.where(one[c], a[c], a[c] + mid[c] + z[c]) % m
+            one[c] = True
+    return np.where(one, a, a + mid + z) % m

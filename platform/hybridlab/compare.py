@@ -22,6 +22,14 @@ Eval metrics are the ``eval/<task>/len_<L>/<what>`` metrics written by the
 training job (``jobs/evals.py``) and by ``hybridlab eval``. ``--metric`` picks
 ``<what>``: ``auto`` (default) is ``final_acc`` for tasks that report it (parity,
 modular arithmetic: the whole-sequence answer) and ``acc`` otherwise.
+
+Best of a sweep (``--best-of KEY --select METRIC [--select-mode max|min]``): the runs are
+grouped by their sweep values (tag ``hybridlab.sweep_values``) leaving out the ``--best-of``
+key(s) — e.g. one group per layout and task of a learning-rate sweep — and each group is
+represented by its run with the best value of ``METRIC`` (any metric of the runs: an eval,
+``best/eval/...`` from ``train.eval_every``, ``train/loss`` with ``--select-mode min``). The
+table, CSVs and plots then show one row per group, with the chosen value of each best-of key
+and the selection metric as columns; ``comparison.json`` keeps every group's candidates.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ from .text_report import is_text_metric, lm_eval_columns, write_comparison_text_
 
 METRIC_CHOICES = ("auto",) + EVAL_METRICS  # --metric: auto (final_acc where reported, else acc) or one eval metric
 STATUS_CHOICES = ("finished", "failed", "killed", "running", "all")  # MLflow run statuses compare can pick
+SELECT_MODES = ("max", "min")  # --select-mode: the best run of a group has the largest / smallest --select value
 
 
 @dataclass
@@ -67,6 +76,8 @@ class RunInfo:
     loss_history: list = field(default_factory=list)  # [(step, tokens or None, loss)]
     chance: dict = field(default_factory=dict)  # {task: chance accuracy}
     text_metrics: dict = field(default_factory=dict)  # eval/lm_eval/*, eval/niah/*/depth_*, eval/ppl_by_pos/*/pos_* (text_report.py)
+    chosen: dict = field(default_factory=dict)  # --best-of: {best-of key: this run's value}
+    selected: Optional[float] = None  # --best-of: its value of the --select metric
 
 
 @dataclass
@@ -81,6 +92,10 @@ class Comparison:
     out_dir: str = ""
     comparison_run_id: str = ""
     files: list[str] = field(default_factory=list)
+    best_of: list[str] = field(default_factory=list)  # --best-of keys (empty: every run is shown)
+    select: str = ""  # --select metric
+    select_mode: str = "max"
+    groups: list[dict] = field(default_factory=list)  # --best-of: each group's label, pick and candidates
 
 
 # ---------------------------------------------------------------- reading runs
@@ -107,8 +122,18 @@ def _num(v: Any, cast=float):
     return x
 
 
-def _label(run) -> str:
-    """A short name for plots: the sweep values, else the layout, else the run name.
+def sweep_values(tags: dict) -> dict[str, str]:
+    """A sweep child's combination, {job path: value as text}, from its ``hybridlab.sweep_values`` tag."""
+    out = {}
+    for p in re.split(r", (?=[A-Za-z_][\w.]*=)", tags.get(Tag.SWEEP_VALUES) or ""):
+        key, eq, value = p.partition("=")
+        if eq:
+            out[key] = value
+    return out
+
+
+def _label(run, drop: Sequence[str] = ()) -> str:
+    """A short name for plots: the sweep values (less the keys in ``drop``), else the layout, else the run name.
 
     A sweep value that is a string (a layout, a task) stands alone; a number or a
     boolean is shown with its key's last part (``rope=false``, ``lr=0.003``)."""
@@ -120,11 +145,14 @@ def _label(run) -> str:
             key, _, value = p.partition("=")
             if not _:
                 parts.append(p)
+            elif key in drop:
+                continue
             elif value.lower() in ("true", "false", "none", "null") or _num(value) is not None:
                 parts.append(f"{key.split('.')[-1]}={value.lower() if value in ('True', 'False') else value}")
             else:
                 parts.append(value)
-        return ", ".join(parts)
+        if parts:
+            return ", ".join(parts)
     return tags.get(Tag.LAYOUT) or run.info.run_name or run.info.run_id[:8]
 
 
@@ -308,10 +336,59 @@ def pick_what(info_evals: dict, task: str, metric: str) -> Optional[str]:
     return "final_acc" if "final_acc" in whats else "acc"
 
 
+def best_of_runs(picked: list, best_of: Sequence[str], select: str, mode: str = "max") -> tuple[list, list[dict]]:
+    """Per group of runs that agree on every sweep value except the ``best_of`` keys, the run with the best
+    ``select`` metric (``mode`` max or min). Returns the chosen runs (in the order of their groups' first
+    runs) and one dict per group: its label, the chosen run and every candidate's values."""
+    from hybridlab.arch.specio import did_you_mean
+
+    if not select:
+        raise UserError("--best-of needs --select METRIC: the metric that picks each group's run "
+                        "(e.g. --select eval/parity/len_256/scaled_acc)")
+    if mode not in SELECT_MODES:
+        raise UserError(f"unknown --select-mode {mode!r}; choose one of: {', '.join(SELECT_MODES)}")
+    swept: dict[str, None] = {}
+    for r in picked:
+        swept.update(dict.fromkeys(sweep_values(r.data.tags)))
+    for key in best_of:
+        if key not in swept:
+            known = f"; swept keys: {', '.join(swept)}" if swept else "; these runs are not from a sweep"
+            raise UserError(f"--best-of {key!r}: no compared run has it in its sweep values{did_you_mean(key, swept)}{known}")
+    names = sorted({k for r in picked for k in r.data.metrics})
+    if select not in names:
+        raise UserError(f"--select {select!r}: no compared run has this metric{did_you_mean(select, names)}"
+                        f"; e.g. {', '.join(n for n in names if n.startswith(('eval/', 'best/')))[:300] or ', '.join(names)[:300]}")
+    groups: dict[tuple, list] = {}
+    for r in picked:
+        values = sweep_values(r.data.tags)
+        key = tuple(sorted((k, v) for k, v in values.items() if k not in best_of))
+        groups.setdefault(key if values else ("run", r.info.run_id), []).append(r)  # a run of no sweep: alone
+    chosen, report = [], []
+    for members in groups.values():
+        scored = [(float(r.data.metrics[select]), r) for r in members
+                  if select in r.data.metrics and math.isfinite(float(r.data.metrics[select]))]
+        label = _label(members[0], drop=best_of)
+        cands = [{"run_id": r.info.run_id, **{k: sweep_values(r.data.tags).get(k) for k in best_of},
+                  select: r.data.metrics.get(select)} for r in members]
+        if not scored:
+            report.append({"label": label, "run_id": None, "candidates": cands})
+            continue
+        value, best = (max if mode == "max" else min)(scored, key=lambda x: x[0])
+        chosen.append(best)
+        report.append({"label": label, "run_id": best.info.run_id, select: value, "candidates": cands,
+                       **{k: sweep_values(best.data.tags).get(k) for k in best_of}})
+    return chosen, report
+
+
 def build(experiment: str, runs: Sequence[str] = (), metric: str = "auto", uri: Optional[str] = None,
-          latest: bool = False, status: str = "finished") -> Comparison:
+          latest: bool = False, status: str = "finished", best_of: Sequence[str] = (), select: Optional[str] = None,
+          select_mode: str = "max") -> Comparison:
     from .tracking import tracking_uri
 
+    best_of = [k.strip() for item in best_of or () for k in str(item).split(",") if k.strip()]
+    if select and not best_of:
+        raise UserError("--select picks the best run of each group of a sweep: give the swept key(s) to choose over "
+                        "with --best-of (e.g. --best-of train.lr)")
     if metric not in METRIC_CHOICES:
         raise UserError(f"unknown --metric {metric!r}; choose one of: {', '.join(METRIC_CHOICES)}")
     if status not in STATUS_CHOICES:
@@ -323,7 +400,15 @@ def build(experiment: str, runs: Sequence[str] = (), metric: str = "auto", uri: 
     except _store_errors() as e:
         raise UserError(f"cannot read MLflow tracking at {uri}: {' '.join(str(e).split())[:200]}") from None
     picked = select_runs(client, exp, runs, latest, status)
+    groups: list[dict] = []
+    if best_of:
+        picked, groups = best_of_runs(picked, best_of, select or "", select_mode)
     infos = [_run_info(client, r) for r in picked]
+    for info, r in zip(infos, picked):
+        if best_of:
+            info.label = _label(r, drop=best_of)
+            info.chosen = {k: sweep_values(r.data.tags).get(k) for k in best_of}
+            info.selected = float(r.data.metrics[select])
     _merge_eval_children(client, exp, infos)
     _unique_labels(infos)
     # table columns: every (task, length) any run has, with the chosen sub-metric per task
@@ -342,7 +427,8 @@ def build(experiment: str, runs: Sequence[str] = (), metric: str = "auto", uri: 
         have = sorted({w for t in merged.values() for ws in t.values() for w in ws})
         raise UserError(f"no eval metric {metric!r} in these runs; they have: {', '.join(have)}")
     return Comparison(experiment=experiment, experiment_id=exp.experiment_id, tracking_uri=uri, metric=metric,
-                      runs=infos, columns=columns, text_columns=lm_eval_columns(infos))
+                      runs=infos, columns=columns, text_columns=lm_eval_columns(infos), best_of=list(best_of),
+                      select=select or "", select_mode=select_mode, groups=groups)
 
 
 # ---------------------------------------------------------------- outputs
@@ -372,6 +458,10 @@ def rows(c: Comparison) -> list[dict]:
         row = {"run_id": r.run_id, "run": r.name, "label": r.label, "status": r.status, "layout": r.layout,
                "params": r.params, "flops_per_token": r.flops_per_token, "train_task": r.train_task,
                "train_seq_len": r.train_seq_len, "steps": r.steps, "tokens": r.tokens, "final_loss": r.final_loss}
+        for k in c.best_of:  # the chosen run of its group: its best-of value(s) and selection metric
+            row[k] = r.chosen.get(k)
+        if c.best_of:
+            row[c.select] = r.selected
         for task, L, what in c.columns:
             row[col_name(task, L, what)] = r.evals.get(task, {}).get(L, {}).get(what)
         for task, metric in c.text_columns:
@@ -391,6 +481,8 @@ def render_table(c: Comparison, console=None) -> None:
     console = console or Console()
     whats = sorted({w for _, _, w in c.columns})
     title = f"{c.experiment}: {len(c.runs)} run(s)"
+    if c.best_of:
+        title += f", the best of {', '.join(c.best_of)} by {c.select} ({c.select_mode}) per group"
     if whats:
         title += "  (eval: " + ", ".join(f"{SHORT_WHAT.get(w, w)} = {w}" for w in whats) + " at each length)"
     t = Table(title=title, header_style="bold", pad_edge=False)
@@ -401,6 +493,10 @@ def render_table(c: Comparison, console=None) -> None:
         t.add_column("layout", justify="left", overflow="fold", min_width=12)
     for name in ("params", "FLOPs/tok", "steps", "loss"):
         t.add_column(name, justify="right", no_wrap=True)
+    for k in c.best_of:
+        t.add_column(k.split(".")[-1], justify="right", no_wrap=True)
+    if c.best_of:
+        t.add_column("\n".join(c.select.rsplit("/", 2)) if c.select.count("/") >= 2 else c.select, justify="right", no_wrap=True)
     for task, L, what in c.columns:
         t.add_column(f"{task}\n{L}\n{SHORT_WHAT.get(what, what)}", justify="right", no_wrap=True)
     for task, metric in c.text_columns:
@@ -411,6 +507,9 @@ def render_table(c: Comparison, console=None) -> None:
             cells.append(escape(r.layout or "-"))
         cells += [_fmt_int(r.params), _fmt_int(r.flops_per_token), "-" if r.steps is None else str(r.steps),
                   _fmt(r.final_loss, 4)]
+        cells += [escape(str(r.chosen.get(k, "-"))) for k in c.best_of]
+        if c.best_of:
+            cells.append(_fmt(r.selected, 4))
         for task, L, what in c.columns:
             v = r.evals.get(task, {}).get(L, {}).get(what)
             s = _fmt(v)
@@ -588,6 +687,7 @@ def write_outputs(c: Comparison, out_dir: str | Path) -> list[str]:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "columns": [{"task": t, "length": L, "metric": w} for t, L, w in c.columns],
         "runs": [asdict(r) for r in c.runs], "summary": summary,
+        "best_of": c.best_of, "select": c.select, "select_mode": c.select_mode, "groups": c.groups,
     }
     (out / "comparison.json").write_text(json.dumps(payload, indent=1, default=str))
     files.append("comparison.json")
@@ -626,7 +726,8 @@ def log_comparison(c: Comparison) -> str:
 
 def compare(experiment: str, runs: Sequence[str] = (), metric: str = "auto", out: Optional[str] = None,
             uri: Optional[str] = None, latest: bool = False, log: bool = True, console=None,
-            status: str = "finished") -> Comparison:
+            status: str = "finished", best_of: Sequence[str] = (), select: Optional[str] = None,
+            select_mode: str = "max") -> Comparison:
     """The whole command: read, print, write files, log them. Returns the comparison."""
     from rich.console import Console
 
@@ -634,7 +735,10 @@ def compare(experiment: str, runs: Sequence[str] = (), metric: str = "auto", out
         console = Console()
         if not console.is_terminal:  # piped or captured: do not squeeze the table into 80 columns
             console = Console(width=max(console.width, 200))
-    c = build(experiment, runs, metric, uri, latest, status)
+    c = build(experiment, runs, metric, uri, latest, status, best_of, select, select_mode)
+    missing = [g["label"] for g in c.groups if g["run_id"] is None]
+    if missing:  # e.g. the groups of another task in a sweep over tasks
+        console.print(f"[yellow]{len(missing)} group(s) without {c.select} left out: {', '.join(missing)[:300]}[/yellow]")
     out_dir = out or os.path.join("comparisons", re.sub(r"[^\w.-]+", "-", experiment))
     render_table(c, console)
     write_outputs(c, out_dir)

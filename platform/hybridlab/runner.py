@@ -11,6 +11,12 @@ Read in this order:
   follows rank 0's progress messages (``jobs.record``: :meth:`~RunDriver.on_message`)
   into MLflow and the terminal, and closes the run however it ends
   (:meth:`~RunDriver.close`: FINISHED, FAILED with the error as a tag, or KILLED);
+* ``resources.concurrent_runs: N`` trains up to N sweep combinations at once
+  (:func:`_run_concurrently`): one thread per running combination, each with its own
+  RunDriver, TorchTrainer and MLflow child run; Ray packs them by their fractional
+  ``gpus_per_worker`` / ``cpus_per_worker`` (or queues them). ``--resume-sweep PARENT``
+  (:func:`_sweep_resume_plan`) trains only the combinations with no FINISHED child yet,
+  continuing KILLED/FAILED children (same run id, from their checkpoints);
 * :class:`StopSignals`: SIGINT/SIGTERM ask the workers to stop cleanly (they
   checkpoint when needed); the command then prints the ``--resume`` line and exits
   130/143. A second signal, or a stop that takes longer than
@@ -24,6 +30,7 @@ info); the MLflow run carries the tags ``hybridlab.run_name`` and
 from __future__ import annotations
 
 import io
+import json
 import os
 import queue as pyqueue
 import secrets
@@ -137,46 +144,107 @@ class StopSignals:
 
 
 class Progress:
-    """A rich progress bar in a terminal; plain lines when piped or under CI."""
+    """A rich progress display in a terminal (one row per running run, plus a sweep row when runs go
+    concurrently); plain lines when piped or under CI. Shared by the runs of a sweep: thread-safe."""
 
     def __init__(self, plain: Optional[bool] = None):
         ci = os.environ.get("CI", "").lower() not in ("", "0", "false")
         self.plain = plain if plain is not None else (ci or not sys.stdout.isatty())
         self._bar = None
         self._task = None
+        self._lock = threading.RLock()
 
-    def start(self, label: str, total: int, done: int = 0) -> None:
-        if self.plain:
-            print(f"[{label}] training {total} steps" + (f" (resuming at step {done})" if done else ""), flush=True)
-            return
+    def _ensure_bar(self) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress as RP, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         if self._bar is None:
             self._bar = RP(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
             self._bar.start()
-        self._task = self._bar.add_task(label, total=total, completed=done, info="")
 
-    def update(self, step: int, total: int, m: dict) -> None:
+    def start(self, label: str, total: int, done: int = 0):
+        """A row for one run (returned: its task id; None in plain mode)."""
+        with self._lock:
+            if self.plain:
+                self._print(f"[{label}] training {total} steps" + (f" (resuming at step {done})" if done else ""))
+                return None
+            from rich.markup import escape
+
+            self._ensure_bar()
+            self._task = self._bar.add_task(escape(label), total=total, completed=done, info="")
+            return self._task
+
+    def update(self, step: int, total: int, m: dict, task=None, prefix: str = "") -> None:
         info = f"loss {m.get(Metric.LOSS, float('nan')):.4f}  acc {m.get(Metric.ACC, 0):.3f}  " \
                f"lr {m.get(Metric.LR, 0):.2e}  {m.get(Metric.TOKENS_PER_S, 0):,.0f} tok/s"
         if Metric.MFU in m:
             info += f"  mfu {100 * m[Metric.MFU]:.1f}%"
-        if self.plain:
-            print(f"step {step}/{total}  {info}", flush=True)
-        elif self._task is not None:
-            self._bar.update(self._task, completed=step, info=info)
+        with self._lock:
+            task = self._task if task is None else task
+            if self.plain:
+                self._print(f"{prefix}step {step}/{total}  {info}")
+            elif task is not None:
+                self._bar.update(task, completed=step, info=info)
+
+    def remove(self, task) -> None:
+        with self._lock:
+            if self._bar is not None and task is not None:
+                self._bar.remove_task(task)
+
+    def sweep_row(self, total: int, done: int = 0):
+        """The sweep's own row (runs done of all); None in plain mode."""
+        with self._lock:
+            if self.plain:
+                return None
+            self._ensure_bar()
+            return self._bar.add_task("sweep", total=total, completed=done, info="runs done")
+
+    def advance(self, task) -> None:
+        with self._lock:
+            if self._bar is not None and task is not None:
+                self._bar.advance(task)
 
     def note(self, text: str) -> None:
-        if self._bar is not None:
-            self._bar.console.print(text)
-        else:
-            print(text, flush=True)
+        with self._lock:
+            if self._bar is not None:
+                self._bar.console.print(text, markup=False, highlight=False)  # "[train.lr=…] " is not markup
+            else:
+                self._print(text)
+
+    @staticmethod
+    def _print(text: str) -> None:
+        print(text, flush=True)
 
     def stop(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-            self._bar = None
+        with self._lock:
+            if self._bar is not None:
+                self._bar.stop()
+                self._bar = None
+
+
+class RunProgress:
+    """One run's view of a shared :class:`Progress` when several runs go at once: its own row in a terminal,
+    lines prefixed ``[label] `` otherwise; the row goes when the run ends (the outcome is printed instead)."""
+
+    def __init__(self, progress: Progress, label: str):
+        self.progress, self.label, self.prefix = progress, label, f"[{label}] "
+        self.task = None
+
+    def start(self, label: str, total: int, done: int = 0) -> None:
+        self.task = self.progress.start(label, total, done)
+
+    def update(self, step: int, total: int, m: dict) -> None:
+        self.progress.update(step, total, m, task=self.task, prefix=self.prefix)
+
+    def note(self, text: str) -> None:
+        self.progress.note(self.prefix + text)
+
+    def finish(self, out: "RunOutcome") -> None:
+        self.progress.remove(self.task)
+        self.task = None
+        loss = f", loss {out.loss:.4f}" if out.loss is not None else ""
+        self.progress.note(f"{self.prefix}{out.status} at step {out.step}{loss} (MLflow run {out.run_id})"
+                           + (f": {out.message}" if out.status != Status.FINISHED and out.message else ""))
 
 
 # ---------------------------------------------------------------- helpers
@@ -230,6 +298,10 @@ def dry_run(job_file: str, overrides=()) -> None:
     job = load_job(job_file, overrides)
     jobs = expand_sweep(job_file, overrides, job=job)
     print(f"{job_file}: valid; {len(jobs)} run(s) in experiment {job.spec.tracking.experiment or job.spec.experiment!r}")
+    width = min(job.spec.resources.concurrent_runs, len(jobs))
+    if len(jobs) > 1:
+        print(f"concurrency {width} run(s) at once (resources.concurrent_runs={job.spec.resources.concurrent_runs}); "
+              f"Ray queues a run until its workers' resources are free")
     for j in jobs:
         res, train = j.spec.resources, j.resolved["train"]
         use_gpu, backend, per_worker = worker_resources(res)
@@ -239,6 +311,9 @@ def dry_run(job_file: str, overrides=()) -> None:
         print(f"\n== {j.label or j.model_spec.name}")
         print(f"model     {j.model_spec.name}: {counts['params']:,} params, layout {j.model_spec.layout_str}")
         print(f"workers   {res.workers} x {per_worker} ({'GPU' if use_gpu else 'CPU'}, {backend}, placement {res.placement})")
+        per_run = {k: round(v * res.workers, 6) for k, v in per_worker.items()}
+        print(f"per run   {per_run}" + (f"; {width} at once: {({k: round(v * width, 6) for k, v in per_run.items()})}"
+                                        if width > 1 else ""))
         print(f"deepspeed ZeRO {ds['zero_optimization']['stage']}, {train['precision']}, global batch "
               f"{ds['train_batch_size']} x seq {j.seq_len} = {ds['train_batch_size'] * j.seq_len:,} tokens/step, "
               f"{counts['flops_per_token_train'] * ds['train_batch_size'] * j.seq_len:.3e} FLOPs/step")
@@ -251,13 +326,17 @@ def dry_run(job_file: str, overrides=()) -> None:
 
 
 def run_job(job_file: str, overrides=(), resume: Optional[str] = None, plain: Optional[bool] = None,
-            verbose: bool = False) -> list[RunOutcome]:
-    """Run a job file (every sweep combination); raise UserError if a run did not finish, Interrupted if stopped."""
+            verbose: bool = False, resume_sweep: Optional[str] = None) -> list[RunOutcome]:
+    """Run a job file (every sweep combination, up to ``resources.concurrent_runs`` at once); raise UserError if
+    a run did not finish, Interrupted if stopped. ``resume_sweep``: a sweep's parent run id; only its
+    combinations without a FINISHED child run are trained, KILLED/FAILED children continue from their checkpoints."""
     from hybridlab.jobs.spec import expand_sweep, load_job
 
     from .localray import ensure_ray
     from .tracking import Tracker, check_reachable, tracking_uri
 
+    if resume and resume_sweep:
+        raise UserError("--resume continues one run, --resume-sweep a sweep: give one of them")
     job = load_job(job_file, overrides)
     jobs = expand_sweep(job_file, overrides, job=job)
     uri = tracking_uri(job.spec.tracking.uri)
@@ -269,29 +348,50 @@ def run_job(job_file: str, overrides=(), resume: Optional[str] = None, plain: Op
     progress = Progress(plain)
     spill_dirs: dict[str, str] = {}
     default_spill = storage_uri(job.spec.storage.path) if "://" not in job.spec.storage.path else "."
-    outcomes: list[RunOutcome] = []
+    results: dict[int, RunOutcome] = {}  # by sweep index
     parent_id, head = None, None
     try:
         close_orphaned_runs(tracker, experiment)
-        target = _resume_target(tracker, resume, jobs) if resume else None
-        if target:  # train the model the run trained (its saved spec), not only what the job file names now
-            jobs = [_resumed(job_file, overrides, jobs[0], asdict(target), tracker)]
+        targets: list[Optional[ResumeTarget]] = [None] * len(jobs)
+        if resume:
+            targets = [_resume_target(tracker, resume, jobs)]
+            jobs = [_resumed(job_file, overrides, jobs[0], asdict(targets[0]), tracker)]
+        elif resume_sweep:
+            experiment, targets, results = _sweep_resume_plan(tracker, resume_sweep, job_file, job, jobs)
+            jobs = [_resumed(job_file, overrides, j, asdict(t), tracker) if t else j for j, t in zip(jobs, targets)]
         head = ensure_ray(verbose)
         signals.install()  # ray.init sets its own SIGTERM handler
-        if len(jobs) > 1:
+        if resume_sweep:
+            parent_id = resume_sweep
+            tracker.reopen(parent_id)
+            tracker.set_tags(parent_id, {Tag.DRIVER_PID: _driver_id(), Tag.HOST: socket.gethostname()})
+            progress.note(f"sweep: {len(results)} of {len(jobs)} runs finished earlier; {len(jobs) - len(results)} "
+                          f"to run under MLflow parent run {parent_id}")
+        elif len(jobs) > 1:
             parent_id = _open_parent(tracker, job, experiment, len(jobs), progress)
-        for i, j in enumerate(jobs):
-            if signals.requested:
-                break
-            driver = RunDriver(j, tracker, experiment, parent_id, i if len(jobs) > 1 else None, target, progress,
-                               signals, local=head is not None)
-            try:
-                outcomes.append(driver.run())
-            finally:
-                if driver.run_id and driver.run_dir and "://" not in driver.run_dir:
-                    spill_dirs[driver.run_id] = driver.run_dir
+        todo = [i for i in range(len(jobs)) if i not in results]
+
+        def driver_for(i: int, threaded: bool = False) -> RunDriver:
+            driver = RunDriver(jobs[i], tracker, experiment, parent_id, i if len(jobs) > 1 else None, targets[i],
+                               progress, signals, local=head is not None, threaded=threaded)
+            if threaded:  # its own row / prefixed lines
+                driver.progress = RunProgress(progress, driver.label)
+            return driver
+
+        width = min(job.spec.resources.concurrent_runs, len(todo))
+        if width > 1:
+            results.update(_run_concurrently(todo, width, driver_for, progress, signals, spill_dirs, len(jobs) - len(todo)))
+        else:
+            for i in todo:
+                if signals.requested:
+                    break
+                driver = driver_for(i)
+                try:
+                    results[i] = driver.run()
+                finally:
+                    _remember_spill(driver, spill_dirs)
         if parent_id:
-            done = len(outcomes) == len(jobs) and all(o.status == Status.FINISHED for o in outcomes)
+            done = len(results) == len(jobs) and all(o.status == Status.FINISHED for o in results.values())
             tracker.terminate(parent_id, "FINISHED" if done else ("KILLED" if signals.requested else "FAILED"))
     except BaseException as e:
         if parent_id:
@@ -307,14 +407,172 @@ def run_job(job_file: str, overrides=(), resume: Optional[str] = None, plain: Op
         if head is not None:
             head.stop()
         signals.restore()
+    outcomes = [results[i] for i in sorted(results)]
     _print_summary(outcomes, uri, parent_id)
     unfinished = len(outcomes) < len(jobs) or any(o.status == Status.KILLED for o in outcomes)
     if signals.requested and unfinished:
-        raise Interrupted(_interrupted_line(job_file, signals, outcomes, jobs), signals.exit_code)
+        raise Interrupted(_interrupted_line(job_file, signals, outcomes, jobs, parent_id, overrides), signals.exit_code)
     bad = [o for o in outcomes if o.status != Status.FINISHED]
     if bad:
         raise UserError("; ".join(f"run {o.run_id}: {o.message}" for o in bad))
     return outcomes
+
+
+def _remember_spill(driver: "RunDriver", spill_dirs: dict) -> None:
+    if driver.run_id and driver.run_dir and "://" not in driver.run_dir:
+        spill_dirs[driver.run_id] = driver.run_dir
+
+
+def _run_concurrently(todo: list[int], width: int, driver_for, progress: Progress, signals: StopSignals,
+                      spill_dirs: dict, done_before: int) -> dict[int, RunOutcome]:
+    """Train the sweep runs ``todo`` (indices), ``width`` at once, each in its own thread with its own
+    TorchTrainer and MLflow run; Ray queues a run whose workers do not fit yet. One run failing does not stop
+    the others. The main thread only waits, so the stop signals reach it: the first asks every running run
+    to stop (they checkpoint) and starts no new ones; a second one (or the grace period running out) closes
+    the runs still open as KILLED at once."""
+    queue = pyqueue.Queue()
+    for i in todo:
+        queue.put(i)
+    results: dict[int, RunOutcome] = {}
+    drivers: dict[int, RunDriver] = {}
+    lock = threading.Lock()
+    sweep_row = progress.sweep_row(done_before + len(todo), done_before)
+
+    def work() -> None:
+        while not signals.requested:
+            try:
+                i = queue.get_nowait()
+            except pyqueue.Empty:
+                return
+            driver = driver_for(i, threaded=True)
+            with lock:
+                drivers[i] = driver
+            try:
+                out = driver.run()
+            except BaseException:  # noqa: BLE001 - the run is closed FAILED with the error; the others go on
+                out = driver.out
+            finally:
+                with lock:
+                    _remember_spill(driver, spill_dirs)
+            if out is not None:
+                with lock:
+                    results[i] = out
+                driver.progress.finish(out)
+            progress.advance(sweep_row)
+
+    threads = [threading.Thread(target=work, name=f"hybridlab-run-{k}", daemon=True) for k in range(width)]
+    signals.graceful = True  # the first signal is relayed to every run (RunDriver.fit), not raised here
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            while t.is_alive():
+                t.join(0.5)
+    except ForcedStop as e:
+        signals.signum = signals.signum or int(e.args[0])
+        with lock:
+            open_drivers = [(i, d) for i, d in drivers.items() if i not in results]
+        for i, d in open_drivers:  # their threads are still inside fit(): close the runs from here
+            out = d.close_once(None)
+            if out is not None:
+                results[i] = out
+    finally:
+        signals.graceful = False
+    return results
+
+
+def _sweep_resume_plan(tracker, parent_id: str, job_file: str, job, jobs):
+    """(experiment, per-combination ResumeTarget or None, outcomes of the combinations already FINISHED) for
+    ``--resume-sweep parent_id``; a UserError unless the parent's sweep is this job's."""
+    from hybridlab.arch.specio import SpecError
+    from hybridlab.jobs.spec import from_resolved
+
+    from .evaluate import _run_job_artifact
+
+    flag = f"--resume-sweep {parent_id}"
+    if not job.spec.sweep:
+        raise UserError(f"{job_file}: {flag}: this job has no sweep (--resume continues a single run)")
+    parent = tracker.get_run(parent_id)
+    if Tag.SWEEP not in parent.data.tags or parent.data.tags.get(Tag.PARENT):
+        raise UserError(f"{flag}: MLflow run {parent_id} is not the parent run of a `hybridlab run` sweep "
+                        f"(no {Tag.SWEEP} tag); give the id printed as 'sweep parent run id'")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    saved = _run_job_artifact(tracker.client, parent_id)
+    if not saved or not saved.get("sweep"):
+        raise UserError(f"{flag}: MLflow run {parent_id} has no job.yaml artifact with its sweep to compare this "
+                        f"job's with (a sweep started before --resume-sweep existed)")
+    try:
+        theirs = [dict(c) for c in from_resolved(saved).spec.sweep.combinations()]
+    except SpecError as e:
+        raise UserError(f"{flag}: the sweep parent's job.yaml does not load: {e}") from None
+    key = lambda combo: json.dumps(combo, sort_keys=True, default=str)  # noqa: E731
+    ours = [key(j.sweep_values) for j in jobs]
+    if sorted(ours) != sorted(key(c) for c in theirs):
+        missing = [c for c in theirs if key(c) not in set(ours)]
+        extra = [j.sweep_values for j in jobs if j.sweep_values and key(j.sweep_values) not in {key(c) for c in theirs}]
+        what = (f"its combination {_combo_text(missing[0])} is not in this job's" if missing
+                else f"this job's combination {_combo_text(extra[0])} is not in it")
+        raise UserError(f"{job_file}: sweep: does not match the sweep of parent run {parent_id} ({len(theirs)} runs "
+                        f"there, {len(jobs)} here; {what}); run the same sweep (same --set) or start a new one without --resume-sweep")
+    experiment = tracker.client.get_experiment(parent.info.experiment_id).name
+    children = tracker.client.search_runs([parent.info.experiment_id], max_results=50000,
+                                          filter_string=f"tags.`{Tag.PARENT}` = '{parent_id}'")
+    by_label: dict[str, list] = {}
+    for r in children:
+        by_label.setdefault(r.data.tags.get(Tag.SWEEP_VALUES, ""), []).append(r)
+    targets: list[Optional[ResumeTarget]] = []
+    finished: dict[int, RunOutcome] = {}
+    for i, j in enumerate(jobs):
+        runs = sorted(by_label.get(j.label, []), key=lambda r: r.info.start_time or 0)
+        done = [r for r in runs if r.info.status == "FINISHED"]
+        if done:
+            finished[i] = _earlier_outcome(tracker, done[-1], j.label)
+            targets.append(None)
+            continue
+        # RUNNING here: close_orphaned_runs closed those whose driver on this host is gone, so it is alive.
+        # RUNNING on another host: left so by a driver that was killed outright (a lent machine handed
+        # back, SIGKILL at a time limit) as far as this host can tell; it is continued, and says so.
+        live = [r for r in runs if r.info.status == "RUNNING" and r.data.tags.get(Tag.HOST) == socket.gethostname()]
+        if live:
+            r = live[-1]
+            raise UserError(f"{flag}: run {r.info.run_id} ({j.label}) is still running (driver "
+                            f"{r.data.tags.get(Tag.DRIVER_PID, '?')} on this host); stop it first")
+        last = next((r for r in reversed(runs) if Tag.RUN_NAME in r.data.tags and Tag.STORAGE in r.data.tags), None)
+        if last is not None and _no_checkpoint(last.data.tags[Tag.STORAGE], last.data.tags[Tag.RUN_NAME]):
+            # nothing to continue from (stopped before its first checkpoint, or its folder was not brought
+            # along): continuing the run would put a new step 1.. beside the old steps; a new child instead
+            tracker.set_tags(last.info.run_id, {Tag.SUPERSEDED: "restarted as a new run by --resume-sweep "
+                                                                "(no checkpoint to continue from)"})
+            print(f"note: run {last.info.run_id} ({j.label}) has no checkpoint in "
+                  f"{last.data.tags[Tag.STORAGE]}/{last.data.tags[Tag.RUN_NAME]}; starting that combination anew",
+                  flush=True)
+            last = None
+        if last is not None and last.info.status == "RUNNING":
+            print(f"note: run {last.info.run_id} ({j.label}) was left RUNNING by a driver on "
+                  f"{last.data.tags.get(Tag.HOST, '?')}; continuing it here from its latest checkpoint", flush=True)
+        targets.append(ResumeTarget(last.info.run_id, last.data.tags[Tag.RUN_NAME], last.data.tags[Tag.STORAGE])
+                       if last else None)
+    return experiment, targets, finished
+
+
+def _no_checkpoint(storage: str, run_name: str) -> bool:
+    """True when a run on local storage has no registered checkpoint (remote storage: not known, False)."""
+    from hybridlab.jobs.checkpoint import is_local, latest_registered, local_path
+
+    return is_local(storage) and latest_registered(str(Path(local_path(storage)) / run_name)) is None
+
+
+def _combo_text(combo: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in combo.items())
+
+
+def _earlier_outcome(tracker, run, label: str) -> RunOutcome:
+    """A sweep child that finished in an earlier call, for the summary."""
+    m = run.data.metrics
+    return RunOutcome(run_id=run.info.run_id, run_name=run.data.tags.get(Tag.RUN_NAME, ""), label=label,
+                      status=Status.FINISHED, message="finished in an earlier call",
+                      step=tracker.last_step(run.info.run_id, Metric.LOSS), loss=m.get(Metric.LOSS),
+                      acc=m.get(Metric.ACC), wall_s=float(m.get(Metric.WALL_S, 0.0)))
 
 
 def _resumed(job_file: str, overrides, job, info: dict, tracker):
@@ -337,7 +595,20 @@ def _error_text(e: BaseException) -> str:
     return (f"{e.__class__.__name__}: {e}" if str(e) else e.__class__.__name__)[:5000]
 
 
-def _interrupted_line(job_file: str, signals: StopSignals, outcomes: list[RunOutcome], jobs) -> str:
+def _interrupted_line(job_file: str, signals: StopSignals, outcomes: list[RunOutcome], jobs,
+                      parent_id: Optional[str] = None, overrides=()) -> str:
+    if parent_id:  # a sweep: one line for all of it
+        import shlex
+
+        left = len(jobs) - sum(o.status == Status.FINISHED for o in outcomes)
+        killed = [o for o in outcomes if o.status == Status.KILLED]
+        where = "; ".join(f"run {o.run_id} at step {o.step}"
+                          + (f" (checkpoint at step {o.checkpoint_step})" if o.checkpoint_step else "") for o in killed[:4])
+        where += f" and {len(killed) - 4} more" if len(killed) > 4 else ""
+        sets = "".join(f" --set {shlex.quote(str(o))}" for o in overrides or ())
+        return (f"interrupted ({signals.name}): {left} of {len(jobs)} sweep runs unfinished"
+                + (f" ({where})" if where else "")
+                + f"; continue with: hybridlab run {job_file}{sets} --resume-sweep {parent_id}")
     last = next((o for o in reversed(outcomes) if o.status == Status.KILLED), outcomes[-1] if outcomes else None)
     if last is None:
         return f"interrupted ({signals.name}) before training started; nothing to resume"
@@ -345,8 +616,6 @@ def _interrupted_line(job_file: str, signals: StopSignals, outcomes: list[RunOut
     pins = ""
     j = next((j for j in jobs if j.label == last.label), None)
     if j is not None and j.sweep_values:  # --resume continues one run: pin its sweep combination
-        import json
-
         pins = "".join(f" --set '{k}={json.dumps(v)}'" for k, v in j.sweep_values.items())
     return (f"interrupted ({signals.name}): run {last.run_id} stopped {where}; "
             f"continue with: hybridlab run {job_file} --resume {last.run_id}{pins}")
@@ -380,7 +649,10 @@ def _open_parent(tracker, job, experiment: str, n: int, progress: Progress) -> s
     parent_name = job.spec.tracking.run_name or job.spec.name or f"{experiment}-sweep"
     parent_id = tracker.create_run(experiment, parent_name, _base_tags(job, sweep=True))
     tracker.log_params(parent_id, {f"sweep.{k}": v for k, v in job.spec.sweep.items()})
-    tracker.log_text(parent_id, job.to_yaml(), "job.yaml")
+    from hybridlab.jobs.spec import dump_yaml
+
+    # the whole job, its sweep included: what --resume-sweep compares a job with
+    tracker.log_text(parent_id, dump_yaml({**job.resolved, "sweep": job.spec.sweep}), "job.yaml")
     progress.note(f"sweep: {n} runs under MLflow parent run {parent_id}")
     return parent_id
 
@@ -443,8 +715,12 @@ class RunDriver:
     """The driver's side of one run: MLflow record, trainer, progress, end."""
 
     def __init__(self, job, tracker, experiment: str, parent_id: Optional[str], index: Optional[int],
-                 resume: Optional[ResumeTarget], progress: Progress, signals: StopSignals, local: bool = False):
+                 resume: Optional[ResumeTarget], progress: Progress, signals: StopSignals, local: bool = False,
+                 threaded: bool = False):
         self.job, self.tracker, self.experiment = job, tracker, experiment
+        # threaded: one of several runs at once, in a thread of its own; the main thread holds the signals
+        self.threaded = threaded
+        self._closed = threading.Lock()  # close() once: the main thread may close a run its thread still trains
         self.local = local  # the private local Ray: its workers' process group stays on loopback too
         self.parent_id, self.index, self.resume = parent_id, index, resume
         self.progress, self.signals = progress, signals
@@ -455,6 +731,8 @@ class RunDriver:
         self.logged_upto = 0  # metrics of steps up to here are in MLflow already (a restart re-runs some)
         self.end: Optional[rec.End] = None
         self.failure: Optional[BaseException] = None  # Ray Train's TrainingFailedError, when training failed
+        self.failures_this_attempt: list[rec.Failure] = []  # what each failing worker said, this attempt
+        self.attempt, self.started_at_failure = 0, -1  # failures are numbered by worker-group attempt
         self.out: Optional[RunOutcome] = None
 
     # ------------------------------------------------------------ the whole run
@@ -473,7 +751,14 @@ class RunDriver:
         finally:
             if self.out is not None:  # the MLflow run exists: close it, however this ended
                 self.out.wall_s = time.time() - t0
-                self.close(error)
+                self.close_once(error)
+        return self.out
+
+    def close_once(self, error: Optional[BaseException]) -> Optional[RunOutcome]:
+        """Close the MLflow run unless that was done already (by this run's thread or, at a forced stop, the main one)."""
+        if self.out is None or not self._closed.acquire(blocking=False):
+            return None
+        self.close(error)
         return self.out
 
     # ------------------------------------------------------------ set-up: the MLflow run and its folder
@@ -560,18 +845,22 @@ class RunDriver:
         import ray
         import ray.train
 
+        if self.signals.requested:  # stopped while this run was being set up: do not start its workers
+            return
         trainer = self.launch()
         done = threading.Event()
         consumer = threading.Thread(target=self._consume, args=(done,), name="hybridlab-progress", daemon=True)
         consumer.start()
         self.signals.relay(lambda: self.control.request_stop.remote(self.signals.name), done)
         try:
-            self.signals.graceful = True
+            if not self.threaded:  # several runs at once: the main thread holds graceful for all of them
+                self.signals.graceful = True
             trainer.fit()
         except ray.train.TrainingFailedError as e:
             self.failure = e
         finally:
-            self.signals.graceful = False
+            if not self.threaded:
+                self.signals.graceful = False
             self._drain_sink()
             done.set()
             consumer.join(timeout=15)
@@ -638,6 +927,21 @@ class RunDriver:
             out.evals = dict(msg.metrics)
         elif isinstance(msg, rec.End):
             self.end = msg
+        elif isinstance(msg, rec.Failure):
+            self.on_failure(msg)
+
+    def on_failure(self, f: rec.Failure) -> None:
+        """A worker's exception: said on the console (a restart follows, or the run fails) and kept in the run."""
+        if self.starts > self.started_at_failure or any(g.rank == f.rank for g in self.failures_this_attempt):
+            self.attempt += 1  # the workers came up again (or a rank failed twice): a new attempt
+            self.failures_this_attempt = []
+        self.started_at_failure = self.starts
+        attempt = self.attempt
+        name = f"failures/attempt_{attempt}_rank_{f.rank}.txt"
+        self.failures_this_attempt.append(f)
+        self.progress.note(f"worker rank {f.rank} failed after step {f.step}: {f.error} (traceback: MLflow artifact {name})")
+        self.tracker.log_text(self.run_id, f.traceback or f.error, name)
+        self.tracker.set_tags(self.run_id, {Tag.LAST_WORKER_ERROR: f"attempt {attempt}, rank {f.rank}, step {f.step}: {f.error}"[:5000]})
 
     # ------------------------------------------------------------ the end of a run
 
@@ -670,7 +974,8 @@ class RunDriver:
             from .text_report import log_text_eval_artifacts
 
             log_text_eval_artifacts(t.client, self.run_id, out.evals, self.label, self.job.seq_len)  # NIAH heatmap, loss-by-position PNGs
-        t.set_tags(self.run_id, {Tag.STATUS: out.status, **({Tag.ERROR: out.message[:5000]} if out.message else {})})
+        early = {Tag.STOPPED_EARLY: str(end.stopped_early)} if end is not None and end.stopped_early is not None else {}
+        t.set_tags(self.run_id, {Tag.STATUS: out.status, **early, **({Tag.ERROR: out.message[:5000]} if out.message else {})})
         t.terminate(self.run_id, Status.mlflow(out.status))
 
 
@@ -705,7 +1010,8 @@ def _print_summary(outcomes: list[RunOutcome], uri: str, parent_id: Optional[str
     for o in outcomes:
         head = f"[{o.label}] " if o.label else ""
         print(f"{head}MLflow run id: {o.run_id}  status: {o.status}  ({o.wall_s:.0f}s"
-              + (f", {o.restarts} restart(s)" if o.restarts else "") + ")", flush=True)
+              + (f", {o.restarts} restart(s)" if o.restarts else "")
+              + (f", {o.message}" if o.status == Status.FINISHED and o.message else "") + ")", flush=True)
         if o.loss is not None:
             print(f"{head}final step {o.step}: loss {o.loss:.4f}  accuracy {o.acc if o.acc is not None else float('nan'):.4f}",
                   flush=True)

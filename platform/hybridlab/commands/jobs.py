@@ -16,6 +16,7 @@ def run(
     job: str = typer.Argument(..., help="Job spec (YAML)."),
     set_: Optional[List[str]] = SetOpt,
     resume: Optional[str] = typer.Option(None, "--resume", help="MLflow run id of a stopped run to continue (its unsent MLflow writes are replayed first)."),
+    resume_sweep: Optional[str] = typer.Option(None, "--resume-sweep", help="MLflow parent run id of a sweep to continue: only its combinations without a FINISHED run are trained (KILLED/FAILED ones from their checkpoints); the job's sweep must be the parent's."),
     plain: Optional[bool] = typer.Option(None, "--plain/--bar", help="Plain progress lines / a progress bar (default: bar in a terminal, lines in CI)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the workers' own logs."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate (limits included) and print the plan (workers, ZeRO, memory, model table); start nothing."),
@@ -26,7 +27,7 @@ def run(
     if dry_run:
         plan(job, overrides=set_ or [])
         return
-    run_job(job, overrides=set_ or [], resume=resume, plain=plain, verbose=verbose)
+    run_job(job, overrides=set_ or [], resume=resume, plain=plain, verbose=verbose, resume_sweep=resume_sweep)
 
 
 @app.command("mlflow-replay")

@@ -6,13 +6,14 @@ from typing import List, Literal, Optional
 
 import typer
 
-from ..compare import METRIC_CHOICES, STATUS_CHOICES
+from ..compare import METRIC_CHOICES, SELECT_MODES, STATUS_CHOICES
 from .options import UriOpt
 
 app = typer.Typer()
 
 MetricChoice = Literal[METRIC_CHOICES]
 StatusChoice = Literal[STATUS_CHOICES]
+SelectMode = Literal[SELECT_MODES]
 
 
 @app.command("eval")
@@ -53,13 +54,19 @@ def compare(
     status: StatusChoice = typer.Option("finished", "--status", help="Which runs: finished (default), failed, killed, running, or all."),
     all_runs: bool = typer.Option(False, "--all", help="Runs of every status (= --status all)."),
     no_log: bool = typer.Option(False, "--no-log", help="Write the files only; no comparison run in MLflow."),
+    best_of: Optional[List[str]] = typer.Option(None, "--best-of", help="Swept key(s) to choose over, e.g. train.lr "
+                                                "(repeatable or comma-separated): one row per group of the other sweep "
+                                                "values, its run with the best --select metric."),
+    select: Optional[str] = typer.Option(None, "--select", help="With --best-of: the metric that picks each group's run, "
+                                         "e.g. eval/parity/len_256/scaled_acc or best/eval/mqar/len_256/acc."),
+    select_mode: SelectMode = typer.Option("max", "--select-mode", help="With --best-of: max (default) or min (e.g. a loss)."),
     uri: Optional[str] = UriOpt,
 ):
     """Runs side by side: a table (with each run's status), PNG plots, CSV/JSON, MLflow artifacts."""
     from ..compare import compare as run_compare
 
     run_compare(experiment, runs=runs or [], metric=metric, out=out, uri=uri, latest=latest, log=not no_log,
-                status="all" if all_runs else status)
+                status="all" if all_runs else status, best_of=best_of or [], select=select, select_mode=select_mode)
 
 
 @app.command()
