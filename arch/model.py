@@ -14,6 +14,8 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
+from hybridlab.kernels.cross_entropy import linear_cross_entropy
+
 from .layers.attention import Attention, KVCache
 from .layers.mamba3 import Mamba3, Mamba3Cache
 from .layers.mlp import SwiGLU
@@ -109,13 +111,49 @@ class HybridLM(nn.Module):
             elif isinstance(m, nn.Embedding):
                 nn.init.normal_(m.weight, 0.0, std)
 
-    def forward(self, tokens: torch.Tensor, cache: ModelCache | None = None, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+    # the step of a training job asks the model for its loss (``targets=``) instead of its logits
+    computes_loss = True
+
+    def forward(self, tokens: torch.Tensor, cache: ModelCache | None = None, seq_idx: torch.Tensor | None = None,
+                targets: torch.Tensor | None = None, return_hidden: bool = False) -> torch.Tensor:
         """tokens (b, l) -> logits (b, l, vocab). With ``cache``, continues from its position.
 
         ``seq_idx`` (b, l) int, nondecreasing per row: packed documents. Every mixer sees each
         document alone (Mamba-3 resets its state, phase and previous-token term; attention masks
         block-diagonally and counts positions per document), so the logits of a document are
-        those it gets when run by itself."""
+        those it gets when run by itself.
+
+        ``targets`` (b, l) int: return the mean cross-entropy over the scored tokens (``-100``
+        is not scored) instead of the logits, through the chunked LM-head + cross-entropy op
+        (``kernels.linear_cross_entropy``), so the (tokens x vocab) fp32 logits never exist.
+        ``return_hidden``: return the final normed hidden states (b, l, d) instead of logits."""
+        if targets is not None:
+            if cache is not None or return_hidden:
+                raise ValueError("HybridLM: targets= is for training (no cache, no return_hidden)")
+            fn = self._compiled_loss if self._compiled_loss is not None else self._loss
+            return fn(tokens, targets, seq_idx)
+        h = self._hidden(tokens, cache, seq_idx)
+        return h if return_hidden else self.lm_head(h)
+
+    def loss(self, tokens: torch.Tensor, targets: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean cross-entropy of the next-token logits against ``targets`` (``-100``: not scored)."""
+        return self(tokens, seq_idx=seq_idx, targets=targets)
+
+    def _loss(self, tokens, targets, seq_idx):
+        h = self._hidden(tokens, None, seq_idx)
+        if tuple(targets.shape) != tuple(tokens.shape):
+            raise ValueError(f"HybridLM: targets must be shaped like tokens {tuple(tokens.shape)}; got {tuple(targets.shape)}")
+        # lm_head.weight IS embed.weight when the embeddings are tied: one parameter, one gradient
+        return linear_cross_entropy(h, self.lm_head.weight, targets, ignore_index=-100)
+
+    _compiled_loss = None  # set by compile_training
+
+    def compile_training(self, **compile_kwargs) -> None:
+        """Run the training path (``forward(..., targets=)``) through ``torch.compile(**compile_kwargs)``;
+        logits, scoring and generation stay eager (their shapes and caches vary: no recompiles there)."""
+        self._compiled_loss = torch.compile(self._loss, **compile_kwargs)
+
+    def _hidden(self, tokens: torch.Tensor, cache: ModelCache | None, seq_idx: torch.Tensor | None) -> torch.Tensor:
         if seq_idx is not None:
             if cache is not None:
                 raise ValueError("HybridLM: packed documents (seq_idx) are for training and scoring, not cached decoding")
@@ -143,7 +181,7 @@ class HybridLM(nn.Module):
             cache.seqlen += l
             if cache.pos is not None:
                 cache.pos += l
-        return self.lm_head(_like_weights(self.norm_f(x), self.norm_f.weight))
+        return _like_weights(self.norm_f(x), self.norm_f.weight)
 
     def allocate_cache(self, batch: int, max_len: int, device=None, dtype=None, pad: torch.Tensor | None = None) -> ModelCache:
         """Caches for ``batch`` rows of up to ``max_len`` positions; ``pad`` (b,): left-padding per row."""

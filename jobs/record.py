@@ -72,6 +72,7 @@ class Metric:
     PEAK_MEM_GB = "train/peak_mem_gb"
     GRAD_NORM = "train/grad_norm"
     MFU = "train/mfu"
+    COMPILE_S = "train/compile_s"  # the first (compiling) step's wall time, with train.compile on
     CHECKPOINT_STEP = "checkpoint/step"
     RESTARTS = "run/restarts"
     WALL_S = "run/wall_s"

@@ -34,7 +34,7 @@ import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -102,6 +102,7 @@ class TrainSpec:
     zero_stage: int = 2
     checkpoint_every: int = 0  # 0: only at the end
     activation_checkpointing: bool = False  # recompute each sub-block in the backward: less memory, ~1/3 more compute
+    compile: Union[Literal["auto"], bool] = "auto"  # torch.compile the training step; auto: on CUDA (not ZeRO-3), off on the CPU
     log_every: int = 10
     seed: int = 0
     deepspeed: dict = field(default_factory=dict)  # merged over the generated DeepSpeed config

@@ -7,8 +7,10 @@
   optimizer step for each micro-batch of one optimizer step and returns device
   tensors; it never waits for the device. A batch of packed documents (``seq_idx``)
   goes to the model with its boundaries. The loss is ``loss_fn(logits, targets)``
-  (cross-entropy over the scored tokens); a later change can swap in a chunked
-  cross-entropy, wrap the model in ``torch.compile`` or pick a fused optimizer here.
+  (cross-entropy over the scored tokens) for plain modules; a ``HybridLM`` computes its
+  own loss through the chunked LM-head + cross-entropy (never the fp32 logits), compiled
+  with ``torch.compile`` when ``train.compile`` says so; the optimizer is torch's fused
+  AdamW on CUDA (``optimizer_choice``).
 * :class:`StepStats`: what the loop needs to know about its steps — the loss of the
   newest step, whether any loss since the last sync was non-finite (and the first
   step where it was) — kept on the device and brought to the host once per
@@ -22,6 +24,7 @@ import dataclasses
 import math
 import os
 import resource
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -112,16 +115,86 @@ def checkpoint_activations(model) -> None:
             checkpoint(_f, x, cache, seq_idx, use_reentrant=False) if cache is None else _f(x, cache))
 
 
-def build_engine(model: torch.nn.Module, train, world: int):
-    """(DeepSpeed engine, whether the job's LR schedule is ours): the job's optimizer, schedule and ZeRO set-up."""
+def use_compile(setting, device: torch.device, zero_stage: int = 0) -> bool:
+    """``train.compile``: ``"auto"`` compiles on CUDA (inductor's Triton kernels) and not on the CPU, nor
+    under ZeRO-3 (whose per-module parameter gathering hooks dynamo would trace through; ``true`` forces it)."""
+    if setting == "auto":
+        return device.type == "cuda" and zero_stage < 3
+    return bool(setting)
+
+
+# which optimizer a job's engine steps with (see optimizer_choice)
+TORCH_FUSED, TORCH, DEEPSPEED = "torch-fused", "torch", "deepspeed"
+
+
+def optimizer_choice(train, device: torch.device) -> str:
+    """``torch-fused``: torch's fused AdamW (one kernel for all tensors) handed to DeepSpeed as the
+    client optimizer — on CUDA under ZeRO 0-2, where DeepSpeed gives the client optimizer its fp32
+    master partitions; ``torch``: plain torch AdamW the same way (CPU: fused kernels are for CUDA);
+    ``deepspeed``: the optimizer of the DeepSpeed config (ZeRO-3, whose partitioned parameters DeepSpeed
+    builds its own optimizer over, or a ``train.deepspeed.optimizer`` the user wrote)."""
+    train = _train_dict(train)
+    if train["zero_stage"] >= 3 or "optimizer" in (train.get("deepspeed") or {}):
+        return DEEPSPEED
+    return TORCH_FUSED if device.type == "cuda" else TORCH
+
+
+def make_optimizer(model: torch.nn.Module, train, device: torch.device) -> Optional[torch.optim.Optimizer]:
+    """The client optimizer of :func:`optimizer_choice` (None: DeepSpeed builds the config's), over
+    :func:`param_groups` with the job's lr, betas and weight decay."""
+    train = _train_dict(train)
+    choice = optimizer_choice(train, device)
+    if choice == DEEPSPEED:
+        return None
+    return torch.optim.AdamW(param_groups(model, train["weight_decay"]), lr=train["lr"], betas=tuple(train["betas"]),
+                             eps=1e-8, weight_decay=train["weight_decay"], fused=choice == TORCH_FUSED)
+
+
+def engine_zero_stage(train, world: int) -> int:
+    """The ZeRO stage the engine runs: ``train.zero_stage``, except that fp32 ZeRO 1-2 on a world of one
+    partitions over one rank — nothing saved, but per-parameter gradient hooks, bucket copies and
+    collectives on every step — so it runs as stage 0 (the same losses, the same memory). Not in
+    bf16/fp16: DeepSpeed's stage-0 16-bit optimizer accumulates gradients in 16 bits (measured: looser
+    losses than ZeRO-2's fp32 accumulation). A ``train.deepspeed.zero_optimization`` written by the user
+    is kept as written."""
+    train = _train_dict(train)
+    stage = deepspeed_config(train, world)["zero_optimization"].get("stage", train["zero_stage"])
+    if (world == 1 and stage in (1, 2) and train["precision"] == "fp32"
+            and "zero_optimization" not in (train.get("deepspeed") or {})):
+        return 0
+    return stage
+
+
+def build_engine(model: torch.nn.Module, train, world: int, device: Optional[torch.device] = None,
+                 compile_backend: Optional[str] = None):
+    """(DeepSpeed engine, whether the job's LR schedule is ours): the job's optimizer, schedule and ZeRO set-up.
+
+    ``device``: where the model trains (picks the optimizer and ``train.compile: auto``; default: CUDA
+    when available). With compile on, the model's training path (forward with targets) goes through
+    ``torch.compile`` (lazily: the first step compiles; ``TrainStep`` times it); ``compile_backend``
+    overrides inductor (tests on CPU use ``aot_eager``: no C++ build)."""
     import deepspeed
 
     train = _train_dict(train)
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     cfg = deepspeed_config(train, world)
+    cfg["zero_optimization"]["stage"] = engine_zero_stage(train, world)
     own_schedule = "scheduler" not in cfg
     sched = (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train))) if own_schedule else None
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, train["weight_decay"]),
-                                          config=cfg, lr_scheduler=sched)
+    if use_compile(train.get("compile", "auto"), device, train["zero_stage"]) and hasattr(model, "compile_training"):
+        model.compile_training(**({"backend": compile_backend} if compile_backend else {}))
+    optimizer = make_optimizer(model, train, device)
+    if optimizer is not None:
+        cfg.pop("optimizer", None)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg, lr_scheduler=sched)
+    else:
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, train["weight_decay"]),
+                                              config=cfg, lr_scheduler=sched)
+    if world == 1 and cfg["zero_optimization"]["stage"] == 0:
+        # an all-reduce over one rank is the identity, but DeepSpeed would still flatten every gradient
+        # into buckets, reduce and copy back after each backward
+        engine.enable_backward_allreduce = False
     return engine, own_schedule
 
 
@@ -186,25 +259,62 @@ class Synced:
 
 
 class TrainStep:
-    """One optimizer step of a job: ``grad_accum`` micro-batches through the engine, then its step."""
+    """One optimizer step of a job: ``grad_accum`` micro-batches through the engine, then its step.
+
+    A model that ``computes_loss`` (``HybridLM``) is asked for its loss (``engine(inputs, targets=...)``:
+    the chunked LM-head + cross-entropy, compiled with the model when ``train.compile`` is on); any
+    other module returns logits and ``loss_fn(logits, targets)`` scores them. ``keep_logits`` (log
+    points): the first micro-batch's logits, from one extra forward without gradients, for train/acc.
+    ``compile_s``: the first step's wall time when the model's training path is compiled (the first
+    call compiles it), printed once; None otherwise.
+    """
 
     def __init__(self, engine, device: torch.device, loss_fn: Callable = cross_entropy):
         self.engine, self.device, self.loss_fn = engine, device, loss_fn
+        module = getattr(engine, "module", None)
+        self.model_loss = bool(getattr(module, "computes_loss", False)) and loss_fn is cross_entropy
+        self.compiled = getattr(module, "_compiled_loss", None) is not None
+        self.compile_s: Optional[float] = None
+        self._calls = 0
 
     def __call__(self, micro_batches: Sequence, keep_logits: bool = False) -> StepOutput:
+        self._calls += 1
+        if self.compiled and self._calls == 1:  # the first step compiles: time it (one sync, once)
+            t0 = time.perf_counter()
+            out = self._step(micro_batches, keep_logits)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.compile_s = time.perf_counter() - t0
+            print(f"torch.compile: the training step compiled and ran its first step in {self.compile_s:.1f} s",
+                  flush=True)
+            return out
+        return self._step(micro_batches, keep_logits)
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        # a copy from pageable host memory makes the host wait for the stream (CUDA stages it), so every
+        # micro-step would wait for the previous one's kernels; from pinned memory (torch's caching host
+        # allocator: no new allocation per step) the copy is queued and the host runs ahead
+        if self.device.type == "cuda" and t.device.type == "cpu" and not t.is_pinned():
+            t = t.pin_memory()
+        return t.to(self.device, non_blocking=True)
+
+    def _step(self, micro_batches: Sequence, keep_logits: bool) -> StepOutput:
         total, first_logits = None, None
         for i, b in enumerate(micro_batches):
-            inputs = b.inputs.to(self.device, non_blocking=True)
-            targets = b.targets.to(self.device, non_blocking=True)
-            if b.seq_idx is None:
-                logits = self.engine(inputs)
-            else:  # packed documents: each one attends/scans only within itself
-                logits = self.engine(inputs, seq_idx=b.seq_idx.to(self.device, non_blocking=True))
-            loss = self.loss_fn(logits, targets)
+            inputs, targets = self._to_device(b.inputs), self._to_device(b.targets)
+            kw = {} if b.seq_idx is None else {"seq_idx": self._to_device(b.seq_idx)}
+            if self.model_loss:
+                if keep_logits and i == 0:  # this one micro-batch's logits, for train/acc (a log point only)
+                    with torch.no_grad():
+                        first_logits = self.engine.module(inputs, **kw).detach()
+                loss = self.engine(inputs, targets=targets, **kw)
+            else:  # packed documents (seq_idx): each one attends/scans only within itself
+                logits = self.engine(inputs, **kw)
+                loss = self.loss_fn(logits, targets)
+                if keep_logits and i == 0:
+                    first_logits = logits.detach()
             self.engine.backward(loss)
             self.engine.step()  # DeepSpeed applies the update at the last micro-batch of the step
-            if keep_logits and i == 0:
-                first_logits = logits.detach()
             total = loss.detach() if total is None else total + loss.detach()
         return StepOutput(loss=total / len(micro_batches), logits=first_logits)
 

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Optional, Union
 
 import torch
 
 from hybridlab.arch import HybridLM, count_spec, load_model_spec
 from hybridlab.jobs.data import RandomTokens
 from hybridlab.jobs.spec import TrainSpec
-from hybridlab.jobs.step import StepStats, TrainStep, build_engine, checkpoint_activations, peak_flops, peak_memory_bytes
+from hybridlab.jobs.step import (StepStats, TrainStep, build_engine, checkpoint_activations, optimizer_choice, peak_flops,
+                                 peak_memory_bytes)
 
 
 def _init_distributed(device: torch.device) -> tuple[int, int]:
@@ -47,6 +49,8 @@ def measure_training(
     activation_checkpointing: bool = False,
     profile_top: int = 0,
     log_every: int = TrainSpec.log_every,
+    compile: Union[str, bool] = "auto",
+    compile_backend: Optional[str] = None,
 ) -> dict:
     """Time ``steps`` optimizer steps of the job's step function after ``warmup``; returns rank 0's measurements."""
     spec = load_model_spec(spec_ref, overrides)
@@ -59,8 +63,8 @@ def measure_training(
     if activation_checkpointing:
         checkpoint_activations(model)
     train = TrainSpec(steps=warmup + steps, micro_batch=micro_batch, lr=1e-4, warmup=0, zero_stage=zero_stage,
-                      precision=precision, log_every=log_every)
-    engine, _ = build_engine(model, train, world)
+                      precision=precision, log_every=log_every, compile=compile)
+    engine, _ = build_engine(model, train, world, device, compile_backend=compile_backend)
     step_fn, stats = TrainStep(engine, device), StepStats(device)
     stream = RandomTokens(spec.vocab_size, seq_len, micro_batch, seed=0, rank=rank)
     step_no = 0
@@ -99,6 +103,7 @@ def measure_training(
         "mfu": tokens_per_s * counts["flops_per_token_train"] / (peak * world) if peak else None,
         "peak_memory_gib": peak_memory_bytes(device) / 2**30, "final_loss": final.loss,
         "activation_checkpointing": activation_checkpointing,
+        "compile": step_fn.compiled, "compile_s": step_fn.compile_s, "optimizer": optimizer_choice(train, device),
     }
 def _print_profile(step, top: int) -> None:
     """One step under torch.profiler: the ``top`` CUDA kernels by total time (where a step's time goes)."""

@@ -56,6 +56,7 @@ from hybridlab.jobs.step import (  # noqa: F401  (deepspeed_config, lr_lambda, .
     checkpoint_activations,
     deep_merge,
     deepspeed_config,
+    engine_zero_stage,
     lr_lambda,
     peak_flops,
     peak_memory_bytes,
@@ -110,6 +111,8 @@ class Worker:
         self.validation = Validation(job.resolved["train"], job.resolved["eval"])  # train.eval_every / early_stop
         self.resumed_from: Optional[str] = None
         self.sysmon = None  # the node's MLflow system-metrics monitor (local rank 0 only)
+        self._compile_reported = False  # train/compile_s is logged once, at the first log point
+        self._compile_window_reset = False
 
     # ------------------------------------------------------------ 1. set-up
 
@@ -146,7 +149,8 @@ class Worker:
         self.n_params = sum(p.numel() for p in model.parameters())
         counts = count_spec(self.job.model_spec, self.job.seq_len)
         self.flops_per_token = float(counts.get("flops_per_token_train") or 6 * self.n_params)
-        self.engine, self.own_schedule = build_engine(model, t, self.world)
+        self.engine, self.own_schedule = build_engine(model, t, self.world, self.device)
+        self.engine_stage = engine_zero_stage(t, self.world)
         self.step_fn = TrainStep(self.engine, self.device)
         self.stats = StepStats(self.device)
         self.stream = TrainStream(self.job.resolved["data"], t.micro_batch, t.grad_accum, t.seed, self.rank, self.world)
@@ -183,6 +187,11 @@ class Worker:
             if meta.get("world") != self.world and t.zero_stage > 0:
                 raise RuntimeError(f"checkpoint {d} was written by {meta.get('world')} ZeRO workers; this run has "
                                    f"{self.world}: resume with resources.workers={meta.get('world')}")
+            written = int(meta.get("engine_zero_stage", meta.get("zero_stage", self.engine_stage)))
+            if written != self.engine_stage:  # the optimizer state's layout differs: it would not load (or load wrong)
+                raise RuntimeError(f"checkpoint {d} holds DeepSpeed ZeRO-{written} state; this run's engine is "
+                                   f"ZeRO-{self.engine_stage} (fp32 ZeRO 1-2 runs as 0 on one worker): resume with "
+                                   f"--set train.deepspeed.zero_optimization.stage={written}")
             load_path, _ = self.engine.load_checkpoint(d, tag=ckpt.DS_TAG, load_optimizer_states=True,
                                                        load_lr_scheduler_states=True)
             if load_path is None:
@@ -211,11 +220,15 @@ class Worker:
             log_point = step % t.log_every == 0 or step == t.steps
             ckpt_point = bool(t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps
             batches = [self.stream.get(step, micro) for micro in range(t.grad_accum)]
-            out = self.step_fn(batches, keep_logits=log_point and self.rank == 0)
+            # train/acc's logits come from one extra forward: under ZeRO-3 a forward is collective, so all ranks run it
+            out = self.step_fn(batches, keep_logits=log_point and (self.rank == 0 or self.engine_stage == 3))
             self.stats.add(step, out.loss)
             tokens = self.seqs_per_step * self.stream.seq_len_at(step)  # a curriculum's stages differ in length
             s.step, s.tokens = step, s.tokens + tokens
             s.window_tokens += tokens
+            if self.step_fn.compile_s is not None and not self._compile_window_reset:
+                s.window_start, s.window_tokens = time.perf_counter(), 0  # compiling is not training throughput
+                self._compile_window_reset = True
             if log_point or ckpt_point:
                 end = self._sync_point(step, log_point, ckpt_point, out, batches[0])
                 if end is not None:
@@ -292,6 +305,9 @@ class Worker:
             m[Metric.GRAD_NORM] = float(gn)
         if self.peak:
             m[Metric.MFU] = self.flops_per_token * tps / (self.peak * self.world)
+        if self.step_fn.compile_s is not None and not self._compile_reported:
+            m[Metric.COMPILE_S] = self.step_fn.compile_s
+            self._compile_reported = True
         self.progress.send(rec.Metrics(step=step, metrics=m))
         s.last_metrics, s.synced_step = m, step
         s.window_start, s.window_tokens = time.perf_counter(), 0
@@ -350,7 +366,8 @@ class Worker:
             ckpt.write_data_state(staging, self.rank, self.stream.state_dict())
             if self.rank == 0:
                 ckpt.write_meta(staging, {"step": step, "tokens": s.tokens, "world": self.world,
-                                          "zero_stage": t.zero_stage, "precision": t.precision, "time": time.time(),
+                                          "zero_stage": t.zero_stage, "engine_zero_stage": self.engine_stage,
+                                          "precision": t.precision, "time": time.time(),
                                           "validation": self.validation.state_dict()})
             size = ckpt.dir_bytes(staging)
             ray.train.report({"step": step, "checkpoint_step": step},

@@ -86,6 +86,11 @@ def train(
     log_every: int = typer.Option(TrainSpec.log_every, "--log-every", min=1, help="Sync the step statistics every N steps, as a job does."),
     json_out: Optional[str] = typer.Option(None, "--json", help="Append the result as a JSON line to this file."),
     profile: int = typer.Option(0, "--profile", min=0, help="Print the N most expensive CUDA kernels of one step."),
+    compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile",
+                                            help="torch.compile the step (train.compile); default: auto (on for CUDA)."),
+    baseline: bool = typer.Option(False, "--baseline", help="Also time the plain PyTorch loop over the same model in "
+                                  "this process (bf16 autocast, fused AdamW, clip 1.0; compiled as the step is) and "
+                                  "report ratio = step tokens/s per GPU / plain loop tokens/s."),
     set_: Optional[List[str]] = SetOpt,
 ):
     """Training throughput of a job's step function here (DeepSpeed, no Ray): tokens/s, MFU, peak memory."""
@@ -96,9 +101,27 @@ def train(
     if ssm_backend in ("triton", "cute"):
         _need_cuda(f"train --ssm-backend {ssm_backend}")
     res = measure_training(spec, seq_len, micro_batch, steps, warmup, zero_stage, precision, ssm_backend,
-                           set_ or [], checkpointing, profile_top=profile, log_every=log_every)
+                           set_ or [], checkpointing, profile_top=profile, log_every=log_every,
+                           compile="auto" if compile_ is None else compile_)
+    if baseline:
+        import gc
+
+        import torch
+
+        from hybridlab.jobs.baseline import measure_baseline
+
+        gc.collect()  # the job's engine is gone: give its memory back before the plain loop allocates
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        base = measure_baseline(spec, seq_len, micro_batch, steps, warmup, compile=res["compile"],
+                                ssm_backend=ssm_backend, overrides=set_ or [])
+        res["baseline"] = base
+        res["ratio"] = res["tokens_per_s"] / res["world"] / base["tokens_per_s"]
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 speaks for all
         return
+    if baseline:
+        print(f"{res['spec']}: job step {res['tokens_per_s']:,.0f} tokens/s, plain PyTorch loop "
+              f"{res['baseline']['tokens_per_s']:,.0f} tokens/s (compile {res['compile']}): ratio {res['ratio']:.3f}")
     print(json.dumps(res))
     if json_out:
         with open(json_out, "a") as f:

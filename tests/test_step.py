@@ -1,0 +1,196 @@
+"""The job's training step (jobs/step.py, issue 14): the model's own chunked loss, the fused-optimizer
+choice, train.compile, and the plain-PyTorch baseline of ``bench train --baseline``."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hybridlab.arch import HybridLM, load_model_spec
+
+TINY = ["d_model=32", "blocks.m3.d_state=16", "blocks.m3.headdim=16", "layout=m3 mlp attn mlp", "vocab_size=64"]
+
+
+def _model(sets=(), seed=0):
+    torch.manual_seed(seed)
+    return HybridLM(load_model_spec("zoo:tiny-hybrid", list(TINY) + list(sets)))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_model_loss_equals_cross_entropy_of_logits_values_and_grads(tied):
+    """forward(targets=) (chunked LM head + CE, never T x V fp32 logits) == F.cross_entropy on the logits,
+    with ignore_index -100 and packed documents (seq_idx); tied embeddings get one gradient."""
+    a = _model([f"tie_embeddings={str(tied).lower()}"])
+    b = _model([f"tie_embeddings={str(tied).lower()}"])
+    b.load_state_dict(a.state_dict())
+    assert (a.lm_head.weight is a.embed.weight) == tied
+    g = torch.Generator().manual_seed(1)
+    tok = torch.randint(0, 64, (2, 24), generator=g)
+    tgt = torch.randint(0, 64, (2, 24), generator=g)
+    tgt[0, :5] = -100
+    tgt[1, -3:] = -100
+    seq_idx = torch.tensor([[0] * 10 + [1] * 14, [0] * 24])
+    loss = a(tok, seq_idx=seq_idx, targets=tgt)
+    ref = F.cross_entropy(b(tok, seq_idx=seq_idx).flatten(0, 1).float(), tgt.flatten(), ignore_index=-100)
+    assert torch.allclose(loss, ref, rtol=1e-5, atol=1e-6), (loss.item(), ref.item())
+    loss.backward()
+    ref.backward()
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), n
+    assert torch.equal(a.loss(tok, tgt, seq_idx), loss.detach())  # loss() is the same path
+    h = a(tok, return_hidden=True)
+    assert h.shape == (2, 24, 32) and torch.allclose(a.lm_head(h), a(tok))
+
+
+def test_optimizer_choice_and_param_groups():
+    from hybridlab.jobs.spec import TrainSpec
+    from hybridlab.jobs.step import DEEPSPEED, TORCH, TORCH_FUSED, make_optimizer, optimizer_choice, param_groups
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for z in (0, 1, 2):
+        assert optimizer_choice(TrainSpec(zero_stage=z), cuda) == TORCH_FUSED
+        assert optimizer_choice(TrainSpec(zero_stage=z), cpu) == TORCH
+    assert optimizer_choice(TrainSpec(zero_stage=3), cuda) == DEEPSPEED
+    user = TrainSpec(zero_stage=2, deepspeed={"optimizer": {"type": "Lamb", "params": {"lr": 1e-3}}})
+    assert optimizer_choice(user, cuda) == DEEPSPEED and make_optimizer(_model(), user, cuda) is None
+    model = _model()
+    t = TrainSpec(lr=2e-3, betas=[0.8, 0.9], weight_decay=0.05)
+    opt = make_optimizer(model, t, cpu)
+    assert isinstance(opt, torch.optim.AdamW) and not opt.defaults["fused"]
+    assert opt.defaults["lr"] == 2e-3 and opt.defaults["betas"] == (0.8, 0.9)
+    want = param_groups(model, 0.05)
+    assert [g["weight_decay"] for g in opt.param_groups] == [g["weight_decay"] for g in want] == [0.05, 0.0]
+    assert [[id(p) for p in g["params"]] for g in opt.param_groups] == [[id(p) for p in g["params"]] for g in want]
+
+
+def test_train_compile_key_is_validated(tmp_path):
+    from hybridlab.arch.specio import SpecError
+    from hybridlab.jobs.spec import load_job
+    from hybridlab.jobs.step import use_compile
+
+    def job(value):
+        p = tmp_path / "job.yaml"
+        p.write_text("model: zoo:tiny-hybrid\ndata: {task: mqar, vocab: 64, seq_len: 32, num_kv_pairs: 2}\n"
+                     f"train: {{steps: 2, compile: {value}}}\n")
+        return load_job(str(p))
+
+    assert job("auto").spec.train.compile == "auto"
+    assert job("true").spec.train.compile is True and job("false").spec.train.compile is False
+    with pytest.raises(SpecError) as e:
+        job("yes please")
+    assert "train.compile" in str(e.value) and "yes please" in str(e.value)
+    assert use_compile("auto", torch.device("cpu")) is False and use_compile("auto", torch.device("cuda")) is True
+    assert use_compile(True, torch.device("cpu")) is True and use_compile(False, torch.device("cuda")) is False
+    assert use_compile("auto", torch.device("cuda"), zero_stage=3) is False and use_compile(True, torch.device("cuda"), 3)
+
+
+def _engine_losses(compile_setting, steps=3, backend="aot_eager", precision="fp32", deepspeed=None):
+    from hybridlab.jobs.data import RandomTokens
+    from hybridlab.jobs.spec import TrainSpec
+    from hybridlab.jobs.step import StepStats, TrainStep, build_engine
+    from hybridlab.jobs.throughput import _init_distributed
+
+    cpu = torch.device("cpu")
+    _init_distributed(cpu)
+    torch._dynamo.reset()
+    model = _model()
+    train = TrainSpec(steps=steps, micro_batch=2, grad_accum=2, lr=1e-2, warmup=0, zero_stage=2, precision=precision,
+                      compile=compile_setting, deepspeed=deepspeed or {})
+    engine, _ = build_engine(model, train, 1, cpu, compile_backend=backend)
+    step, stats = TrainStep(engine, cpu), StepStats(cpu)
+    stream = RandomTokens(64, 16, 2, seed=0)
+    stream_batches = [stream.get(1, m) for m in range(2)]
+    losses = []
+    for s in range(1, steps + 1):
+        out = step([stream_batches[m] for m in range(2)], keep_logits=s == steps)  # one batch: the loss falls
+        stats.add(s, out.loss)
+        losses.append(stats.sync().loss)
+    return losses, step, out
+
+
+def test_compiled_step_trains_like_eager():
+    """train.compile=true (aot_eager here: no C++ build) trains a tiny HybridLM through the job's engine and
+    TrainStep with the eager step's losses; the first step's time is reported; logits at a log point."""
+    from torch._dynamo.utils import counters
+
+    eager, e_step, e_out = _engine_losses(False)
+    counters.clear()
+    comp, c_step, c_out = _engine_losses(True)
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]  # dynamo did compile the loss path
+    assert e_step.compile_s is None and not e_step.compiled
+    assert c_step.compiled and c_step.compile_s is not None and c_step.compile_s > 0
+    assert eager[-1] < eager[0]  # it trains
+    assert comp == pytest.approx(eager, rel=1e-4, abs=1e-5)
+    assert e_out.logits.shape == (2, 16, 64) and torch.allclose(c_out.logits, e_out.logits, rtol=1e-4, atol=1e-5)
+
+
+def test_plain_pytorch_baseline_runs_at_tiny_size():
+    from hybridlab.jobs.baseline import measure_baseline
+
+    sets = TINY
+    for comp in (False, True):
+        r = measure_baseline("zoo:tiny-hybrid", seq_len=16, micro_batch=2, steps=2, warmup=1, compile=comp,
+                             overrides=sets, compile_backend="aot_eager")
+        assert {"tokens_per_s", "step_ms", "peak_memory_gib", "mfu", "compile", "final_loss"} <= set(r)
+        assert r["tokens_per_s"] > 0 and r["step_ms"] > 0 and r["compile"] is comp
+        assert 0 < r["final_loss"] < 10 and r["peak_memory_gib"] > 0  # ln(64) ~ 4.2 at the start
+
+
+def test_one_fp32_worker_runs_zero_1_2_as_stage_0_unless_the_user_says_otherwise():
+    from hybridlab.jobs.spec import TrainSpec
+    from hybridlab.jobs.step import build_engine, engine_zero_stage
+    from hybridlab.jobs.throughput import _init_distributed
+
+    assert [engine_zero_stage(TrainSpec(zero_stage=z), 1) for z in (0, 1, 2, 3)] == [0, 0, 0, 3]
+    assert [engine_zero_stage(TrainSpec(zero_stage=z), 4) for z in (0, 1, 2, 3)] == [0, 1, 2, 3]
+    assert [engine_zero_stage(TrainSpec(zero_stage=z, precision="bf16"), 1) for z in (0, 1, 2, 3)] == [0, 1, 2, 3]
+    forced = TrainSpec(zero_stage=2, deepspeed={"zero_optimization": {"stage": 2}})
+    assert engine_zero_stage(forced, 1) == 2
+    _init_distributed(torch.device("cpu"))
+    for t, want in ((TrainSpec(zero_stage=2, precision="fp32", compile=False), 0), (forced, 2)):
+        engine, _ = build_engine(_model(), dataclasses_replace(t, precision="fp32", compile=False), 1, torch.device("cpu"))
+        assert engine.zero_optimization_stage() == want and engine.enable_backward_allreduce == (want != 0)
+    # the lean engine (stage 0, no all-reduce) trains exactly like ZeRO-2, with gradient accumulation
+    lean, _, _ = _engine_losses(False)
+    zero2, _, _ = _engine_losses(False, deepspeed={"zero_optimization": {"stage": 2}})
+    assert lean == pytest.approx(zero2, rel=1e-5)
+
+
+def dataclasses_replace(obj, **kw):
+    import dataclasses
+
+    return dataclasses.replace(obj, **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("zoo", ["tiny-hybrid", "hybrid-1in4-180m"])
+def test_training_loss_path_compiles_on_cuda(zoo):
+    """The job's compiled path (compile_training: inductor over forward(targets=), the chunked CE inside) under
+    bf16 autocast: one graph, no breaks, loss and gradients close to eager."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = HybridLM(load_model_spec(f"zoo:{zoo}")).cuda()
+    tok = torch.randint(0, model.spec.vocab_size, (2, 512), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(tok[:, :-1], targets=tok[:, 1:])
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad(set_to_none=True)
+        return loss.detach(), grads
+
+    eager_loss, eager_grads = step()
+    model.compile_training()
+    counters.clear()
+    loss, grads = step()
+    assert not dict(counters["graph_break"]) and counters["stats"]["unique_graphs"] == 1
+    assert torch.allclose(loss, eager_loss, rtol=2e-2)
+    for a, b in zip(grads, eager_grads):
+        assert ((a - b).norm() / b.norm().clamp_min(1e-12)) < 5e-2
