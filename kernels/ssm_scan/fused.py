@@ -50,7 +50,13 @@ FUSED_BACKENDS = ("auto", "torch", "triton")
 
 # HYBRIDLAB_SSM_FUSED=0 turns the Triton fused path off (auto then takes torch here, and the Mamba-3 layer the
 # unfused chain qk_prep -> rank_expand -> ssm_scan): an escape hatch and an A/B switch, read once at import.
-ENABLED = os.environ.get("HYBRIDLAB_SSM_FUSED", "1") != "0"
+# Unset, 16-bit inputs on a GPU also take the unfused chain: on one H200 (2026-12-01, triton 3.6) the 16-bit
+# backward (_fused_bwd_chunk_kernel, BP 64 / BW 32, d_state 128, headdim 64, SISO and MIMO R4) made an illegal
+# memory access, while every fp32 case (SISO, MIMO, packed, a whole d_model-2048 layer) matched the float64
+# reference to 1e-6 with no guard-zone violation. HYBRIDLAB_SSM_FUSED=1 forces the fused kernels for 16-bit too.
+_SWITCH = os.environ.get("HYBRIDLAB_SSM_FUSED", "")
+ENABLED = _SWITCH != "0"
+FORCED = _SWITCH == "1"
 
 
 def ssm_scan_fused_reference(B, C, phase, b_norm, c_norm, b_bias, c_bias, x, mimo_x, log_alpha, beta, gamma, state=None, *,
@@ -61,6 +67,14 @@ def ssm_scan_fused_reference(B, C, phase, b_norm, c_norm, b_bias, c_bias, x, mim
     return ssm_scan(q, k, v, log_alpha, beta, gamma, state, backend=scan_backend, chunk_size=chunk_size, seq_idx=seq_idx)
 
 
+def gpu_dtype_refusal(is_cuda: bool, dtype: torch.dtype, forced: bool) -> str | None:
+    """Why the fused kernels are not used for this dtype on this device by default (see FORCED), or None."""
+    if is_cuda and dtype != torch.float32 and not forced:
+        return (f"{dtype} on a GPU: the 16-bit fused backward is not verified there (an illegal memory access on an "
+                "H200); the unfused chain. HYBRIDLAB_SSM_FUSED=1 forces it")
+    return None
+
+
 def fused_supported(B, x, mimo_x, chunk_size=None) -> tuple[bool, str]:
     """Whether the Triton kernels take these tensors (device, dtype, sizes), and why not."""
     if not ENABLED:
@@ -69,6 +83,9 @@ def fused_supported(B, x, mimo_x, chunk_size=None) -> tuple[bool, str]:
         return False, "needs CUDA (or TRITON_INTERPRET=1) and triton"
     if B.dtype not in KERNEL_DTYPES or x.dtype != B.dtype:
         return False, f"B/C/x must share one fp16/bf16/fp32 dtype; got {B.dtype} and {x.dtype}"
+    why = gpu_dtype_refusal(B.is_cuda, B.dtype, FORCED)
+    if why:
+        return False, why
     r = B.shape[2]
     if r > 16:
         return False, f"rank {r} > 16"
