@@ -14,14 +14,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
+import cli_runs
 import pytest
 import yaml
 
-HYBRIDLAB = [sys.executable, "-m", "hybridlab"]
+HYBRIDLAB = cli_runs.HYBRIDLAB
 LRS = [0.001, 0.002, 0.003]
 
 
@@ -53,26 +52,8 @@ def client(tmp_path: Path):
 
 
 def run_until(args, tmp_path, trigger, timeout=600):
-    """Run `hybridlab` in its own session; send SIGINT to its group (a terminal's Ctrl-C) once
-    ``trigger(lines so far)`` is true; return (exit code, output)."""
-    proc = subprocess.Popen(HYBRIDLAB + args, cwd=tmp_path, env=env_for(tmp_path), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    lines, sent = [], False
-    deadline = time.time() + timeout
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            if not sent and trigger(lines):
-                os.killpg(proc.pid, signal.SIGINT)
-                sent = True
-            assert time.time() < deadline, "".join(lines)
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    out = "".join(lines)
-    assert sent, out
-    return proc.returncode, out
+    """Ctrl-C to `hybridlab ARGS` once ``trigger(lines so far)`` is true; (exit code, output)."""
+    return cli_runs.run_until(args, tmp_path, env_for(tmp_path), trigger, cli_runs.ctrl_c, timeout)
 
 
 def run(args, tmp_path):

@@ -15,15 +15,14 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
+import cli_runs
 import pytest
 
 pytestmark = pytest.mark.slow
 
-HYBRIDLAB = [sys.executable, "-m", "hybridlab"]
+HYBRIDLAB = cli_runs.HYBRIDLAB
 LOOPBACK = ("127.0.0.1", "::ffff:127.0.0.1", "::1")
 
 def job_text(exp: str, steps: int, every: int, workers: int, storage: Path) -> str:
@@ -69,26 +68,8 @@ def listening_addresses(pid: int) -> list:
 
 
 def run_until(args, tmp_path, when: str, action, timeout=600):
-    """Start `hybridlab` in its own session; call ``action(proc)`` on the first output line starting with
-    ``when``; return (exit code, stdout+stderr)."""
-    proc = subprocess.Popen(HYBRIDLAB + args, cwd=tmp_path, env=env_for(tmp_path), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    lines, done = [], False
-    deadline = time.time() + timeout
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            if not done and line.startswith(when):
-                action(proc)
-                done = True
-            assert time.time() < deadline, "".join(lines)
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    out = "".join(lines)
-    assert done, out
-    return proc.returncode, out
+    """``action(proc)`` on the first output line starting with ``when``."""
+    return cli_runs.run_until(args, tmp_path, env_for(tmp_path), lambda lines: lines[-1].startswith(when), action, timeout)
 
 
 def resume_line(out: str, rid: str) -> str:
