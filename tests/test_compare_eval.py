@@ -171,6 +171,12 @@ def test_compare_api_logged_runs(tmp_path, monkeypatch):
     # --runs by parent id, by name; --metric acc
     c2 = compare("fake", runs=[parent], uri=uri, out=str(tmp_path / "c2"), log=False)
     assert [r.run_id for r in c2.runs] == [a, b]
+    # a run name is a name even where it is also the start of another run's id; a long prefix is an id
+    named_like_a_prefix = _log_fake_run(client, exp, a[:1], "(m3 mlp) * 1", 1, {16: 0.1}, 1.0)
+    assert [r.run_id for r in compare("fake", runs=[a[:1]], uri=uri, out=str(tmp_path / "c4"), log=False).runs] \
+        == [named_like_a_prefix]
+    assert [r.run_id for r in compare("fake", runs=[b[:8]], uri=uri, out=str(tmp_path / "c5"), log=False).runs] == [b]
+    client.delete_run(named_like_a_prefix)
     c3 = compare("fake", runs=["b"], metric="acc", uri=uri, out=str(tmp_path / "c3"), log=False)
     assert [r.run_id for r in c3.runs] == [b] and ("parity", 16, "acc") in c3.columns
     # a child eval run (hybridlab eval --child) counts as its parent's

@@ -252,6 +252,20 @@ def _status_ok(run, status: str) -> bool:
     return status == "all" or run.info.status == status.upper()
 
 
+MIN_ID_PREFIX = 6  # a shorter "run id prefix" is too likely to be some run's name, or to match many ids
+
+
+def _named_or_prefixed(runs: list, w: str, experiment: str) -> list:
+    """The runs named ``w``; else the one run whose id starts with ``w`` (names win: "b" is a name, not an id)."""
+    named = [r for r in runs if r.info.run_name == w]
+    if named or len(w) < MIN_ID_PREFIX:
+        return named
+    prefixed = [r for r in runs if r.info.run_id.startswith(w)]
+    if len(prefixed) > 1:
+        raise UserError(f"run id prefix {w!r} matches {len(prefixed)} runs in experiment {experiment!r}: give more of the id")
+    return prefixed
+
+
 def select_runs(client, exp, runs: Sequence[str] = (), latest: bool = False, status: str = "finished") -> list:
     """The runs to compare: the training runs of ``status`` (``finished`` by default, ``all``), or those
     named by ``runs`` whatever their status (run ids, id prefixes, run names, or a sweep parent's id for
@@ -269,7 +283,7 @@ def select_runs(client, exp, runs: Sequence[str] = (), latest: bool = False, sta
             hits = [r for r in all_runs if r.info.run_id == w]
             if not hits:
                 children = [r for r in training_any if r.data.tags.get(Tag.PARENT) == w]
-                hits = children or [r for r in training_any if r.info.run_name == w or r.info.run_id.startswith(w)]
+                hits = children or _named_or_prefixed(training_any, w, exp.name)
             elif not is_training_run(hits[0].data.tags):
                 hits = [r for r in training_any if r.data.tags.get(Tag.PARENT) == w] or hits
             if not hits:

@@ -325,6 +325,35 @@ def dry_run(job_file: str, overrides=()) -> None:
 # ---------------------------------------------------------------- the job
 
 
+def _plan_runs(tracker, job_file: str, overrides, job, jobs: list, experiment: str, resume: Optional[str],
+               resume_sweep: Optional[str]) -> tuple[str, list, list, dict]:
+    """(experiment, the jobs to run, their resume targets, outcomes already final) for a fresh run,
+    ``--resume RUN`` (one run continued) or ``--resume-sweep PARENT`` (a sweep's unfinished combinations)."""
+    targets: list[Optional[ResumeTarget]] = [None] * len(jobs)
+    if resume:
+        targets = [_resume_target(tracker, resume, jobs)]
+        return experiment, [_resumed(job_file, overrides, jobs[0], asdict(targets[0]), tracker)], targets, {}
+    if resume_sweep:
+        experiment, targets, results = _sweep_resume_plan(tracker, resume_sweep, job_file, job, jobs)
+        jobs = [_resumed(job_file, overrides, j, asdict(t), tracker) if t else j for j, t in zip(jobs, targets)]
+        return experiment, jobs, targets, results
+    return experiment, jobs, targets, {}
+
+
+def _run_in_turn(todo: list[int], driver_for, signals, spill_dirs: dict) -> dict[int, RunOutcome]:
+    """The sweep's runs one after another (concurrent_runs 1); a stop request ends the sweep."""
+    results = {}
+    for i in todo:
+        if signals.requested:
+            break
+        driver = driver_for(i)
+        try:
+            results[i] = driver.run()
+        finally:
+            _remember_spill(driver, spill_dirs)
+    return results
+
+
 def run_job(job_file: str, overrides=(), resume: Optional[str] = None, plain: Optional[bool] = None,
             verbose: bool = False, resume_sweep: Optional[str] = None) -> list[RunOutcome]:
     """Run a job file (every sweep combination, up to ``resources.concurrent_runs`` at once); raise UserError if
@@ -352,13 +381,8 @@ def run_job(job_file: str, overrides=(), resume: Optional[str] = None, plain: Op
     parent_id, head = None, None
     try:
         close_orphaned_runs(tracker, experiment)
-        targets: list[Optional[ResumeTarget]] = [None] * len(jobs)
-        if resume:
-            targets = [_resume_target(tracker, resume, jobs)]
-            jobs = [_resumed(job_file, overrides, jobs[0], asdict(targets[0]), tracker)]
-        elif resume_sweep:
-            experiment, targets, results = _sweep_resume_plan(tracker, resume_sweep, job_file, job, jobs)
-            jobs = [_resumed(job_file, overrides, j, asdict(t), tracker) if t else j for j, t in zip(jobs, targets)]
+        experiment, jobs, targets, results = _plan_runs(tracker, job_file, overrides, job, jobs, experiment,
+                                                        resume, resume_sweep)
         head = ensure_ray(verbose)
         signals.install()  # ray.init sets its own SIGTERM handler
         if resume_sweep:
@@ -382,14 +406,7 @@ def run_job(job_file: str, overrides=(), resume: Optional[str] = None, plain: Op
         if width > 1:
             results.update(_run_concurrently(todo, width, driver_for, progress, signals, spill_dirs, len(jobs) - len(todo)))
         else:
-            for i in todo:
-                if signals.requested:
-                    break
-                driver = driver_for(i)
-                try:
-                    results[i] = driver.run()
-                finally:
-                    _remember_spill(driver, spill_dirs)
+            results.update(_run_in_turn(todo, driver_for, signals, spill_dirs))
         if parent_id:
             done = len(results) == len(jobs) and all(o.status == Status.FINISHED for o in results.values())
             tracker.terminate(parent_id, "FINISHED" if done else ("KILLED" if signals.requested else "FAILED"))
