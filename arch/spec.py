@@ -64,6 +64,10 @@ class Mamba3Block:
     a_init_max: Optional[float] = None  # (None: 1 and 16, Mamba-2's range)
     chunk_size: Optional[int] = None  # None: the backend's default
 
+    def __post_init__(self):
+        if self.rank is None:  # a block built in code gets the same default as one read from a spec
+            self.rank = 4 if self.mode == "mimo" else 1
+
     def d_inner(self, d_model: int) -> int:
         return self.expand * d_model
 

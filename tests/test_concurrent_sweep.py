@@ -5,8 +5,9 @@ tests/test_run_signals.py), plus the located errors of both, which need no Ray.
 * three runs at once (fractional CPUs) all start before any ends; Ctrl-C stops every one of them cleanly
   (each KILLED with its checkpoint, one ``--resume-sweep`` line); ``--resume-sweep`` finishes them, three
   children only, one metric value per step each, unmixed;
-* a sequential sweep stopped in its second run: ``--resume-sweep`` skips the finished child, continues the
-  killed one from its checkpoint (same run id) and starts the missing one; a different sweep is refused.
+* the resume plan on a real MLflow store (no Ray): a finished child is skipped, a killed one with a
+  checkpoint continued (same run id), one without a checkpoint superseded, a missing one started; a job
+  whose sweep differs is refused in one located line.
 """
 
 from __future__ import annotations
@@ -136,49 +137,6 @@ def test_concurrent_runs_stop_together_and_resume_as_a_sweep(tmp_path):
     assert c.get_run(parent).info.status == "FINISHED"
     summary = [ln for ln in out2.splitlines() if "MLflow run id:" in ln]
     assert len(summary) == 3 and all("status: finished" in ln for ln in summary), out2
-
-
-@pytest.mark.slow
-def test_resume_sweep_runs_only_the_unfinished_combinations(tmp_path):
-    job = job_file(tmp_path, "seq", steps=60, concurrent=1)
-
-    def second_run_training(lines):  # sequential: Ctrl-C at step 3 of the second combination
-        return any(ln.startswith(f"[train.lr={LRS[1]}] training") for ln in lines) and lines[-1].startswith("step 3/")
-
-    rc, out = run_until(["run", job], tmp_path, second_run_training)
-    assert rc == 128 + signal.SIGINT, out
-    parent = parent_of(out)
-    assert len(resume_lines(out)) == 1 and f"--resume-sweep {parent}" in resume_lines(out)[0], out
-    c = client(tmp_path)
-    kids = children(c, parent)
-    assert sorted(kids) == LRS[:2]  # the third never started
-    first, second = kids[LRS[0]], kids[LRS[1]]
-    assert first.info.status == "FINISHED" and second.info.status == "KILLED"
-    ck = checkpoints(tmp_path, second)[-1]
-    assert ck >= 3
-
-    # a job whose sweep differs is refused, in one located line, before anything starts
-    rc, err = run(["run", job, "--set", "sweep={\"train.lr\": [0.001, 0.002]}", "--resume-sweep", parent], tmp_path)
-    errs = [ln for ln in err.splitlines() if ln.startswith("error:")]
-    assert rc == 2 and len(errs) == 1 and "sweep: does not match the sweep of parent run" in errs[0], err
-    assert "train.lr=0.003" in errs[0] and "Traceback" not in err
-
-    final = ck + 3
-    rc, out2 = run(["run", job, "--set", f"train.steps={final}", "--set", "resources.concurrent_runs=2",
-                    "--resume-sweep", parent], tmp_path)
-    assert rc == 0, out2
-    assert f"[train.lr={LRS[0]}]" not in "".join(ln for ln in out2.splitlines() if " training " in ln), out2
-    assert f"[train.lr={LRS[1]}] training {final} steps (resuming at step {ck})" in out2, out2
-    assert f"[train.lr={LRS[2]}] training {final} steps\n" in out2, out2
-    assert "finished in an earlier call" in out2
-    kids2 = children(c, parent)
-    assert sorted(kids2) == LRS and all(r.info.status == "FINISHED" for r in kids2.values())
-    assert kids2[LRS[0]].info.end_time == first.info.end_time  # not touched
-    assert steps_of(c, first.info.run_id) == list(range(1, 61))
-    assert kids2[LRS[1]].info.run_id == second.info.run_id  # continued, not duplicated
-    assert steps_of(c, second.info.run_id) == list(range(1, final + 1))
-    assert steps_of(c, kids2[LRS[2]].info.run_id) == list(range(1, final + 1))
-    assert c.get_run(parent).info.status == "FINISHED"
 
 
 # ---------------------------------------------------------------- located errors (no Ray)
