@@ -172,8 +172,8 @@ def test_compare_api_logged_runs(tmp_path, monkeypatch):
     c2 = compare("fake", runs=[parent], uri=uri, out=str(tmp_path / "c2"), log=False)
     assert [r.run_id for r in c2.runs] == [a, b]
     # a run name is a name even where it is also the start of another run's id; a long prefix is an id
-    named_like_a_prefix = _log_fake_run(client, exp, a[:1], "(m3 mlp) * 1", 1, {16: 0.1}, 1.0)
-    assert [r.run_id for r in compare("fake", runs=[a[:1]], uri=uri, out=str(tmp_path / "c4"), log=False).runs] \
+    named_like_a_prefix = _log_fake_run(client, exp, a[:6], "(m3 mlp) * 1", 1, {16: 0.1}, 1.0)  # also a prefix of a's id
+    assert [r.run_id for r in compare("fake", runs=[a[:6]], uri=uri, out=str(tmp_path / "c4"), log=False).runs] \
         == [named_like_a_prefix]
     assert [r.run_id for r in compare("fake", runs=[b[:8]], uri=uri, out=str(tmp_path / "c5"), log=False).runs] == [b]
     client.delete_run(named_like_a_prefix)
