@@ -129,6 +129,14 @@ def _text_chunks(path: Path, chunk_chars: int = 1 << 20):
         yield "".join(buf)
 
 
+def _check_shard_args(shard_tokens, val_fraction) -> None:
+    """The shard size and validation split of both prepare_shards paths (text files, datasets)."""
+    if not isinstance(shard_tokens, int) or shard_tokens <= 0:
+        raise _err(f"prepare_shards: bad value for 'shard_tokens': {shard_tokens!r} (must be a positive integer)")
+    if not isinstance(val_fraction, (int, float)) or not 0.0 <= val_fraction < 1.0:
+        raise _err(f"prepare_shards: bad value for 'val_fraction': {val_fraction!r} (must be in [0, 1))")
+
+
 def prepare_shards(text_files: Sequence[PathLike], out_dir: PathLike, tokenizer: str = "byte",
                    vocab_size: Optional[int] = None, shard_tokens: int = 1 << 26,
                    val_fraction: float = 0.01) -> "TokenShards":
@@ -145,10 +153,7 @@ def prepare_shards(text_files: Sequence[PathLike], out_dir: PathLike, tokenizer:
             raise _err(f"prepare_shards: text file not found: {f}")
     if tokenizer not in ("byte", "bpe"):
         raise _err(f"prepare_shards: bad value for 'tokenizer': {tokenizer!r} (choose byte or bpe)")
-    if not isinstance(shard_tokens, int) or shard_tokens <= 0:
-        raise _err(f"prepare_shards: bad value for 'shard_tokens': {shard_tokens!r} (must be a positive integer)")
-    if not isinstance(val_fraction, (int, float)) or not 0.0 <= val_fraction < 1.0:
-        raise _err(f"prepare_shards: bad value for 'val_fraction': {val_fraction!r} (must be in [0, 1))")
+    _check_shard_args(shard_tokens, val_fraction)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -237,10 +242,7 @@ def prepare_shards_from_dataset(dataset: Dict, out_dir: PathLike, tokenizer: str
 
     spec = textdata.DatasetSpec.from_mapping(dataset, task="prepare_shards")
     textdata.peek(spec, "prepare_shards")
-    if not isinstance(shard_tokens, int) or shard_tokens <= 0:
-        raise _err(f"prepare_shards: bad value for 'shard_tokens': {shard_tokens!r} (must be a positive integer)")
-    if not isinstance(val_fraction, (int, float)) or not 0.0 <= val_fraction < 1.0:
-        raise _err(f"prepare_shards: bad value for 'val_fraction': {val_fraction!r} (must be in [0, 1))")
+    _check_shard_args(shard_tokens, val_fraction)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if tokenizer == "bpe":
