@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 import torch
-from text_fixtures import documents, set_offline, train_tokenizer, write_corpus  # sets the HF offline env first
+from text_fixtures import documents, small_corpus  # sets the HF offline env first
 
 pytest.importorskip("datasets")
 
@@ -18,11 +18,7 @@ from hybridlab.jobs.tasks import IGNORE, TaskError, make_task  # noqa: E402
 
 @pytest.fixture
 def corpus(tmp_path, monkeypatch):
-    set_offline(monkeypatch, tmp_path)
-    docs = documents(24)
-    paths = write_corpus(tmp_path / "corpus", docs)
-    tok = train_tokenizer(tmp_path / "tok" / "tokenizer.json", docs)
-    return {"docs": docs, "paths": paths, "tok": tok, "root": tmp_path}
+    return small_corpus(tmp_path, monkeypatch)
 
 
 def _task(corpus, fmt="jsonl", seq_len=32, **kw):

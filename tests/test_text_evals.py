@@ -9,7 +9,7 @@ import re
 
 import pytest
 import torch
-from text_fixtures import documents, set_offline, train_tokenizer, write_corpus, write_lm_eval_tasks
+from text_fixtures import small_corpus, write_lm_eval_tasks
 
 pytest.importorskip("datasets")
 
@@ -21,12 +21,8 @@ from test_packing import HYBRID  # noqa: E402
 
 @pytest.fixture
 def corpus(tmp_path, monkeypatch):
-    set_offline(monkeypatch, tmp_path)
-    docs = documents(24)
-    paths = write_corpus(tmp_path / "corpus", docs)
-    tok = train_tokenizer(tmp_path / "tok" / "tokenizer.json", docs)
-    return {"docs": docs, "paths": paths, "tok": tok, "root": tmp_path,
-            "src": {"dataset": {"format": "jsonl", "path": paths["jsonl"]}, "tokenizer": tok}}
+    c = small_corpus(tmp_path, monkeypatch)
+    return {**c, "src": {"dataset": {"format": "jsonl", "path": c["paths"]["jsonl"]}, "tokenizer": c["tok"]}}
 
 
 @pytest.fixture

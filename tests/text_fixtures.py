@@ -80,6 +80,16 @@ def set_offline(monkeypatch, tmp_path: Path) -> None:
     os.makedirs(tmp_path / "hf_home", exist_ok=True)
 
 
+def small_corpus(tmp_path: Path, monkeypatch, n_docs: int = 24) -> dict:
+    """Offline HF env, ``n_docs`` documents written in every format and a tokenizer trained on them:
+    {"docs", "paths" (format -> path), "tok" (tokenizer.json path), "root"}."""
+    set_offline(monkeypatch, tmp_path)
+    docs = documents(n_docs)
+    paths = write_corpus(tmp_path / "corpus", docs)
+    tok = train_tokenizer(tmp_path / "tok" / "tokenizer.json", docs)
+    return {"docs": docs, "paths": paths, "tok": tok, "root": tmp_path}
+
+
 def write_lm_eval_tasks(folder: Path, docs: list[str], n: int = 6) -> list[str]:
     """Three lm-eval task YAMLs over local jsonl (one per request kind); returns the task names."""
     folder.mkdir(parents=True, exist_ok=True)
