@@ -48,7 +48,7 @@ from hybridlab.jobs.record import (EVAL_METRIC_RE, EVAL_METRICS, KIND_COMPARISON
                                    Tag, is_training_run, lm_eval_metric)
 
 from .errors import UserError
-from .text_report import is_text_metric, lm_eval_columns, write_comparison_text_evals
+from .text_report import is_text_metric, lm_eval_columns, save_figure, write_comparison_text_evals
 
 METRIC_CHOICES = ("auto",) + EVAL_METRICS  # --metric: auto (final_acc where reported, else acc) or one eval metric
 STATUS_CHOICES = ("finished", "failed", "killed", "running", "all")  # MLflow run statuses compare can pick
@@ -632,9 +632,7 @@ def plot_accuracy(c: Comparison, path: Path) -> bool:
         fig.suptitle(f"{c.experiment}: accuracy vs eval length", fontsize=12)
     else:
         axes.flat[0].set_title(f"{c.experiment}: {tasks[0]} {next(w for _, _, w in c.columns)} vs eval length")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
@@ -675,9 +673,7 @@ def plot_loss(c: Comparison, path: Path) -> bool:
     ax.set_title(f"{c.experiment}: loss vs {'tokens' if use_tokens else 'steps'}")
     ax.grid(True, alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 

@@ -18,6 +18,13 @@ from typing import Optional
 from hybridlab.jobs.record import LM_EVAL_RE, NIAH_RE, PPL_POS_RE
 
 
+def save_figure(fig, path) -> None:
+    """Every comparison PNG: laid out, 110 dpi, the figure freed (matplotlib keeps open figures alive)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+
+
 def lm_eval_results(metrics: dict) -> dict[str, dict[str, float]]:
     """``{task: {metric: value}}`` of the ``eval/lm_eval/...`` metrics."""
     out: dict[str, dict[str, float]] = {}
@@ -106,9 +113,7 @@ def plot_niah(grid: dict[int, dict[int, float]], path: Path, title: str = "needl
     ax.set_ylabel("needle depth")
     ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax, label="exact match")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
@@ -138,9 +143,7 @@ def plot_ppl_by_position(curves: dict[str, dict[int, list]], path: Path, title: 
     ax.set_title(title, fontsize=10)
     ax.grid(True, alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
