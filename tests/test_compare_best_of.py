@@ -85,12 +85,30 @@ def test_best_of_through_the_cli(store, tmp_path, capsys):
     assert "best of train.lr" in out and "0.01" in out
 
 
+def test_x_curves_one_line_per_layout(store, tmp_path):
+    """``--x train.lr``: per eval column, one curve per layout over the lr values (Zoology's accuracy-vs-d_model
+    figure is ``--x model.d_model``); in comparison.json and as eval_vs_lr.png."""
+    from hybridlab.compare import compare
+
+    uri, _ = store
+    out = tmp_path / "x"
+    c = compare("lrs", uri=uri, out=str(out), log=False, x="train.lr")
+    want = {lay: [[lr, pytest.approx((1 + v[0]) / 2)] for (l2, lr), v in sorted(RUNS.items()) if l2 == lay]
+            for lay in ("m3", "m2")}
+    assert c.curves["parity@256 final_acc"] == want
+    assert json.loads((out / "comparison.json").read_text())["curves"]["parity@64 final_acc"]["m2"][0][0] == 0.001
+    assert (out / "eval_vs_lr.png").read_bytes()[:4] == b"\x89PNG" and "eval_vs_lr.png" in c.files
+
+
 @pytest.mark.parametrize("argv,words", [
     (["--best-of", "train.lrr", "--select", SEL], ["--best-of 'train.lrr'", "did you mean 'train.lr'"]),
     (["--best-of", "train.lr", "--select", "eval/parity/len_256/scaled_ac"], ["--select", "did you mean"]),
     (["--best-of", "train.lr"], ["--best-of needs --select"]),
     (["--select", SEL], ["--select", "--best-of"]),
     (["--best-of", "train.lr", "--select", SEL, "--select-mode", "maximum"], ["--select-mode"]),
+    (["--x", "model.d_model"], ["--x 'model.d_model'", "swept keys: model.layout, train.lr"]),
+    (["--x", "model.layout"], ["--x 'model.layout'", "not a number"]),
+    (["--x", "train.lr", "--best-of", "train.lr", "--select", SEL], ["--x 'train.lr'", "--best-of"]),
 ])
 def test_bad_best_of_or_select_is_one_line_exit_2(store, tmp_path, capsys, argv, words):
     from hybridlab.cli import main

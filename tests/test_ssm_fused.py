@@ -618,8 +618,10 @@ def gpu_case_main(name: str) -> int:
     if name.startswith("layer"):
         if len(fallback) > 1:
             fails.append(f"expected at most one fallback warning (one class), got {len(fallback)}")
-    elif len(fallback) != (1 if env else 0):
-        fails.append(f"expected {1 if env else 0} fallback warnings, got {len(fallback)}")
+    else:
+        want = 1 if name.startswith("fallback") else 0
+        if len(fallback) != want:
+            fails.append(f"expected {want} fallback warnings, got {len(fallback)}")
     for f in fails:
         print("FAIL", f)
     return 1 if fails else 0

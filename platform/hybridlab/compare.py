@@ -78,6 +78,8 @@ class RunInfo:
     text_metrics: dict = field(default_factory=dict)  # eval/lm_eval/*, eval/niah/*/depth_*, eval/ppl_by_pos/*/pos_* (text_report.py)
     chosen: dict = field(default_factory=dict)  # --best-of: {best-of key: this run's value}
     selected: Optional[float] = None  # --best-of: its value of the --select metric
+    sweep: dict = field(default_factory=dict)  # its sweep combination {job path: value as text}
+    line: str = ""  # --x: its curve's label (the label less the --x key)
 
 
 @dataclass
@@ -96,6 +98,8 @@ class Comparison:
     select: str = ""  # --select metric
     select_mode: str = "max"
     groups: list[dict] = field(default_factory=list)  # --best-of: each group's label, pick and candidates
+    x: str = ""  # --x: the swept key on the curves' x axis
+    curves: dict = field(default_factory=dict)  # --x: {column name: {line: [[x, value], ...]}}
 
 
 # ---------------------------------------------------------------- reading runs
@@ -394,9 +398,36 @@ def best_of_runs(picked: list, best_of: Sequence[str], select: str, mode: str = 
     return chosen, report
 
 
+def check_x(picked: list, x: str, best_of: Sequence[str]) -> list[str]:
+    """``--x KEY``: a swept key with a number for every compared run's value (not one of ``--best-of``).
+    Returns the other swept keys that move with it (zipped with it, or constant): left out of the lines' labels."""
+    from hybridlab.arch.specio import did_you_mean
+
+    if x in best_of:
+        raise UserError(f"--x {x!r} is also a --best-of key: the curves need one point per value of it")
+    swept: dict[str, None] = {}
+    for r in picked:
+        swept.update(dict.fromkeys(sweep_values(r.data.tags)))
+    if x not in swept:
+        known = f"; swept keys: {', '.join(swept)}" if swept else "; these runs are not from a sweep"
+        raise UserError(f"--x {x!r}: no compared run has it in its sweep values{did_you_mean(x, swept)}{known}")
+    for r in picked:
+        value = sweep_values(r.data.tags).get(x)
+        if value is None or _num(value) is None:
+            raise UserError(f"--x {x!r}: run {r.info.run_name or r.info.run_id} has {x}={value} (not a number): "
+                            "the x axis needs a numeric swept key, e.g. model.d_model")
+    following = []
+    for key in swept:
+        seen: dict = {}
+        if key != x and all(seen.setdefault(sv.get(x), sv.get(key)) == sv.get(key)
+                            for sv in (sweep_values(r.data.tags) for r in picked)):
+            following.append(key)
+    return following
+
+
 def build(experiment: str, runs: Sequence[str] = (), metric: str = "auto", uri: Optional[str] = None,
           latest: bool = False, status: str = "finished", best_of: Sequence[str] = (), select: Optional[str] = None,
-          select_mode: str = "max") -> Comparison:
+          select_mode: str = "max", x: Optional[str] = None) -> Comparison:
     from .tracking import tracking_uri
 
     best_of = [k.strip() for item in best_of or () for k in str(item).split(",") if k.strip()]
@@ -417,8 +448,12 @@ def build(experiment: str, runs: Sequence[str] = (), metric: str = "auto", uri: 
     groups: list[dict] = []
     if best_of:
         picked, groups = best_of_runs(picked, best_of, select or "", select_mode)
+    with_x = check_x(picked, x, best_of) if x else []
     infos = [_run_info(client, r) for r in picked]
     for info, r in zip(infos, picked):
+        info.sweep = sweep_values(r.data.tags)
+        if x:
+            info.line = _label(r, drop=[*best_of, x, *with_x])
         if best_of:
             info.label = _label(r, drop=best_of)
             info.chosen = {k: sweep_values(r.data.tags).get(k) for k in best_of}
@@ -442,7 +477,7 @@ def build(experiment: str, runs: Sequence[str] = (), metric: str = "auto", uri: 
         raise UserError(f"no eval metric {metric!r} in these runs; they have: {', '.join(have)}")
     return Comparison(experiment=experiment, experiment_id=exp.experiment_id, tracking_uri=uri, metric=metric,
                       runs=infos, columns=columns, text_columns=lm_eval_columns(infos), best_of=list(best_of),
-                      select=select or "", select_mode=select_mode, groups=groups)
+                      select=select or "", select_mode=select_mode, groups=groups, x=x or "")
 
 
 # ---------------------------------------------------------------- outputs
@@ -636,6 +671,65 @@ def plot_accuracy(c: Comparison, path: Path) -> bool:
     return True
 
 
+def param_curves(c: Comparison) -> dict:
+    """``--x``: per table column (task, length, metric), one curve per line label: [[x, value], ...] sorted by x."""
+    curves: dict = {}
+    for task, L, what in c.columns:
+        lines: dict = {}
+        for r in c.runs:
+            v = r.evals.get(task, {}).get(L, {}).get(what)
+            xv = _num(r.sweep.get(c.x))
+            if v is not None and xv is not None:
+                lines.setdefault(r.line or r.label, []).append([xv, v])
+        if lines:
+            curves[col_name(task, L, what)] = {k: sorted(pts) for k, pts in lines.items()}
+    return curves
+
+
+def plot_vs_param(c: Comparison, path: Path) -> bool:
+    """One subplot per eval column, the metric against the ``--x`` key, one line per label (Zoology's figure)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not c.curves:
+        return False
+    n = len(c.curves)
+    ncols = min(n, 4)
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.8 * nrows), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key().get("color", [None])
+    lines = list(dict.fromkeys(k for cur in c.curves.values() for k in cur))
+    xs = sorted({p[0] for cur in c.curves.values() for pts in cur.values() for p in pts})
+    for ax, (col, cur) in zip(axes.flat, c.curves.items()):
+        for name, pts in cur.items():
+            i = lines.index(name)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="osD^vP*X"[i % 8], color=colors[i % len(colors)],
+                    label=name, linewidth=1.8, markersize=6, alpha=0.9)
+        if len(xs) > 1 and xs[0] > 0 and xs[-1] / xs[0] >= 4:
+            ax.set_xscale("log", base=2)
+        ax.set_xticks(xs)
+        ax.set_xticklabels([f"{v:g}" for v in xs])
+        ax.minorticks_off()
+        ax.set_ylim(-0.02, 1.05)
+        ax.set_title(col)
+        ax.set_xlabel(c.x)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    fig.suptitle(f"{c.experiment}: eval vs {c.x}" + (f" (best of {', '.join(c.best_of)})" if c.best_of else ""),
+                 fontsize=12)
+    save_figure(fig, path)
+    return True
+
+
+def x_plot_name(x: str) -> str:
+    """``eval_vs_d_model.png`` for ``--x model.d_model``."""
+    return "eval_vs_" + re.sub(r"\W+", "_", x.split(".")[-1]) + ".png"
+
+
 def _same_task(a: str, b: str) -> bool:
     from hybridlab.jobs.tasks import TaskError, canonical_name
 
@@ -685,6 +779,8 @@ def write_outputs(c: Comparison, out_dir: str | Path) -> list[str]:
         raise UserError(f"cannot create the output folder {out}: {e.strerror or e}") from None
     files = []
     summary = rows(c)
+    if c.x:
+        c.curves = param_curves(c)
     write_csv(out / "summary.csv", summary)
     files.append("summary.csv")
     ev = long_evals(c)
@@ -698,11 +794,14 @@ def write_outputs(c: Comparison, out_dir: str | Path) -> list[str]:
         "columns": [{"task": t, "length": L, "metric": w} for t, L, w in c.columns],
         "runs": [asdict(r) for r in c.runs], "summary": summary,
         "best_of": c.best_of, "select": c.select, "select_mode": c.select_mode, "groups": c.groups,
+        "x": c.x, "curves": c.curves,
     }
     (out / "comparison.json").write_text(json.dumps(payload, indent=1, default=str))
     files.append("comparison.json")
     if plot_accuracy(c, out / "accuracy_vs_length.png"):
         files.append("accuracy_vs_length.png")
+    if c.x and plot_vs_param(c, out / x_plot_name(c.x)):
+        files.append(x_plot_name(c.x))
     if plot_loss(c, out / "loss_vs_tokens.png"):
         files.append("loss_vs_tokens.png")
     files += write_comparison_text_evals(c, out)  # text_evals.csv, niah_<run>.png, ppl_by_position.png
@@ -737,7 +836,7 @@ def log_comparison(c: Comparison) -> str:
 def compare(experiment: str, runs: Sequence[str] = (), metric: str = "auto", out: Optional[str] = None,
             uri: Optional[str] = None, latest: bool = False, log: bool = True, console=None,
             status: str = "finished", best_of: Sequence[str] = (), select: Optional[str] = None,
-            select_mode: str = "max") -> Comparison:
+            select_mode: str = "max", x: Optional[str] = None) -> Comparison:
     """The whole command: read, print, write files, log them. Returns the comparison."""
     from rich.console import Console
 
@@ -745,7 +844,7 @@ def compare(experiment: str, runs: Sequence[str] = (), metric: str = "auto", out
         console = Console()
         if not console.is_terminal:  # piped or captured: do not squeeze the table into 80 columns
             console = Console(width=max(console.width, 200))
-    c = build(experiment, runs, metric, uri, latest, status, best_of, select, select_mode)
+    c = build(experiment, runs, metric, uri, latest, status, best_of, select, select_mode, x)
     missing = [g["label"] for g in c.groups if g["run_id"] is None]
     if missing:  # e.g. the groups of another task in a sweep over tasks
         console.print(f"[yellow]{len(missing)} group(s) without {c.select} left out: {', '.join(missing)[:300]}[/yellow]")

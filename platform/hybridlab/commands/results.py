@@ -60,13 +60,16 @@ def compare(
     select: Optional[str] = typer.Option(None, "--select", help="With --best-of: the metric that picks each group's run, "
                                          "e.g. eval/parity/len_256/scaled_acc or best/eval/mqar/len_256/acc."),
     select_mode: SelectMode = typer.Option("max", "--select-mode", help="With --best-of: max (default) or min (e.g. a loss)."),
+    x: Optional[str] = typer.Option(None, "--x", help="A numeric swept key for the x axis, e.g. model.d_model: "
+                                    "eval_vs_<key>.png, one subplot per eval column, one line per other sweep value."),
     uri: Optional[str] = UriOpt,
 ):
     """Runs side by side: a table (with each run's status), PNG plots, CSV/JSON, MLflow artifacts."""
     from ..compare import compare as run_compare
 
     run_compare(experiment, runs=runs or [], metric=metric, out=out, uri=uri, latest=latest, log=not no_log,
-                status="all" if all_runs else status, best_of=best_of or [], select=select, select_mode=select_mode)
+                status="all" if all_runs else status, best_of=best_of or [], select=select, select_mode=select_mode,
+                x=x)
 
 
 @app.command()
