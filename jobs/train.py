@@ -267,7 +267,8 @@ class Worker:
         if self.rank == 0:
             self.validation.observe(step, metrics)
             stop = self.validation.should_stop(metrics)
-            self.progress.send(rec.Eval(step=step, metrics=metrics))
+            # the best values so far go with every validation point: a run stopped or failed later keeps them
+            self.progress.send(rec.Eval(step=step, metrics={**metrics, **self.validation.best_metrics()}))
         flag = torch.tensor([1.0 if stop else 0.0], device=self.device)
         dist.broadcast(flag, 0)  # rank 0 decides for all
         self.state.window_start = time.perf_counter()  # validation time is not training throughput

@@ -20,9 +20,9 @@ train:
   ``patience`` (default 1) validation points in a row. The end is a clean one: a checkpoint
   at that step, the final evals, status FINISHED, and the tag ``hybridlab.stopped_early`` =
   the step (``record.Tag.STOPPED_EARLY``).
-* At the end every validated metric's best value over the run (validation points and the final
-  evals) is logged as ``best/<metric>`` and the step it was reached at as
-  ``best_step/<metric>`` (``record.best_metric``): the "best validation accuracy" of a paper's
+* At every validation point, and at the end (the final evals included), every validated metric's
+  best value so far is logged as ``best/<metric>`` and the step it was reached at as
+  ``best_step/<metric>`` (``record.best_metric``), so a run stopped or failed midway keeps them: the "best validation accuracy" of a paper's
   protocol, to be read from MLflow or selected on in ``hybridlab compare --select``. Best is
   the largest value, the smallest for ``loss`` / ``ppl`` (and for the early-stop metric with
   ``mode: min``).

@@ -136,4 +136,6 @@ storage: {{path: {tmp_path / "runs"}}}
         hist = [m.value for m in client.get_metric_history(run.info.run_id, name)]
         assert mets[f"best/{name}"] == (max(hist) if k == "acc" else min(hist))
         assert mets[f"best_step/{name}"] in (2.0, 4.0)
+        # logged at each validation point too (a run stopped midway keeps its best so far)
+        assert 2 in {m.step for m in client.get_metric_history(run.info.run_id, f"best/{name}")}
     assert "best/eval/mqar/len_64/acc" not in mets  # not validated
