@@ -354,6 +354,23 @@ def pick_what(info_evals: dict, task: str, metric: str) -> Optional[str]:
     return "final_acc" if "final_acc" in whats else "acc"
 
 
+def swept_keys(picked: list) -> list[str]:
+    """Every key any of these runs was swept over, in first-seen order."""
+    swept: dict[str, None] = {}
+    for r in picked:
+        swept.update(dict.fromkeys(sweep_values(r.data.tags)))
+    return list(swept)
+
+
+def require_swept(option: str, key: str, swept: Sequence[str]) -> None:
+    """One located line when ``key`` (given to ``option``) is not among the runs' swept keys."""
+    from hybridlab.arch.specio import did_you_mean
+
+    if key not in swept:
+        known = f"; swept keys: {', '.join(swept)}" if swept else "; these runs are not from a sweep"
+        raise UserError(f"{option} {key!r}: no compared run has it in its sweep values{did_you_mean(key, swept)}{known}")
+
+
 def best_of_runs(picked: list, best_of: Sequence[str], select: str, mode: str = "max") -> tuple[list, list[dict]]:
     """Per group of runs that agree on every sweep value except the ``best_of`` keys, the run with the best
     ``select`` metric (``mode`` max or min). Returns the chosen runs (in the order of their groups' first
@@ -365,13 +382,9 @@ def best_of_runs(picked: list, best_of: Sequence[str], select: str, mode: str = 
                         "(e.g. --select eval/parity/len_256/scaled_acc)")
     if mode not in SELECT_MODES:
         raise UserError(f"unknown --select-mode {mode!r}; choose one of: {', '.join(SELECT_MODES)}")
-    swept: dict[str, None] = {}
-    for r in picked:
-        swept.update(dict.fromkeys(sweep_values(r.data.tags)))
+    swept = swept_keys(picked)
     for key in best_of:
-        if key not in swept:
-            known = f"; swept keys: {', '.join(swept)}" if swept else "; these runs are not from a sweep"
-            raise UserError(f"--best-of {key!r}: no compared run has it in its sweep values{did_you_mean(key, swept)}{known}")
+        require_swept("--best-of", key, swept)
     names = sorted({k for r in picked for k in r.data.metrics})
     if select not in names:
         raise UserError(f"--select {select!r}: no compared run has this metric{did_you_mean(select, names)}"
@@ -401,26 +414,19 @@ def best_of_runs(picked: list, best_of: Sequence[str], select: str, mode: str = 
 def check_x(picked: list, x: str, best_of: Sequence[str]) -> list[str]:
     """``--x KEY``: a swept key with a number for every compared run's value (not one of ``--best-of``).
     Returns the other swept keys that move with it (zipped with it, or constant): left out of the lines' labels."""
-    from hybridlab.arch.specio import did_you_mean
-
     if x in best_of:
         raise UserError(f"--x {x!r} is also a --best-of key: the curves need one point per value of it")
-    swept: dict[str, None] = {}
-    for r in picked:
-        swept.update(dict.fromkeys(sweep_values(r.data.tags)))
-    if x not in swept:
-        known = f"; swept keys: {', '.join(swept)}" if swept else "; these runs are not from a sweep"
-        raise UserError(f"--x {x!r}: no compared run has it in its sweep values{did_you_mean(x, swept)}{known}")
-    for r in picked:
-        value = sweep_values(r.data.tags).get(x)
-        if value is None or _num(value) is None:
-            raise UserError(f"--x {x!r}: run {r.info.run_name or r.info.run_id} has {x}={value} (not a number): "
+    swept = swept_keys(picked)
+    require_swept("--x", x, swept)
+    values = [sweep_values(r.data.tags) for r in picked]
+    for r, sv in zip(picked, values):
+        if _num(sv.get(x)) is None:
+            raise UserError(f"--x {x!r}: run {r.info.run_name or r.info.run_id} has {x}={sv.get(x)} (not a number): "
                             "the x axis needs a numeric swept key, e.g. model.d_model")
     following = []
     for key in swept:
         seen: dict = {}
-        if key != x and all(seen.setdefault(sv.get(x), sv.get(key)) == sv.get(key)
-                            for sv in (sweep_values(r.data.tags) for r in picked)):
+        if key != x and all(seen.setdefault(sv.get(x), sv.get(key)) == sv.get(key) for sv in values):
             following.append(key)
     return following
 
@@ -456,7 +462,7 @@ def build(experiment: str, runs: Sequence[str] = (), metric: str = "auto", uri: 
             info.line = _label(r, drop=[*best_of, x, *with_x])
         if best_of:
             info.label = _label(r, drop=best_of)
-            info.chosen = {k: sweep_values(r.data.tags).get(k) for k in best_of}
+            info.chosen = {k: info.sweep.get(k) for k in best_of}
             info.selected = float(r.data.metrics[select])
     _merge_eval_children(client, exp, infos)
     _unique_labels(infos)
@@ -475,9 +481,12 @@ def build(experiment: str, runs: Sequence[str] = (), metric: str = "auto", uri: 
     if metric != "auto" and merged and not columns:
         have = sorted({w for t in merged.values() for ws in t.values() for w in ws})
         raise UserError(f"no eval metric {metric!r} in these runs; they have: {', '.join(have)}")
-    return Comparison(experiment=experiment, experiment_id=exp.experiment_id, tracking_uri=uri, metric=metric,
-                      runs=infos, columns=columns, text_columns=lm_eval_columns(infos), best_of=list(best_of),
-                      select=select or "", select_mode=select_mode, groups=groups, x=x or "")
+    c = Comparison(experiment=experiment, experiment_id=exp.experiment_id, tracking_uri=uri, metric=metric,
+                   runs=infos, columns=columns, text_columns=lm_eval_columns(infos), best_of=list(best_of),
+                   select=select or "", select_mode=select_mode, groups=groups, x=x or "")
+    if x:
+        c.curves = param_curves(c)
+    return c
 
 
 # ---------------------------------------------------------------- outputs
@@ -611,20 +620,27 @@ def long_loss(c: Comparison) -> list[dict]:
             for r in c.runs for s, t, l in r.loss_history]
 
 
-def plot_accuracy(c: Comparison, path: Path) -> bool:
+def _panel_grid(n: int, max_cols: int, width: float, height: float):
+    """A figure of ``n`` subplots, ``max_cols`` to a row (the grid's spare ones hidden), and the colour cycle."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    ncols = min(n, max_cols)
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False)
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    return fig, axes, plt.rcParams["axes.prop_cycle"].by_key().get("color", [None])
+
+
+def plot_accuracy(c: Comparison, path: Path) -> bool:
     tasks = sorted({t for t, _, _ in c.columns})
     if not tasks:
         return False
     n = len(tasks)
-    ncols = min(n, 3)
-    nrows = math.ceil(n / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 4.0 * nrows), squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key().get("color", [None])
+    fig, axes, colors = _panel_grid(n, 3, 5.2, 4.0)
     markers = "osD^vP*X"
     for ax, task in zip(axes.flat, tasks):
         lens = sorted({L for t, L, _ in c.columns if t == task})
@@ -661,8 +677,6 @@ def plot_accuracy(c: Comparison, path: Path) -> bool:
         ax.set_ylabel(what)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8, loc="best")
-    for ax in list(axes.flat)[n:]:
-        ax.set_visible(False)
     if n > 1:
         fig.suptitle(f"{c.experiment}: accuracy vs eval length", fontsize=12)
     else:
@@ -678,9 +692,8 @@ def param_curves(c: Comparison) -> dict:
         lines: dict = {}
         for r in c.runs:
             v = r.evals.get(task, {}).get(L, {}).get(what)
-            xv = _num(r.sweep.get(c.x))
-            if v is not None and xv is not None:
-                lines.setdefault(r.line or r.label, []).append([xv, v])
+            if v is not None:
+                lines.setdefault(r.line, []).append([_num(r.sweep[c.x]), v])  # check_x: every run has a number
         if lines:
             curves[col_name(task, L, what)] = {k: sorted(pts) for k, pts in lines.items()}
     return curves
@@ -688,18 +701,9 @@ def param_curves(c: Comparison) -> dict:
 
 def plot_vs_param(c: Comparison, path: Path) -> bool:
     """One subplot per eval column, the metric against the ``--x`` key, one line per label (Zoology's figure)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     if not c.curves:
         return False
-    n = len(c.curves)
-    ncols = min(n, 4)
-    nrows = math.ceil(n / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.8 * nrows), squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key().get("color", [None])
+    fig, axes, colors = _panel_grid(len(c.curves), 4, 4.6, 3.8)
     lines = list(dict.fromkeys(k for cur in c.curves.values() for k in cur))
     xs = sorted({p[0] for cur in c.curves.values() for pts in cur.values() for p in pts})
     for ax, (col, cur) in zip(axes.flat, c.curves.items()):
@@ -717,8 +721,6 @@ def plot_vs_param(c: Comparison, path: Path) -> bool:
         ax.set_xlabel(c.x)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8, loc="best")
-    for ax in list(axes.flat)[n:]:
-        ax.set_visible(False)
     fig.suptitle(f"{c.experiment}: eval vs {c.x}" + (f" (best of {', '.join(c.best_of)})" if c.best_of else ""),
                  fontsize=12)
     save_figure(fig, path)
@@ -779,8 +781,6 @@ def write_outputs(c: Comparison, out_dir: str | Path) -> list[str]:
         raise UserError(f"cannot create the output folder {out}: {e.strerror or e}") from None
     files = []
     summary = rows(c)
-    if c.x:
-        c.curves = param_curves(c)
     write_csv(out / "summary.csv", summary)
     files.append("summary.csv")
     ev = long_evals(c)
