@@ -48,7 +48,7 @@ from hybridlab.jobs.record import (EVAL_METRIC_RE, EVAL_METRICS, KIND_COMPARISON
                                    Tag, is_training_run, lm_eval_metric)
 
 from .errors import UserError
-from .text_report import is_text_metric, lm_eval_columns, save_figure, write_comparison_text_evals
+from .text_report import is_text_metric, lm_eval_columns, pyplot, save_figure, write_comparison_text_evals
 
 METRIC_CHOICES = ("auto",) + EVAL_METRICS  # --metric: auto (final_acc where reported, else acc) or one eval metric
 STATUS_CHOICES = ("finished", "failed", "killed", "running", "all")  # MLflow run statuses compare can pick
@@ -622,11 +622,7 @@ def long_loss(c: Comparison) -> list[dict]:
 
 def _panel_grid(n: int, max_cols: int, width: float, height: float):
     """A figure of ``n`` subplots, ``max_cols`` to a row (the grid's spare ones hidden), and the colour cycle."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     ncols = min(n, max_cols)
     nrows = math.ceil(n / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False)
@@ -742,11 +738,7 @@ def _same_task(a: str, b: str) -> bool:
 
 
 def plot_loss(c: Comparison, path: Path) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     runs = [r for r in c.runs if r.loss_history]
     if not runs:
         return False

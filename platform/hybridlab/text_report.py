@@ -22,7 +22,7 @@ def save_figure(fig, path) -> None:
     """Every comparison PNG: laid out, 110 dpi, the figure freed (matplotlib keeps open figures alive)."""
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    _plt().close(fig)
+    pyplot().close(fig)
 
 
 def lm_eval_results(metrics: dict) -> dict[str, dict[str, float]]:
@@ -79,7 +79,8 @@ def text_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only: no display on a cluster node)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -96,7 +97,7 @@ def plot_niah(grid: dict[int, dict[int, float]], path: Path, title: str = "needl
               train_len: Optional[int] = None) -> bool:
     if not grid:
         return False
-    plt = _plt()
+    plt = pyplot()
     lengths = sorted(grid)
     depths = sorted({d for row in grid.values() for d in row})
     data = [[grid[L].get(d, float("nan")) for L in lengths] for d in depths]
@@ -122,7 +123,7 @@ def plot_ppl_by_position(curves: dict[str, dict[int, list]], path: Path, title: 
     """``curves``: {run label: {length: [(a, b, loss)]}}."""
     if not any(curves.values()):
         return False
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     colors = plt.rcParams["axes.prop_cycle"].by_key().get("color", [None])
     seen_train = set()
