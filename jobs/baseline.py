@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from hybridlab.arch import HybridLM, count_spec, load_model_spec
 from hybridlab.jobs.data import RandomTokens
-from hybridlab.jobs.step import param_groups, peak_flops, peak_memory_bytes
+from hybridlab.jobs.step import compile_options, param_groups, peak_flops, peak_memory_bytes
 
 
 def measure_baseline(
@@ -32,6 +32,7 @@ def measure_baseline(
     overrides=(),
     device: Optional[torch.device] = None,
     compile_backend: Optional[str] = None,
+    compile_mode: str = "default",
 ) -> dict:
     """Time ``steps`` steps of the plain loop after ``warmup`` (the first compiles when ``compile``)."""
     if device is None:
@@ -41,7 +42,7 @@ def measure_baseline(
     model = HybridLM(spec, backends={"ssm": ssm_backend}).to(device)
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
                             fused=device.type == "cuda")
-    fwd = torch.compile(model, **({"backend": compile_backend} if compile_backend else {})) if compile else model
+    fwd = torch.compile(model, **compile_options(compile_mode, compile_backend)) if compile else model
     cuda = device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     stream = RandomTokens(spec.vocab_size, seq_len, micro_batch, seed=0)
@@ -75,7 +76,7 @@ def measure_baseline(
     counts = count_spec(spec, seq_len)
     peak = peak_flops(device)
     return {
-        "loop": "plain-pytorch", "compile": bool(compile), "precision": "bf16-autocast" if cuda else "fp32",
+        "loop": "plain-pytorch", "compile": bool(compile), "compile_mode": compile_mode if compile else None, "precision": "bf16-autocast" if cuda else "fp32",
         "step_ms": dt * 1e3, "tokens_per_s": tokens_per_s,
         "mfu": tokens_per_s * counts["flops_per_token_train"] / peak if peak else None,
         "peak_memory_gib": peak_memory_bytes(device) / 2**30, "warmup_s": first_s,

@@ -86,6 +86,10 @@ class EarlyStopSpec:
     patience: int = 1  # validation points in a row at which the threshold must hold
 
 
+# torch.compile's modes (train.compile_mode, `bench train --compile-mode`)
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+
+
 @dataclass
 class TrainSpec:
     steps: int = 1000
@@ -103,6 +107,8 @@ class TrainSpec:
     checkpoint_every: int = 0  # 0: only at the end
     activation_checkpointing: bool = False  # recompute each sub-block in the backward: less memory, ~1/3 more compute
     compile: Union[Literal["auto"], bool] = "auto"  # torch.compile the training step; auto: on CUDA (not ZeRO-3), off on the CPU
+    # torch.compile's mode; reduce-overhead replays the step's forward and backward as CUDA graphs (small models)
+    compile_mode: CompileMode = "default"
     log_every: int = 10
     seed: int = 0
     deepspeed: dict = field(default_factory=dict)  # merged over the generated DeepSpeed config

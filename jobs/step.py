@@ -123,6 +123,15 @@ def use_compile(setting, device: torch.device, zero_stage: int = 0) -> bool:
     return bool(setting)
 
 
+def compile_options(mode: str = "default", backend: Optional[str] = None) -> dict:
+    """``torch.compile`` keywords of ``train.compile_mode`` (``backend``: a test's ``aot_eager``, which has no modes).
+    ``dynamic=False``: a curriculum's few stage lengths are compiled (and graphed) one each, never as symbolic
+    shapes, which cost every step on the host and cannot be CUDA graphs per shape."""
+    if backend:
+        return {"backend": backend, "dynamic": False}
+    return {"dynamic": False} if mode == "default" else {"mode": mode, "dynamic": False}
+
+
 # which optimizer a job's engine steps with (see optimizer_choice)
 TORCH_FUSED, TORCH, DEEPSPEED = "torch-fused", "torch", "deepspeed"
 
@@ -183,7 +192,7 @@ def build_engine(model: torch.nn.Module, train, world: int, device: Optional[tor
     own_schedule = "scheduler" not in cfg
     sched = (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train))) if own_schedule else None
     if use_compile(train.get("compile", "auto"), device, train["zero_stage"]) and hasattr(model, "compile_training"):
-        model.compile_training(**({"backend": compile_backend} if compile_backend else {}))
+        model.compile_training(**compile_options(train.get("compile_mode", "default"), compile_backend))
     optimizer = make_optimizer(model, train, device)
     if optimizer is not None:
         cfg.pop("optimizer", None)

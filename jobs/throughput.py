@@ -51,6 +51,7 @@ def measure_training(
     log_every: int = TrainSpec.log_every,
     compile: Union[str, bool] = "auto",
     compile_backend: Optional[str] = None,
+    compile_mode: str = "default",
 ) -> dict:
     """Time ``steps`` optimizer steps of the job's step function after ``warmup``; returns rank 0's measurements."""
     spec = load_model_spec(spec_ref, overrides)
@@ -63,7 +64,7 @@ def measure_training(
     if activation_checkpointing:
         checkpoint_activations(model)
     train = TrainSpec(steps=warmup + steps, micro_batch=micro_batch, lr=1e-4, warmup=0, zero_stage=zero_stage,
-                      precision=precision, log_every=log_every, compile=compile)
+                      precision=precision, log_every=log_every, compile=compile, compile_mode=compile_mode)
     engine, _ = build_engine(model, train, world, device, compile_backend=compile_backend)
     step_fn, stats = TrainStep(engine, device), StepStats(device)
     stream = RandomTokens(spec.vocab_size, seq_len, micro_batch, seed=0, rank=rank)
@@ -103,7 +104,7 @@ def measure_training(
         "mfu": tokens_per_s * counts["flops_per_token_train"] / (peak * world) if peak else None,
         "peak_memory_gib": peak_memory_bytes(device) / 2**30, "final_loss": final.loss,
         "activation_checkpointing": activation_checkpointing,
-        "compile": step_fn.compiled, "compile_s": step_fn.compile_s, "optimizer": optimizer_choice(train, device),
+        "compile": step_fn.compiled, "compile_mode": compile_mode if step_fn.compiled else None, "compile_s": step_fn.compile_s, "optimizer": optimizer_choice(train, device),
     }
 def _print_profile(step, top: int) -> None:
     """One step under torch.profiler: the ``top`` CUDA kernels by total time (where a step's time goes)."""

@@ -87,6 +87,33 @@ def test_train_compile_key_is_validated(tmp_path):
     assert use_compile("auto", torch.device("cuda"), zero_stage=3) is False and use_compile(True, torch.device("cuda"), 3)
 
 
+
+def test_train_compile_mode_key_and_options(tmp_path, cli):
+    """train.compile_mode takes torch.compile's modes (reduce-overhead: CUDA graphs) and nothing else; the
+    compile keywords of each mode; `bench train --compile-mode` refuses a bad mode in one line, exit 2."""
+    from hybridlab.arch.specio import SpecError
+    from hybridlab.jobs.spec import load_job
+    from hybridlab.jobs.step import compile_options
+
+    def job(value):
+        p = tmp_path / "job.yaml"
+        p.write_text("model: zoo:tiny-hybrid\ndata: {task: mqar, vocab: 64, seq_len: 32, num_kv_pairs: 2}\n"
+                     f"train: {{steps: 2, compile_mode: {value}}}\n")
+        return load_job(str(p))
+
+    assert job("reduce-overhead").spec.train.compile_mode == "reduce-overhead"
+    assert load_job({"model": "zoo:tiny-hybrid", "data": {"task": "mqar", "vocab": 64, "seq_len": 32,
+                                                          "num_kv_pairs": 2}}).spec.train.compile_mode == "default"
+    with pytest.raises(SpecError) as e:
+        job("cudagraphs")
+    assert "train.compile_mode" in str(e.value) and "cudagraphs" in str(e.value) and "reduce-overhead" in str(e.value)
+    # a curriculum's stage lengths are compiled one static shape each (dynamic=False), in every mode
+    assert compile_options("default") == {"dynamic": False}
+    assert compile_options("reduce-overhead") == {"mode": "reduce-overhead", "dynamic": False}
+    assert compile_options("reduce-overhead", backend="aot_eager") == {"backend": "aot_eager", "dynamic": False}
+    r = cli("bench", "train", "zoo:tiny-hybrid", "--compile-mode", "fastest")
+    assert r.returncode == 2 and "--compile-mode" in r.stderr and "fastest" in r.stderr and "Traceback" not in r.stderr
+
 def _engine_losses(compile_setting, steps=3, backend="aot_eager", precision="fp32", deepspeed=None):
     from hybridlab.jobs.data import RandomTokens
     from hybridlab.jobs.spec import TrainSpec

@@ -11,7 +11,7 @@ from hybridlab.jobs.spec import TrainSpec
 from hybridlab.kernels.bench.options import DecodeBench, SsmBench, help_of
 
 from ..errors import UserError
-from .options import Precision, SetOpt, SsmBackend, ZeroStage, ints_text, shapes_text
+from .options import CompileMode, Precision, SetOpt, SsmBackend, ZeroStage, ints_text, shapes_text
 
 app = typer.Typer(no_args_is_help=True, help="Benchmarks: kernels, decode, training throughput.")
 S, D = SsmBench, DecodeBench
@@ -88,6 +88,9 @@ def train(
     profile: int = typer.Option(0, "--profile", min=0, help="Print the N most expensive CUDA kernels of one step."),
     compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile",
                                             help="torch.compile the step (train.compile); default: auto (on for CUDA)."),
+    compile_mode: CompileMode = typer.Option("default", "--compile-mode",
+                                             help="torch.compile mode (train.compile_mode): reduce-overhead replays "
+                                                  "the forward and backward as CUDA graphs."),
     baseline: bool = typer.Option(False, "--baseline", help="Also time the plain PyTorch loop over the same model in "
                                   "this process (bf16 autocast, fused AdamW, clip 1.0; compiled as the step is) and "
                                   "report ratio = step tokens/s per GPU / plain loop tokens/s."),
@@ -102,7 +105,7 @@ def train(
         _need_cuda(f"train --ssm-backend {ssm_backend}")
     res = measure_training(spec, seq_len, micro_batch, steps, warmup, zero_stage, precision, ssm_backend,
                            set_ or [], checkpointing, profile_top=profile, log_every=log_every,
-                           compile="auto" if compile_ is None else compile_)
+                           compile="auto" if compile_ is None else compile_, compile_mode=compile_mode)
     if baseline:
         import gc
 
@@ -114,7 +117,7 @@ def train(
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         base = measure_baseline(spec, seq_len, micro_batch, steps, warmup, compile=res["compile"],
-                                ssm_backend=ssm_backend, overrides=set_ or [])
+                                ssm_backend=ssm_backend, overrides=set_ or [], compile_mode=compile_mode)
         res["baseline"] = base
         res["ratio"] = res["tokens_per_s"] / res["world"] / base["tokens_per_s"]
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 speaks for all

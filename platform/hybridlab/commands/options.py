@@ -6,6 +6,7 @@ from typing import Literal
 
 import typer
 
+from hybridlab.jobs.spec import CompileMode  # noqa: F401  (a choice type of bench train)
 from hybridlab.kernels import BACKENDS
 
 SetOpt = typer.Option(None, "--set", help="Override a spec field: key.path=value (repeatable).")
