@@ -66,16 +66,22 @@ def test_optimizer_choice_and_param_groups():
     assert [[id(p) for p in g["params"]] for g in opt.param_groups] == [[id(p) for p in g["params"]] for g in want]
 
 
+def _job_with_train(tmp_path, train_yaml: str):
+    """A small job file whose ``train:`` mapping is ``train_yaml``, loaded."""
+    from hybridlab.jobs.spec import load_job
+
+    p = tmp_path / "job.yaml"
+    p.write_text("model: zoo:tiny-hybrid\ndata: {task: mqar, vocab: 64, seq_len: 32, num_kv_pairs: 2}\n"
+                 f"train: {{{train_yaml}}}\n")
+    return load_job(str(p))
+
+
 def test_train_compile_key_is_validated(tmp_path):
     from hybridlab.arch.specio import SpecError
-    from hybridlab.jobs.spec import load_job
     from hybridlab.jobs.step import use_compile
 
     def job(value):
-        p = tmp_path / "job.yaml"
-        p.write_text("model: zoo:tiny-hybrid\ndata: {task: mqar, vocab: 64, seq_len: 32, num_kv_pairs: 2}\n"
-                     f"train: {{steps: 2, compile: {value}}}\n")
-        return load_job(str(p))
+        return _job_with_train(tmp_path, f"steps: 2, compile: {value}")
 
     assert job("auto").spec.train.compile == "auto"
     assert job("true").spec.train.compile is True and job("false").spec.train.compile is False
@@ -96,10 +102,7 @@ def test_train_compile_mode_key_and_options(tmp_path, cli):
     from hybridlab.jobs.step import compile_options
 
     def job(value):
-        p = tmp_path / "job.yaml"
-        p.write_text("model: zoo:tiny-hybrid\ndata: {task: mqar, vocab: 64, seq_len: 32, num_kv_pairs: 2}\n"
-                     f"train: {{steps: 2, compile_mode: {value}}}\n")
-        return load_job(str(p))
+        return _job_with_train(tmp_path, f"steps: 2, compile_mode: {value}")
 
     assert job("reduce-overhead").spec.train.compile_mode == "reduce-overhead"
     assert load_job({"model": "zoo:tiny-hybrid", "data": {"task": "mqar", "vocab": 64, "seq_len": 32,
