@@ -255,6 +255,24 @@ def test_parity_final_acc_and_modes():
     assert run.vocab_size == 4 and run.chance == 0.5
 
 
+def test_parity_bos_start_token():
+    """bos: true puts the start token 4 first, one bit fewer; the answers are the parity of the bits only."""
+    for target in ("running", "end", "final"):
+        t = make_task("parity", seq_len=12, target=target, bos=True)
+        b = t.batch(32, seed=3, min_len=4)
+        assert t.vocab_size == 5 and (b.inputs[:, 0] == 4).all() and not b.mask[:, 0].any()
+        bits = (b.inputs == 2).long()
+        want = torch.cumsum(bits, 1) % 2 + 1
+        assert torch.equal(b.targets[b.mask], want[b.mask])  # the parity of the bits so far, the start token not counted
+        assert t.score(t.solve(b), b)["final_acc"] == 1.0
+    short = make_task("parity", seq_len=12, target="end", bos=True).batch(64, seed=0, min_len=2)
+    n_bits = ((short.inputs == 1) | (short.inputs == 2)).sum(1)
+    assert n_bits.min() == 1 and (short.mask.sum(1) == 1).all()  # the shortest string: the start token and one bit
+    with pytest.raises(TaskError, match="bos needs >= 2"):
+        make_task("parity", seq_len=1, bos=True)
+    with pytest.raises(TaskError, match="needs >= 5"):
+        make_task("parity", seq_len=8, bos=True, vocab=4)
+
 def test_modarith_precedence_example():
     t = make_task("modarith", modulus=5, target="final", seq_len=6)
     # "1 + 2 * 3 =" -> 7 mod 5 = 2 (precedence, as in Deletang et al.)

@@ -11,6 +11,8 @@ scored, with the parity of the whole string (no "=" token; the format of
 Delétang et al. 2023 / Beck et al. 2024 / Grazzi et al. 2025, where the
 answer is read right after the last bit).
 ``target: final``: inputs are L-1 bits then "="; only the "=" position is scored.
+``bos: true``: every string starts with a start token (4) before its bits (one bit fewer in the same
+length): a state-space layer without one sees no first position to measure the string's phase from.
 
 Eval should report ``final_acc`` (``score`` always returns it): the accuracy of
 the whole-string parity, i.e. the last scored token of each sequence, which is
@@ -25,7 +27,7 @@ import torch
 
 from .base import IGNORE, Opt, Task, _err
 
-PAD, ZERO, ONE, EQ = 0, 1, 2, 3
+PAD, ZERO, ONE, EQ, BOS = 0, 1, 2, 3, 4
 
 
 class Parity(Task):
@@ -34,17 +36,20 @@ class Parity(Task):
     OPTIONS = {
         "seq_len": Opt("int", 64, min=1),
         "target": Opt("choice", "running", choices=("running", "end", "final")),
-        "vocab": Opt("int", None, min=1, allow_none=True, help="optional: checked to be >= 4"),
+        "vocab": Opt("int", None, min=1, allow_none=True, help="optional: checked to be >= 4 (5 with bos)"),
+        "bos": Opt("bool", False, help="a start token before the bits"),
     }
 
     def _setup(self):
-        self._vocab_size = self._check_vocab_knob(4)
+        self._vocab_size = self._check_vocab_knob(5 if self.bos else 4)
         self._answer_tokens = torch.tensor([ZERO, ONE])
         self._check_len(self.seq_len)
 
     def _check_len(self, L):
-        if self.target == "final" and L < 2:
-            raise _err(f"parity: bad value for 'seq_len': {L} (target=final needs >= 2)", "seq_len")
+        need = 1 + (self.target == "final") + bool(self.bos)  # one bit, the "=", the start token
+        if L < need:
+            why = " and ".join(w for w, on in (("target=final", self.target == "final"), ("bos", self.bos)) if on)
+            raise _err(f"parity: bad value for 'seq_len': {L} ({why} needs >= {need})", "seq_len")
 
     def _generate(self, B, L, rng):
         return self._generate_varlen(np.full(B, L), L, rng)
@@ -53,14 +58,17 @@ class Parity(Task):
         # one vectorised pass for every row length: bits, their running parity, then the mode's mask
         B = len(lengths)
         pos = np.arange(L)[None, :]
-        n_bits = lengths - (self.target == "final")
-        is_bit = pos < n_bits[:, None]
+        first = int(bool(self.bos))  # the first bit's position
+        n_bits = lengths - (self.target == "final") - first
+        is_bit = (pos >= first) & (pos < (first + n_bits)[:, None])
         bits = np.zeros((B, L), dtype=np.int64)
         n_max = int(n_bits.max())
-        bits[:, :n_max] = rng.integers(0, 2, (B, n_max))  # (B, L-1) draws for a fixed-length "final" batch, as before
+        bits[:, first:first + n_max] = rng.integers(0, 2, (B, n_max))  # (B, L-1) draws for a fixed-length "final" batch
         bits *= is_bit
         running = np.cumsum(bits, 1) % 2 + ZERO  # at the "=" (no bit) it repeats the last bit's value
         inputs = np.where(is_bit, bits + ZERO, PAD)
+        if first:
+            inputs[:, 0] = BOS
         rows, last = np.arange(B), lengths - 1
         targets = np.full((B, L), IGNORE, dtype=np.int64)
         if self.target == "running":
