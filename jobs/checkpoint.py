@@ -24,6 +24,8 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+from hybridlab.jobs.spec import fp32_parameters
+
 DS_TAG = "ds"
 META = "hybridlab.json"
 DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG}
@@ -63,7 +65,7 @@ def dir_bytes(path: str | Path) -> int:
 
 def estimate_bytes(n_params: int, zero_stage: int, world: int, precision: str) -> tuple[int, int]:
     """(bytes this rank writes, bytes of the whole checkpoint): weights + AdamW moments + master copy."""
-    per_param = 4 + 8 + (4 if precision != "fp32" else 0)
+    per_param = 4 + 8 + (0 if fp32_parameters(precision) else 4)
     total = int(n_params * per_param * 1.05) + (1 << 16)
     mine = total // world if zero_stage >= 1 else total
     return mine, total

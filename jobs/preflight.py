@@ -29,10 +29,11 @@ from typing import Optional
 from hybridlab.arch import count_spec
 from hybridlab.arch.specio import Source
 from hybridlab.jobs import checkpoint as ckpt
+from hybridlab.jobs.spec import fp32_parameters
 
 ACT_VALUES_PER_DIM = 40  # activation values kept per token, model dim and sub-block for the backward
 EVAL_VALUES_PER_DIM = 16  # the widest intermediate of one sub-block in a no-grad forward
-ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "bf16-mixed": 2, "fp16": 2}
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ class MemoryEstimate:
 
 def model_state_bytes(n_params: int, zero_stage: int, world: int, precision: str) -> int:
     """Per-rank bytes of weights + gradients + AdamW moments (+ fp32 master weights under bf16/fp16)."""
-    if precision == "fp32":
+    if fp32_parameters(precision):  # fp32, bf16-mixed
         weights, grads, optim = 4, 4, 8
     else:
         weights, grads, optim = 2, 2, 12  # optimizer: fp32 master copy + two fp32 moments

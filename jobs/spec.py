@@ -86,6 +86,16 @@ class EarlyStopSpec:
     patience: int = 1  # validation points in a row at which the threshold must hold
 
 
+# train.precision: fp32; bf16 / fp16: DeepSpeed's 16-bit parameters with fp32 master weights in the optimizer;
+# bf16-mixed: fp32 parameters, the forward under bf16 autocast (torch's autocast inside DeepSpeed's engine)
+Precision = Literal["fp32", "bf16", "bf16-mixed", "fp16"]
+
+
+def fp32_parameters(precision: str) -> bool:
+    """Whether the model's parameters (and their gradients) are fp32: no separate master copy."""
+    return precision in ("fp32", "bf16-mixed")
+
+
 # torch.compile's modes (train.compile_mode, `bench train --compile-mode`)
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
@@ -102,7 +112,7 @@ class TrainSpec:
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     grad_clip: float = 1.0
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Precision = "fp32"
     zero_stage: int = 2
     checkpoint_every: int = 0  # 0: only at the end
     activation_checkpointing: bool = False  # recompute each sub-block in the backward: less memory, ~1/3 more compute

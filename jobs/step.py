@@ -31,6 +31,8 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from hybridlab.jobs.spec import fp32_parameters
+
 # dense bf16 peak FLOP/s by device-name fragment, for the MFU estimate
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12,
               "A800": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
@@ -66,6 +68,7 @@ def deepspeed_config(train, world_size: int) -> dict:
         },
         "zero_optimization": {"stage": train["zero_stage"]},
         "bf16": {"enabled": prec == "bf16"},
+        "torch_autocast": {"enabled": prec == "bf16-mixed", "dtype": "bfloat16"},
         "fp16": {"enabled": prec == "fp16", "initial_scale_power": 12, "loss_scale_window": 100},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
@@ -160,15 +163,15 @@ def make_optimizer(model: torch.nn.Module, train, device: torch.device) -> Optio
 
 
 def engine_zero_stage(train, world: int) -> int:
-    """The ZeRO stage the engine runs: ``train.zero_stage``, except that fp32 ZeRO 1-2 on a world of one
-    partitions over one rank — nothing saved, but per-parameter gradient hooks, bucket copies and
-    collectives on every step — so it runs as stage 0 (the same losses, the same memory). Not in
-    bf16/fp16: DeepSpeed's stage-0 16-bit optimizer accumulates gradients in 16 bits (measured: looser
-    losses than ZeRO-2's fp32 accumulation). A ``train.deepspeed.zero_optimization`` written by the user
-    is kept as written."""
+    """The ZeRO stage the engine runs: ``train.zero_stage``, except that ZeRO 1-2 over fp32 parameters
+    (``fp32``, ``bf16-mixed``) on a world of one partitions over one rank — nothing saved, but
+    per-parameter gradient hooks, bucket copies and collectives on every step — so it runs as stage 0
+    (the same losses, the same memory). Not in bf16/fp16: DeepSpeed's stage-0 16-bit optimizer
+    accumulates gradients in 16 bits (measured: looser losses than ZeRO-2's fp32 accumulation). A
+    ``train.deepspeed.zero_optimization`` written by the user is kept as written."""
     train = _train_dict(train)
     stage = deepspeed_config(train, world)["zero_optimization"].get("stage", train["zero_stage"])
-    if (world == 1 and stage in (1, 2) and train["precision"] == "fp32"
+    if (world == 1 and stage in (1, 2) and fp32_parameters(train["precision"])
             and "zero_optimization" not in (train.get("deepspeed") or {})):
         return 0
     return stage

@@ -189,6 +189,36 @@ def test_one_fp32_worker_runs_zero_1_2_as_stage_0_unless_the_user_says_otherwise
     assert lean == pytest.approx(zero2, rel=1e-5)
 
 
+
+def test_bf16_mixed_keeps_fp32_parameters_and_runs_the_forward_under_autocast(tmp_path):
+    """precision: bf16-mixed — fp32 parameters (no master copy), DeepSpeed's torch autocast over the forward
+    (the Linear layers compute in bf16), ZeRO 1-2 on one worker as stage 0 like fp32; it trains, close to fp32."""
+    from hybridlab.jobs.preflight import model_state_bytes
+    from hybridlab.jobs.spec import TrainSpec
+    from hybridlab.jobs.step import build_engine, deepspeed_config, engine_zero_stage
+    from hybridlab.jobs.throughput import _init_distributed
+
+    assert _job_with_train(tmp_path, "steps: 2, precision: bf16-mixed").spec.train.precision == "bf16-mixed"
+    cfg = deepspeed_config(TrainSpec(precision="bf16-mixed"), 1)
+    assert cfg["torch_autocast"]["enabled"] and not cfg["bf16"]["enabled"]
+    assert not deepspeed_config(TrainSpec(precision="bf16"), 1)["torch_autocast"]["enabled"]
+    assert [engine_zero_stage(TrainSpec(zero_stage=z, precision="bf16-mixed"), 1) for z in (0, 1, 2, 3)] == [0, 0, 0, 3]
+    assert model_state_bytes(1000, 0, 1, "bf16-mixed") == model_state_bytes(1000, 0, 1, "fp32") == 16000
+    _init_distributed(torch.device("cpu"))
+    engine, _ = build_engine(_model(), TrainSpec(zero_stage=2, precision="bf16-mixed", compile=False), 1,
+                             torch.device("cpu"))
+    assert engine.zero_optimization_stage() == 0 and engine.torch_autocast_enabled()
+    assert {p.dtype for p in engine.module.parameters()} == {torch.float32}
+    seen = []
+    hook = engine.module.layers[0].mixer.in_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    tok = torch.randint(0, 64, (2, 17))
+    engine(tok[:, :-1], targets=tok[:, 1:])
+    hook.remove()
+    assert seen == [torch.bfloat16]
+    mixed, _, _ = _engine_losses(False, precision="bf16-mixed")
+    full, _, _ = _engine_losses(False, precision="fp32")
+    assert mixed[-1] < mixed[0] and mixed == pytest.approx(full, abs=0.05)
+
 def dataclasses_replace(obj, **kw):
     import dataclasses
 

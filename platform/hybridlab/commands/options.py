@@ -6,14 +6,13 @@ from typing import Literal
 
 import typer
 
-from hybridlab.jobs.spec import CompileMode  # noqa: F401  (a choice type of bench train)
+from hybridlab.jobs.spec import CompileMode, Precision  # noqa: F401  (choice types of bench train)
 from hybridlab.kernels import BACKENDS
 
 SetOpt = typer.Option(None, "--set", help="Override a spec field: key.path=value (repeatable).")
 UriOpt = typer.Option(None, "--uri", help="Tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db).")
 AddressOpt = typer.Option(None, "--address", help="Ray dashboard URL of the cluster (default: $RAY_ADDRESS, else http://127.0.0.1:8265).")
 
-Precision = Literal["bf16", "fp16", "fp32"]
 ZeroStage = Literal[0, 1, 2, 3]
 SsmBackend = Literal[BACKENDS]
 
