@@ -1,7 +1,7 @@
 """Parity of a bit string (state tracking).
 
-Token layout: 0 pad | 1 bit 0 | 2 bit 1 | 3 "=". Answers are bit tokens
-(1 = even, 2 = odd), so ``vocab_size`` is 4 and chance is 50%.
+Token layout: 0 pad | 1 bit 0 | 2 bit 1 | 3 "=" | 4 start (``bos``). Answers are bit tokens
+(1 = even, 2 = odd), so ``vocab_size`` is 4 (5 with ``bos``) and chance is 50%.
 
 ``target: running`` (default): inputs are L random bits; the target at
 position i is the parity of bits 0..i, so every position gives a training
