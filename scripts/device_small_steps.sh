@@ -2,7 +2,7 @@
 # Issue 14 item 5 / issue 16 on one GPU: the step time of small models (the paper recipes' parity and MQAR
 # models, tiny-hybrid) by torch.compile mode — eager, compiled, compiled with CUDA graphs (reduce-overhead) —
 # for the plain PyTorch loop (jobs/baseline.py) and, with DeepSpeed importable, the job's step
-# (`hybridlab bench train`, which runs the job's own step function).
+# (`hybridlab bench train`, which runs the job's own step function; tiny-mixed: precision bf16-mixed).
 #   run from the repo root:  bash scripts/device_small_steps.sh [--plain-only]
 # Prints one "SUMMARY" line per measurement; JSON lines go to $OUT/small_steps.jsonl.
 set -uo pipefail
@@ -31,12 +31,14 @@ write("zoology-mqar", "mqar-attn-d128", layout="attn attn", d_model=128)
 PY
 # name  spec  seq  micro-batch  precision
 CASES="tiny zoo:tiny-hybrid 1024 1 bf16
+tiny-mixed zoo:tiny-hybrid 1024 1 bf16-mixed
 parity $SPECS/parity-m3.yaml 40 256 fp32
 mqar-m3 $SPECS/mqar-m3-d128.yaml 64 512 fp32
 mqar-attn $SPECS/mqar-attn-d128.yaml 64 512 fp32"
 STEPS=${STEPS:-100}
 
 echo "$CASES" | while read -r name spec seq mb prec; do
+  [ "$prec" = bf16-mixed ] && continue  # the plain loop is bf16 autocast over fp32 parameters already
   python3 - "$name" "$spec" "$seq" "$mb" "$STEPS" "$OUT/small_steps.jsonl" <<'PY'
 import json, sys, torch
 from hybridlab.jobs.baseline import measure_baseline
