@@ -76,7 +76,8 @@ def measure_baseline(
     counts = count_spec(spec, seq_len)
     peak = peak_flops(device)
     return {
-        "loop": "plain-pytorch", "compile": bool(compile), "compile_mode": compile_mode if compile else None, "precision": "bf16-autocast" if cuda else "fp32",
+        "loop": "plain-pytorch", "compile": bool(compile), "compile_mode": compile_mode if compile else None,
+        "precision": "bf16-autocast" if cuda else "fp32",
         "step_ms": dt * 1e3, "tokens_per_s": tokens_per_s,
         "mfu": tokens_per_s * counts["flops_per_token_train"] / peak if peak else None,
         "peak_memory_gib": peak_memory_bytes(device) / 2**30, "warmup_s": first_s,

@@ -104,7 +104,8 @@ def measure_training(
         "mfu": tokens_per_s * counts["flops_per_token_train"] / (peak * world) if peak else None,
         "peak_memory_gib": peak_memory_bytes(device) / 2**30, "final_loss": final.loss,
         "activation_checkpointing": activation_checkpointing,
-        "compile": step_fn.compiled, "compile_mode": compile_mode if step_fn.compiled else None, "compile_s": step_fn.compile_s, "optimizer": optimizer_choice(train, device),
+        "compile": step_fn.compiled, "compile_mode": compile_mode if step_fn.compiled else None,
+        "compile_s": step_fn.compile_s, "optimizer": optimizer_choice(train, device),
     }
 def _print_profile(step, top: int) -> None:
     """One step under torch.profiler: the ``top`` CUDA kernels by total time (where a step's time goes)."""

@@ -46,10 +46,11 @@ class Parity(Task):
         self._check_len(self.seq_len)
 
     def _check_len(self, L):
-        need = 1 + (self.target == "final") + bool(self.bos)  # one bit, the "=", the start token
-        if L < need:
-            why = " and ".join(w for w, on in (("target=final", self.target == "final"), ("bos", self.bos)) if on)
-            raise _err(f"parity: bad value for 'seq_len': {L} ({why} needs >= {need})", "seq_len")
+        # one position each beyond the one bit: the "=" (target=final), the start token (bos)
+        extra = [w for w, on in (("target=final", self.target == "final"), ("bos", self.bos)) if on]
+        if L < 1 + len(extra):
+            raise _err(f"parity: bad value for 'seq_len': {L} ({' and '.join(extra)} needs >= {1 + len(extra)})",
+                       "seq_len")
 
     def _generate(self, B, L, rng):
         return self._generate_varlen(np.full(B, L), L, rng)
