@@ -177,6 +177,24 @@ def engine_zero_stage(train, world: int) -> int:
     return stage
 
 
+def import_deepspeed():
+    """``deepspeed``, with its CPU shared-memory all-reduce op switched off before any of its comm starts.
+
+    DeepSpeed's torch backend JIT-builds that op (ninja, minutes on two cores) whenever it starts on a
+    CPU, under torch's ``FileBaton``: a lock *file* in ``~/.cache/torch_extensions`` that a worker killed
+    mid-build (a preemption, a stop, a timeout) leaves behind, after which every later worker on the
+    machine waits on it forever. Training never uses the op (only DeepSpeed inference's tensor-parallel
+    all-reduce does; gradients go through ``torch.distributed``), so it is marked incompatible, which is
+    DeepSpeed's own switch for "not on this machine"."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:  # accelerators without the op (CUDA) have nothing to build
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
+    return deepspeed
+
+
 def build_engine(model: torch.nn.Module, train, world: int, device: Optional[torch.device] = None,
                  compile_backend: Optional[str] = None):
     """(DeepSpeed engine, whether the job's LR schedule is ours): the job's optimizer, schedule and ZeRO set-up.
@@ -185,8 +203,7 @@ def build_engine(model: torch.nn.Module, train, world: int, device: Optional[tor
     when available). With compile on, the model's training path (forward with targets) goes through
     ``torch.compile`` (lazily: the first step compiles; ``TrainStep`` times it); ``compile_backend``
     overrides inductor (tests on CPU use ``aot_eager``: no C++ build)."""
-    import deepspeed
-
+    deepspeed = import_deepspeed()
     train = _train_dict(train)
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")

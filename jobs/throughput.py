@@ -20,13 +20,12 @@ import torch
 from hybridlab.arch import HybridLM, count_spec, load_model_spec
 from hybridlab.jobs.data import RandomTokens
 from hybridlab.jobs.spec import TrainSpec
-from hybridlab.jobs.step import (StepStats, TrainStep, build_engine, checkpoint_activations, optimizer_choice, peak_flops,
-                                 peak_memory_bytes)
+from hybridlab.jobs.step import (StepStats, TrainStep, build_engine, checkpoint_activations, import_deepspeed,
+                                 optimizer_choice, peak_flops, peak_memory_bytes)
 
 
 def _init_distributed(device: torch.device) -> tuple[int, int]:
-    import deepspeed
-
+    deepspeed = import_deepspeed()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     os.environ.setdefault("RANK", "0")

@@ -57,6 +57,7 @@ from hybridlab.jobs.step import (  # noqa: F401  (deepspeed_config, lr_lambda, .
     deep_merge,
     deepspeed_config,
     engine_zero_stage,
+    import_deepspeed,
     lr_lambda,
     peak_flops,
     peak_memory_bytes,
@@ -117,7 +118,6 @@ class Worker:
     # ------------------------------------------------------------ 1. set-up
 
     def set_up(self) -> None:
-        import deepspeed
         import torch.distributed as dist
 
         from hybridlab.arch import HybridLM, count_spec
@@ -135,7 +135,7 @@ class Worker:
             self.device = torch.device("cpu")
             torch.set_num_threads(max(1, int(res.cpus_per_worker)))
         if not dist.is_initialized():  # Ray Train made the group; this is only for a bare world of one
-            deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
+            import_deepspeed().init_distributed(dist_backend="nccl" if use_cuda else "gloo")
         self._write_worker_info()
         self.sysmon = start_system_metrics(asdict(self.place), self.job.resolved.get("tracking") or {},
                                            self.local_rank, self.node_rank)

@@ -254,3 +254,35 @@ def test_training_loss_path_compiles_on_cuda(zoo):
     assert torch.allclose(loss, eager_loss, rtol=2e-2)
     for a, b in zip(grads, eager_grads):
         assert ((a - b).norm() / b.norm().clamp_min(1e-12)) < 5e-2
+
+
+def test_a_cpu_engine_starts_past_a_stale_extension_build_lock(tmp_path):
+    """DeepSpeed's CPU comm would JIT-build its shared-memory op and wait on torch's build lock file; one
+    left by a worker killed mid-build hung every later worker (CI, 2026-12-01). The job's engine starts
+    without building it: a stale lock in the extensions folder is never waited on, nothing is built."""
+    import subprocess
+    import sys
+
+    ext = tmp_path / "torch_extensions"
+    stale = ext / "deepspeed_shm_comm"  # with $TORCH_EXTENSIONS_DIR set, torch builds in <dir>/<name>
+    stale.mkdir(parents=True)
+    (stale / "lock").write_text("")  # what a killed build leaves
+    code = f"""
+import sys, torch
+sys.path.insert(0, {os.path.dirname(__file__)!r})
+import test_step
+from hybridlab.jobs.step import build_engine
+from hybridlab.jobs.throughput import _init_distributed
+from hybridlab.jobs.spec import TrainSpec
+_init_distributed(torch.device("cpu"))
+engine, _ = build_engine(test_step._model(), TrainSpec(steps=1, micro_batch=1, zero_stage=2, compile="false"), 1,
+                         torch.device("cpu"))
+print("engine up")
+"""
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(ext), MASTER_PORT=str(20000 + os.getpid() % 20000))
+    try:
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the engine waited on the stale build lock")
+    assert r.returncode == 0 and "engine up" in r.stdout, r.stdout + r.stderr
+    assert sorted(p.name for p in stale.iterdir()) == ["lock"]  # nothing was built
