@@ -268,15 +268,14 @@ def test_a_cpu_engine_starts_past_a_stale_extension_build_lock(tmp_path):
     stale.mkdir(parents=True)
     (stale / "lock").write_text("")  # what a killed build leaves
     code = f"""
-import sys, torch
-sys.path.insert(0, {os.path.dirname(__file__)!r})
-import test_step
+import torch
+from hybridlab.arch import HybridLM, load_model_spec
 from hybridlab.jobs.step import build_engine
 from hybridlab.jobs.throughput import _init_distributed
 from hybridlab.jobs.spec import TrainSpec
 _init_distributed(torch.device("cpu"))
-engine, _ = build_engine(test_step._model(), TrainSpec(steps=1, micro_batch=1, zero_stage=2, compile="false"), 1,
-                         torch.device("cpu"))
+model = HybridLM(load_model_spec("zoo:tiny-hybrid", {TINY!r}))
+engine, _ = build_engine(model, TrainSpec(steps=1, micro_batch=1, zero_stage=2, compile="false"), 1, torch.device("cpu"))
 print("engine up")
 """
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(ext), MASTER_PORT=str(20000 + os.getpid() % 20000))
