@@ -286,3 +286,23 @@ def test_compare_real_runs(trained):
     assert len(comps) == 1
     arts = {a.path for a in client.list_artifacts(comps[0].info.run_id)}
     assert {"summary.csv", "comparison.json", "accuracy_vs_length.png", "loss_vs_tokens.png"} <= arts
+
+
+def test_accuracy_axes_keep_a_scaled_accuracy_below_chance_in_view():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hybridlab.compare import _accuracy_ylim
+
+    fig, ax = plt.subplots()
+    ax.plot([160, 256], [0.97, -0.30])  # scaled_acc is negative below chance
+    _accuracy_ylim(ax)
+    low, high = ax.get_ylim()
+    assert low < -0.30 and high == 1.05
+    ax2 = fig.add_subplot(2, 1, 2)
+    ax2.plot([1, 2], [0.2, 0.9])
+    _accuracy_ylim(ax2)
+    assert ax2.get_ylim() == (-0.02, 1.05)
+    plt.close(fig)

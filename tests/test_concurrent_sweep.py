@@ -179,6 +179,11 @@ def test_resume_sweep_refuses_what_is_not_its_sweep(tmp_path):
             run_job(job, overrides=["sweep={}"], resume_sweep=plain_run)
         with pytest.raises(UserError, match="give one of them"):
             run_job(job, resume=plain_run, resume_sweep=plain_run)
+        for empty in ("", "  "):  # a script's unset variable: an error, not a new sweep started in its place
+            with pytest.raises(UserError, match="--resume-sweep: empty run id"):
+                run_job(job, resume_sweep=empty)
+            with pytest.raises(UserError, match="--resume: empty run id"):
+                run_job(job, resume=empty)
     finally:
         del os.environ["MLFLOW_TRACKING_URI"]
 

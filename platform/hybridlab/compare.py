@@ -667,7 +667,7 @@ def plot_accuracy(c: Comparison, path: Path) -> bool:
         ax.set_xticklabels([str(L) for L in lens])
         ax.minorticks_off()
         if what != "loss":
-            ax.set_ylim(-0.02, 1.05)
+            _accuracy_ylim(ax)
         ax.set_title(f"{task}: {what} vs eval length")
         ax.set_xlabel("eval sequence length (tokens)")
         ax.set_ylabel(what)
@@ -679,6 +679,12 @@ def plot_accuracy(c: Comparison, path: Path) -> bool:
         axes.flat[0].set_title(f"{c.experiment}: {tasks[0]} {next(w for _, _, w in c.columns)} vs eval length")
     save_figure(fig, path)
     return True
+
+
+def _accuracy_ylim(ax) -> None:
+    """0..1 for accuracies, extended down to the lowest point plotted: a scaled accuracy below chance is negative."""
+    ys = [float(y) for line in ax.get_lines() for y in line.get_ydata() if math.isfinite(float(y))]
+    ax.set_ylim(min([-0.02] + [y - 0.03 for y in ys]), 1.05)
 
 
 def param_curves(c: Comparison) -> dict:
@@ -712,7 +718,7 @@ def plot_vs_param(c: Comparison, path: Path) -> bool:
         ax.set_xticks(xs)
         ax.set_xticklabels([f"{v:g}" for v in xs])
         ax.minorticks_off()
-        ax.set_ylim(-0.02, 1.05)
+        _accuracy_ylim(ax)
         ax.set_title(col)
         ax.set_xlabel(c.x)
         ax.grid(True, alpha=0.3)

@@ -366,6 +366,10 @@ def run_job(job_file: str, overrides=(), resume: Optional[str] = None, plain: Op
 
     if resume and resume_sweep:
         raise UserError("--resume continues one run, --resume-sweep a sweep: give one of them")
+    # an empty id (a script's unset variable) must not quietly start a new sweep or a new run instead
+    for flag, value in (("--resume", resume), ("--resume-sweep", resume_sweep)):
+        if value is not None and not value.strip():
+            raise UserError(f"{flag}: empty run id (give the id printed as 'MLflow run id' / 'sweep parent run id')")
     job = load_job(job_file, overrides)
     jobs = expand_sweep(job_file, overrides, job=job)
     uri = tracking_uri(job.spec.tracking.uri)
