@@ -16,19 +16,13 @@ PIP="$VENV/bin/python -m pip"
 if ! "$VENV/bin/python" -c "import sys, pip; sys.exit(tuple(map(int, pip.__version__.split('.')[:2])) < (23, 1))" 2>/dev/null; then
   $PIP install -q --upgrade pip
 fi
-# pip byte-compiles the ~24k modules of the stack one at a time (100 s of a 190 s install on 2 cores, measured
-# 2026-12-02): install without it and compile them after, on every core (compileall skips what is up to date).
-# Not compiling at all is slower: the first run's Ray processes all import, and compile, the same modules at once.
-INSTALL="$PIP install -q --no-compile"
 # Pin torch first: an unpinned torch pulls GBs of CUDA wheels on a CPU machine.
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
-  $INSTALL "${TORCH_SPEC:-torch==2.13.0}"
+  $PIP install -q "${TORCH_SPEC:-torch==2.13.0}"
 fi
 # setuptools' editable install always adds an informational notice ("Editable installation. Please be careful
 # with folders ... with the same name as your package"): not a problem here (no folder is named hybridlab), so
 # that one notice is filtered; every other warning still shows.
-PYTHONWARNINGS="ignore:Editable installation:UserWarning" $INSTALL -e ".[${EXTRAS}]"
-"$VENV/bin/python" -m compileall -q -j 0 "$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")" >/dev/null 2>&1 \
-  || true  # as pip's own compile: a module that is not Python 3.11 (torch's py312 test helpers) stays uncompiled
+PYTHONWARNINGS="ignore:Editable installation:UserWarning" $PIP install -q -e ".[${EXTRAS}]"
 "$VENV/bin/hybridlab" --help >/dev/null
 echo "installed: $("$VENV/bin/python" -c 'import torch, hybridlab; print("hybridlab", hybridlab.__version__, "torch", torch.__version__)')"

@@ -28,39 +28,3 @@ def run_under_interpreter(script: str, timeout: int = 900, **env) -> None:
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
-
-
-# The longest tests first (measured on 2 cores, 2026-12-02): .ci/run runs the fast and then the slow tests two at a
-# time (xdist's load scheduler hands each process the next test as it finishes one), so each suite ends on short
-# tests rather than with one process idle beside a long one. The slow ones (multi-process runs, 216 s down to
-# 44 s), then the fast ones over ~20 s (Triton-interpreter kernels, a compile); their modules have no
-# module-scoped fixtures, so taking a test out of its module's run sets nothing up twice.
-LONGEST_FIRST = (
-    "test_concurrent_sweep.py::test_concurrent_runs_stop_together_and_resume_as_a_sweep",
-    "test_run_signals.py::test_sigint_sigterm_kill_cleanly_and_resume",
-    "test_jobs_run.py::test_kill_worker_resume_nan",
-    "test_jobs_cluster.py::test_submit_across_two_nodes_with_mlflow_server_outage",
-    "test_jobs_run.py::test_zero_stages_agree_in_a_sweep",
-    "test_finetune_run.py::test_finetune_from_an_imported_checkpoint",
-    "test_curriculum.py::test_a_curriculum_run_trains_through_its_stages_and_logs_scaled_acc",
-    "test_text_lm_run.py::test_text_lm_run_eval_compare",
-    "test_run_signals.py::test_two_runs_at_once_into_one_store",
-    "test_jobs_run.py::test_disk_full_keeps_previous_checkpoint",
-    "test_validation.py::test_early_stop_run_ends_finished_with_tag_best_metrics_and_final_evals",
-    "test_jobs_run.py::test_worker_exception_is_said_and_kept",
-    "test_ssm_io.py::test_triton_io_interpreter_matches_reference",
-    "test_compile.py::test_hybrid_lm_compiles_to_one_graph_with_triton_custom_ops",
-    "test_ssm_fused.py::test_fused_kernels_stay_in_bounds_at_the_gpu_tests_shapes",
-    "test_reliability.py::test_ui_binds_loopback_and_stops_its_children_on_sigterm",
-    "test_ssm_fused.py::test_hopper_resources_of_the_default_configs",
-    "test_ssm_fused.py::test_unlaunchable_class_falls_back_to_the_unfused_chain",
-)
-
-
-def pytest_collection_modifyitems(config, items):
-    """LONGEST_FIRST's tests first, in its order, then the rest in collection order. Deterministic, so every
-    xdist process collects the same order."""
-    def rank(item):
-        return next((i for i, name in enumerate(LONGEST_FIRST) if item.nodeid.endswith(name)), len(LONGEST_FIRST))
-
-    items.sort(key=rank)
