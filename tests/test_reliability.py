@@ -422,3 +422,61 @@ def test_step_keeps_statistics_on_device_and_names_the_first_bad_step(monkeypatc
     assert synced.nonfinite and synced.first_bad_step == 3 and not synced.stop
     again = stats.sync(stop=True)  # a new window
     assert not again.nonfinite and again.stop and again.first_bad_step is None
+
+
+class _ExitedHead:
+    """A `ray start` child that has already exited (its head.log says why)."""
+
+    pid = 0
+
+    def poll(self) -> int:
+        return 1
+
+
+def _heads(tmp_path, monkeypatch, logs: list[str]) -> list[str]:
+    """LocalRay whose N-th head launch writes logs[N] into head.log; ray.init and the env join are Ray's own.
+    Returns the list of launched head folders (grows as LocalRay launches)."""
+    import ray
+
+    from hybridlab import localray
+
+    launched: list[str] = []
+
+    def launch(self):
+        self.dir = str(tmp_path / f"head{len(launched)}")
+        os.makedirs(self.dir)
+        (Path(self.dir) / "head.log").write_text(logs[len(launched)])
+        launched.append(self.dir)
+        self.proc = None if localray.READY_LINE in logs[len(launched) - 1] else _ExitedHead()
+        return {}, 1234
+
+    monkeypatch.setattr(localray.LocalRay, "_launch_head", launch)
+    monkeypatch.setattr(localray, "_join_env", lambda auth: None)
+    monkeypatch.setattr(ray, "init", lambda **kw: None)
+    monkeypatch.setenv("RAY_ADDRESS", "unset-by-the-test")  # restored after the test
+    return launched
+
+
+OVERLOADED = "Exception: The current node timed out during startup. This could happen because ... overloaded."
+
+
+def test_local_ray_head_starts_again_once_when_its_raylet_was_too_slow(tmp_path, monkeypatch):
+    from hybridlab.localray import READY_LINE, LocalRay
+
+    launched = _heads(tmp_path, monkeypatch, [OVERLOADED, READY_LINE])
+    head = LocalRay(num_cpus=1)
+    head.start()
+    assert len(launched) == 2 and head.address == "127.0.0.1:1234"
+    assert not os.path.exists(launched[0])  # the first head's folder went with it
+
+
+@pytest.mark.parametrize("logs, launches", [([OVERLOADED, OVERLOADED], 2), (["Error: port 1234 in use"], 1)])
+def test_local_ray_head_gives_up_with_one_line(tmp_path, monkeypatch, logs, launches):
+    from hybridlab.errors import UserError
+    from hybridlab.localray import LocalRay
+
+    launched = _heads(tmp_path, monkeypatch, logs)
+    with pytest.raises(UserError, match=r"^the local Ray did not start: ") as e:
+        LocalRay(num_cpus=1).start()
+    assert len(launched) == launches and "\n" not in str(e.value)
+    assert not any(os.path.exists(d) for d in launched)

@@ -46,10 +46,23 @@ from .errors import UserError
 LOOPBACK = "127.0.0.1"
 SINGLE_MACHINE_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 NO_DRAIN_ENV = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}  # nothing here drains (no Serve): stop at once
+# One fixed machine: no autoscaler to monitor, no drain to watch for. Each is a Python process (1-2.5 s of CPU to
+# start) per run, a few per cent of a short run's CPU on a 2-core machine. (Ray Client's server cannot be left out:
+# `ray start` always starts it when its dependencies are installed.)
+HEAD_WITHOUT_EXTRAS = ("--no-monitor",)
+NO_PREEMPTION_WATCH_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 SHUTDOWN_TIMEOUT_S = 20.0
 LOOPBACK_IFACE_ENV = {"GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"}
 START_TIMEOUT_S = float(os.environ.get("HYBRIDLAB_RAY_START_TIMEOUT", "180"))
 READY_LINE = "Ray runtime started"
+# Ray gives its raylet a fixed 30 s to register with the GCS; on a machine busy with other work that can pass
+# once without anything being wrong, so the head is started a second time before giving up.
+OVERLOADED_LINE = "timed out during startup"
+HEAD_ATTEMPTS = 2
+
+
+class HeadOverloaded(UserError):
+    """The head's raylet did not register within Ray's fixed start-up wait."""
 
 
 def _free_port() -> int:
@@ -77,8 +90,15 @@ class LocalRay:
     def start(self) -> None:
         """Start the head and join it; on any failure (or a signal meanwhile) nothing is left running."""
         try:
-            auth, port = self._launch_head()
-            self._wait_ready()
+            for attempt in range(1, HEAD_ATTEMPTS + 1):
+                auth, port = self._launch_head()
+                try:
+                    self._wait_ready()
+                    break
+                except HeadOverloaded:
+                    if attempt == HEAD_ATTEMPTS:
+                        raise
+                    self.stop()
             _join_env(auth)
             os.environ["RAY_ADDRESS"] = self.address = f"{LOOPBACK}:{port}"  # this process's helpers find it too
             import ray
@@ -108,7 +128,7 @@ class LocalRay:
         cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
                "--node-ip-address", LOOPBACK, "--port", str(port), "--num-cpus", str(self.num_cpus),
                "--include-dashboard", "false", "--temp-dir", self.dir, "--disable-usage-stats",
-               *[x for kv in ports.items() for x in kv]]
+               *HEAD_WITHOUT_EXTRAS, *[x for kv in ports.items() for x in kv]]
         with open(Path(self.dir) / "head.log", "w") as log:
             self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          preexec_fn=_die_with_parent)
@@ -119,8 +139,10 @@ class LocalRay:
         deadline = time.time() + START_TIMEOUT_S
         while READY_LINE not in log_path.read_text(errors="replace"):
             if self.proc.poll() is not None or time.time() > deadline:
-                tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
-                raise UserError("the local Ray did not start: " + (" | ".join(tail) or "no output"))
+                text = log_path.read_text(errors="replace")
+                tail = text.strip().splitlines()[-3:]
+                error = HeadOverloaded if OVERLOADED_LINE in text else UserError
+                raise error("the local Ray did not start: " + (" | ".join(tail) or "no output"))
             time.sleep(0.2)
 
     def stop(self) -> None:
@@ -206,6 +228,8 @@ def _join_env(auth: dict) -> None:
     already = "ray" in sys.modules
     os.environ.update(SINGLE_MACHINE_ENV)
     os.environ.update(auth)
+    for k, v in NO_PREEMPTION_WATCH_ENV.items():  # read by Ray Train's controller (propagated from here)
+        os.environ.setdefault(k, v)
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     if already:
         import ray._private.ray_constants as ray_constants
