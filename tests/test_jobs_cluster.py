@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,16 +20,12 @@ from pathlib import Path
 
 import pytest
 
+from hybridlab.localray import AGENT_PORT_FLAGS, free_ports
+
 pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
 HYBRIDLAB = [sys.executable, "-m", "hybridlab"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def kill_matching(token: str) -> None:
@@ -88,24 +83,23 @@ def stop_proc(p: subprocess.Popen) -> None:
 @pytest.fixture
 def cluster():
     tmp = tempfile.mkdtemp(prefix="hlray")  # short: Ray's socket paths must stay under ~107 chars
-    port, dash = free_port(), free_port()
+    port, dash, *agents = free_ports(2 + 2 * len(AGENT_PORT_FLAGS))
     env = dict(os.environ, RAY_AUTH_MODE="token", PATH=f"{BIN}:{os.environ.get('PATH', '')}",
                RAY_AUTH_TOKEN_PATH=f"{tmp}/auth_token")
     Path(f"{tmp}/auth_token").write_text(os.urandom(16).hex())
     ray = str(BIN / "ray")
 
-    def own_ports():  # two "nodes" on one host (and other Ray users here) must not share agent ports
-        return ["--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
-                "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
-                "--node-manager-port", str(free_port()), "--object-manager-port", str(free_port())]
+    def own_ports(node: int):  # two "nodes" on one host (and other Ray users here) must not share agent ports
+        mine = agents[node * len(AGENT_PORT_FLAGS):(node + 1) * len(AGENT_PORT_FLAGS)]
+        return [x for flag, p in zip(AGENT_PORT_FLAGS, mine) for x in (flag, str(p))]
 
     try:
         subprocess.run([ray, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
                         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "1",
-                        "--temp-dir", tmp, "--disable-usage-stats", *own_ports()], env=env, check=True, capture_output=True, timeout=120)
+                        "--temp-dir", tmp, "--disable-usage-stats", *own_ports(0)], env=env, check=True, capture_output=True, timeout=120)
         subprocess.run([ray, "start", "--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1",
                         "--num-cpus", "1", "--resources", '{"node_b": 1}', "--temp-dir", tmp, "--disable-usage-stats",
-                        *own_ports()],
+                        *own_ports(1)],
                        env=env, check=True, capture_output=True, timeout=120)
         yield {"address": f"http://127.0.0.1:{dash}", "env": env, "tmp": tmp}
     finally:
@@ -113,7 +107,7 @@ def cluster():
 
 
 def test_submit_across_two_nodes_with_mlflow_server_outage(cluster, tmp_path):
-    mport = free_port()
+    (mport,) = free_ports(1)
     uri = f"http://127.0.0.1:{mport}"
     server = start_mlflow(tmp_path / "srv.db", tmp_path / "artifacts", mport)
     env = dict(cluster["env"], CI="1", MLFLOW_TRACKING_URI=uri, HYBRIDLAB_MLFLOW_FLUSH_TIMEOUT="400")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -14,6 +13,7 @@ import pytest
 from hybridlab.arch.specio import SpecError
 from hybridlab.jobs.spec import expand_sweep, flatten, from_resolved, load_job
 from hybridlab.jobs.train import checkpoint_activations, deepspeed_config, lr_lambda
+from hybridlab.localray import free_ports
 
 GOOD = """\
 experiment: t
@@ -39,12 +39,6 @@ def err(tmp_path, text, overrides=()) -> str:
     with pytest.raises(SpecError) as e:
         load_job(write(tmp_path, text), overrides)
     return str(e.value)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_good_job_resolves_and_round_trips(tmp_path):
@@ -134,7 +128,7 @@ def run_cli(args, cwd, env=None, timeout=120):
 
 def test_cli_bad_inputs_are_one_line_exit_2(tmp_path):
     bad = write(tmp_path, GOOD.replace("steps: 20", "stepz: 20"))
-    port = free_port()
+    (port,) = free_ports(1)
     cases = [
         (["run", bad], "job.yaml:4 train.stepz: unknown key"),
         (["run", str(tmp_path / "missing.yaml")], "missing.yaml: file not found"),

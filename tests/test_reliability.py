@@ -480,3 +480,15 @@ def test_local_ray_head_gives_up_with_one_line(tmp_path, monkeypatch, logs, laun
         LocalRay(num_cpus=1).start()
     assert len(launched) == launches and "\n" not in str(e.value)
     assert not any(os.path.exists(d) for d in launched)
+
+
+def test_free_ports_are_distinct_and_free():
+    import socket
+
+    from hybridlab.localray import free_ports
+
+    ports = free_ports(64)
+    assert len(set(ports)) == 64
+    for p in ports[:8]:  # released: each can be bound again
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", p))

@@ -55,6 +55,9 @@ SHUTDOWN_TIMEOUT_S = 20.0
 LOOPBACK_IFACE_ENV = {"GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"}
 START_TIMEOUT_S = float(os.environ.get("HYBRIDLAB_RAY_START_TIMEOUT", "180"))
 READY_LINE = "Ray runtime started"
+# The ports every Ray node on a machine needs its own of (Ray's defaults are fixed numbers: two runs would collide).
+AGENT_PORT_FLAGS = ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
+                    "--runtime-env-agent-port", "--node-manager-port", "--object-manager-port")
 # Ray gives its raylet a fixed 30 s to register with the GCS; on a machine busy with other work that can pass
 # once without anything being wrong, so the head is started a second time before giving up.
 OVERLOADED_LINE = "timed out during startup"
@@ -65,10 +68,17 @@ class HeadOverloaded(UserError):
     """The head's raylet did not register within Ray's fixed start-up wait."""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports. The sockets stay bound until all are chosen: one bound and closed
+    at a time, the kernel can hand the same port out twice (seen: a dashboard and a metrics port alike)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind((LOOPBACK, 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def _die_with_parent() -> None:
@@ -114,17 +124,15 @@ class LocalRay:
         token.write_text(secrets.token_hex(32))
         token.chmod(0o600)
         auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
-        port = _free_port()
+        flags = (*AGENT_PORT_FLAGS, "--ray-client-server-port")
+        port, *agent_ports = free_ports(1 + len(flags))
         # RAY_ADDRESS: Ray's own helpers inside the cluster (Ray Train's controller, the state API) look the
         # cluster up by address "auto", which fails when other Ray instances run on this machine
         env = dict(os.environ, **SINGLE_MACHINE_ENV, **NO_DRAIN_ENV, **auth, RAY_TRAIN_V2_ENABLED="1",
                    RAY_ADDRESS=f"{LOOPBACK}:{port}")
         for k, v in LOOPBACK_IFACE_ENV.items():
             env.setdefault(k, v)
-        ports = {flag: str(_free_port()) for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
-                                                      "--metrics-export-port", "--runtime-env-agent-port",
-                                                      "--node-manager-port", "--object-manager-port",
-                                                      "--ray-client-server-port")}
+        ports = {flag: str(p) for flag, p in zip(flags, agent_ports)}
         cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
                "--node-ip-address", LOOPBACK, "--port", str(port), "--num-cpus", str(self.num_cpus),
                "--include-dashboard", "false", "--temp-dir", self.dir, "--disable-usage-stats",
