@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from hybridlab.localray import AGENT_PORT_FLAGS, free_ports
+from hybridlab.localray import AGENT_PORT_FLAGS, free_ports, port_args
 
 pytestmark = pytest.mark.slow
 
@@ -90,8 +90,7 @@ def cluster():
     ray = str(BIN / "ray")
 
     def own_ports(node: int):  # two "nodes" on one host (and other Ray users here) must not share agent ports
-        mine = agents[node * len(AGENT_PORT_FLAGS):(node + 1) * len(AGENT_PORT_FLAGS)]
-        return [x for flag, p in zip(AGENT_PORT_FLAGS, mine) for x in (flag, str(p))]
+        return port_args(AGENT_PORT_FLAGS, agents[node * len(AGENT_PORT_FLAGS):(node + 1) * len(AGENT_PORT_FLAGS)])
 
     try:
         subprocess.run([ray, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from hybridlab.localray import free_ports
+
 ROOT = Path(__file__).resolve().parents[1]
 HYBRIDLAB = [sys.executable, "-m", "hybridlab"]
 
@@ -197,9 +199,7 @@ def test_dead_tracking_server_bounded_wait_then_replay(tmp_path):
     target = MlflowClient(store)
     exp = target.create_experiment("replay")
     rid = target.create_run(exp, run_name="r").info.run_id
-    with socket.socket() as s:  # a port nobody listens on: the server is gone for good
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    (port,) = free_ports(1)  # a port nobody listens on: the server is gone for good
     t = Tracker(f"http://127.0.0.1:{port}")
     for step in (1, 2, 3):
         t.log_metrics(rid, {"train/loss": 1.0 / step}, step)
@@ -301,9 +301,7 @@ def _tree(pid: int) -> set:
 def test_ui_binds_loopback_and_stops_its_children_on_sigterm(tmp_path):
     import psutil
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    (port,) = free_ports(1)
     env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlruns.db")
     ui = subprocess.Popen(HYBRIDLAB + ["ui", "--port", str(port)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -443,11 +441,12 @@ def _heads(tmp_path, monkeypatch, logs: list[str]) -> list[str]:
     launched: list[str] = []
 
     def launch(self):
+        log = logs[len(launched)]
         self.dir = str(tmp_path / f"head{len(launched)}")
         os.makedirs(self.dir)
-        (Path(self.dir) / "head.log").write_text(logs[len(launched)])
+        (Path(self.dir) / "head.log").write_text(log)
         launched.append(self.dir)
-        self.proc = None if localray.READY_LINE in logs[len(launched) - 1] else _ExitedHead()
+        self.proc = None if localray.READY_LINE in log else _ExitedHead()
         return {}, 1234
 
     monkeypatch.setattr(localray.LocalRay, "_launch_head", launch)
@@ -483,10 +482,6 @@ def test_local_ray_head_gives_up_with_one_line(tmp_path, monkeypatch, logs, laun
 
 
 def test_free_ports_are_distinct_and_free():
-    import socket
-
-    from hybridlab.localray import free_ports
-
     ports = free_ports(64)
     assert len(set(ports)) == 64
     for p in ports[:8]:  # released: each can be bound again

@@ -81,6 +81,11 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+def port_args(flags, ports) -> list[str]:
+    """``--flag PORT`` pairs for a `ray start` command line."""
+    return [x for flag, p in zip(flags, ports, strict=True) for x in (flag, str(p))]
+
+
 def _die_with_parent() -> None:
     """In the child before exec: SIGTERM when the driver dies (Linux prctl PR_SET_PDEATHSIG)."""
     os.setsid()
@@ -132,11 +137,10 @@ class LocalRay:
                    RAY_ADDRESS=f"{LOOPBACK}:{port}")
         for k, v in LOOPBACK_IFACE_ENV.items():
             env.setdefault(k, v)
-        ports = {flag: str(p) for flag, p in zip(flags, agent_ports)}
         cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
                "--node-ip-address", LOOPBACK, "--port", str(port), "--num-cpus", str(self.num_cpus),
                "--include-dashboard", "false", "--temp-dir", self.dir, "--disable-usage-stats",
-               *HEAD_WITHOUT_EXTRAS, *[x for kv in ports.items() for x in kv]]
+               *HEAD_WITHOUT_EXTRAS, *port_args(flags, agent_ports)]
         with open(Path(self.dir) / "head.log", "w") as log:
             self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          preexec_fn=_die_with_parent)
