@@ -13,6 +13,12 @@ again on the cluster). Each failure is one located ``SpecError``
 * the storage path: a local one must be (or be creatable as) a writable folder
   on a disk with room for a checkpoint.
 
+``check_local_placement`` runs for ``hybridlab run`` on the embedded local Ray
+only (one node: this machine's cores and GPUs, no custom resources): a run it
+could never place is refused at its ``resources`` key, where Ray would wait for
+the resources forever. ``run --dry-run`` prints the same finding as a note (the
+job may be meant for ``submit``).
+
 The memory figures are estimates (the activation term counts about 40 values per
 model dimension per token and sub-block, Megatron-LM's rule of thumb widened for
 the Mamba-3 projections), meant to refuse what cannot fit, not to plan to the byte.
@@ -43,12 +49,14 @@ class HostLimits:
     memory: int  # bytes of RAM (the cgroup limit when lower)
     gpu_memory: Optional[int]  # bytes of the smallest visible GPU; None: no GPU visible here
     shared_by_workers: bool = True  # the workers all run here (the embedded default), so they share `memory`
+    cpus: Optional[int] = None  # cores (the embedded local Ray gets one CPU per core); None: not known
+    gpus: int = 0  # visible GPUs
 
     @staticmethod
     @functools.lru_cache(maxsize=1)
     def detect() -> "HostLimits":
         return HostLimits(memory=_host_memory(), gpu_memory=_gpu_memory(),
-                          shared_by_workers=not os.environ.get("RAY_ADDRESS"))
+                          shared_by_workers=not os.environ.get("RAY_ADDRESS"), cpus=os.cpu_count(), gpus=_gpu_count())
 
 
 def _host_memory() -> int:
@@ -69,6 +77,12 @@ def _gpu_memory() -> Optional[int]:
     if not torch.cuda.is_available():
         return None
     return min(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 @dataclass(frozen=True)
@@ -217,3 +231,27 @@ def check_storage(spec, model_spec, src: Source, n_params: int, check_free: bool
     free = ckpt.free_bytes(str(probe))
     if free < need:
         raise src.error(where, f"{path!r}: {_gb(free)} free on its disk, a checkpoint of this model needs about {_gb(need)}")
+
+
+def check_local_placement(spec, src: Source, host: HostLimits) -> None:
+    """Raise a located SpecError when one run's workers cannot all be placed on this one machine."""
+    r = spec.resources
+    if r.custom:
+        name = next(iter(r.custom))
+        raise src.error(("resources", "custom"), f"{name!r}: the local Ray has no custom resources (they come "
+                                                  f"from a cluster's nodes: `hybridlab submit` or $RAY_ADDRESS)")
+    if r.placement == "STRICT_SPREAD" and r.workers > 1:
+        raise src.error(("resources", "placement"), f"STRICT_SPREAD puts each of the {r.workers} workers on a node "
+                                                     f"of its own, and the local Ray is one node (use PACK or SPREAD)")
+    if r.gpus_per_worker > 0 and host.gpus == 0:
+        raise src.error(("resources", "gpus_per_worker"), f"{r.gpus_per_worker:g} GPU per worker, but this machine "
+                                                           f"has no GPU (set it to 0 to train on CPU)")
+    for key, each, have, unit in (("gpus_per_worker", r.gpus_per_worker, host.gpus, "GPU"),
+                                  ("cpus_per_worker", r.cpus_per_worker, host.cpus, "CPU")):
+        need = r.workers * each
+        if have is None or need <= have + 1e-9:
+            continue
+        if each > have:
+            raise src.error(("resources", key), f"{each:g} {unit}s per worker, and this machine has {have}")
+        raise src.error(("resources", "workers"), f"{r.workers} workers x {each:g} {unit} ({key}) need "
+                                                   f"{need:g} {unit}s, and this machine has {have}")

@@ -174,6 +174,119 @@ def test_preflight_stops_run_and_dry_run_before_anything_starts(tmp_path):
     assert r.returncode == 0 and "memory    ~" in r.stdout, r.stdout + r.stderr
 
 
+def test_local_placement_refuses_what_one_machine_cannot_place(tmp_path):
+    """The embedded local Ray is one node with this machine's cores and GPUs: a run it could never place is
+    refused at its key (Ray itself would wait for the resources forever)."""
+    from hybridlab.arch.specio import SpecError
+    from hybridlab.jobs.preflight import HostLimits, check_local_placement
+    from hybridlab.jobs.spec import load_job
+
+    two_cores = HostLimits(memory=1 << 40, gpu_memory=None, cpus=2, gpus=0)
+    one_gpu = HostLimits(memory=1 << 40, gpu_memory=80 << 30, cpus=16, gpus=1)
+    job = _job(tmp_path, GOOD)
+    cases = [
+        (two_cores, ["resources.gpus_per_worker=0.25"], r"--set resources\.gpus_per_worker: 0\.25 GPU per worker, but this machine has no GPU"),
+        (two_cores, ["resources.workers=3"], r"--set resources\.workers: 3 workers x 1 CPU \(cpus_per_worker\) need 3 CPUs, and this machine has 2"),
+        (two_cores, ["resources.cpus_per_worker=4"], r"--set resources\.cpus_per_worker: 4 CPUs per worker, and this machine has 2"),
+        (one_gpu, ["resources.workers=2", "resources.gpus_per_worker=1"], r"resources\.workers: 2 workers x 1 GPU .* need 2 GPUs, and this machine has 1"),
+        (one_gpu, ["resources.workers=2", "resources.placement=STRICT_SPREAD"], r"resources\.placement: STRICT_SPREAD puts each of the 2 workers on a node"),
+        (one_gpu, ["resources.custom={node_b: 1}"], r"resources\.custom: 'node_b': the local Ray has no custom resources"),
+    ]
+    for host, overrides, pattern in cases:
+        j = load_job(job, overrides)
+        with pytest.raises(SpecError, match=pattern):
+            check_local_placement(j.spec, j.src, host)
+    for host, overrides in ((two_cores, ["resources.workers=2"]), (two_cores, ["resources.workers=4", "resources.cpus_per_worker=0.5"]),
+                            (one_gpu, ["resources.workers=8", "resources.gpus_per_worker=0.125"]), (one_gpu, ["resources.placement=STRICT_SPREAD"])):
+        j = load_job(job, overrides)
+        check_local_placement(j.spec, j.src, host)  # fits: nothing raised
+
+
+def test_run_refuses_an_unplaceable_local_run_and_dry_run_says_it(tmp_path):
+    job = _job(tmp_path, GOOD)
+    msg = _one_error_line(_cli(["run", job, "--set", f"resources.workers={(os.cpu_count() or 1) + 1}"], tmp_path))
+    assert "resources.workers:" in msg and "this machine has" in msg, msg
+    assert not (tmp_path / "mlruns.db").exists()  # refused before anything started
+    r = _cli(["run", job, "--dry-run", "--set", "resources.custom={node_b: 1}"], tmp_path)
+    assert r.returncode == 0 and "`hybridlab run` on this machine would refuse it:" in r.stdout, r.stdout + r.stderr
+    # inside a submitted job (Ray already there) the cluster places the workers: not judged by this machine
+    r = _cli(["run", job, "--dry-run", "--set", "resources.custom={node_b: 1}"], tmp_path, env={"RAY_ADDRESS": "127.0.0.1:1"})
+    assert r.returncode == 0 and "would refuse" not in r.stdout, r.stdout + r.stderr
+
+
+PENDING_SCRIPT = """
+import ray
+from ray.util import placement_group
+from hybridlab.pending import pending_workers_line
+ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
+placed = placement_group([{"CPU": 1}])
+ray.get(placed.ready(), timeout=60)
+print("A", pending_workers_line(61, 1, {"CPU": 1}, "PACK"))
+too_big = placement_group([{"CPU": 1}, {"CPU": 1}], strategy="STRICT_SPREAD")
+print("B", pending_workers_line(245, 2, {"CPU": 1}, "STRICT_SPREAD"))
+ray.shutdown()
+print("C", pending_workers_line(300, 1, {"CPU": 1}, "PACK"))
+"""
+
+
+def test_pending_workers_line_says_what_the_placement_waits_for(tmp_path):
+    """What the driver prints while no worker has reported, against a real one-node Ray (in a process of
+    its own: this test process must not stay joined to a Ray)."""
+    r = subprocess.run([sys.executable, "-c", PENDING_SCRIPT], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, RAY_TRAIN_V2_ENABLED="1"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = {ln[0]: ln[2:] for ln in r.stdout.splitlines() if ln[:2] in ("A ", "B ", "C ")}
+    assert lines["A"] == ("no worker has reported after 61 s (asked: 1 × {CPU: 1}, PACK): placed; the worker "
+                          "processes are starting; cluster: 1 node(s) alive, CPU 0 of 1 free"), lines
+    assert lines["B"].startswith("no worker has reported after 245 s (asked: 2 × {CPU: 1}, STRICT_SPREAD): "
+                                 "1 placement group(s) waiting for resources; cluster: 1 node(s) alive"), lines
+    assert "the cluster's state could not be read" in lines["C"], lines
+
+
+def test_driver_notes_what_workers_wait_for_until_they_start_and_after_a_failure(tmp_path, monkeypatch):
+    """The cadence of the waiting line: none before a minute, one at a minute, then every NOTE_EVERY_S; none
+    once the workers started; the clock starts again when a worker fails (a restart is awaited)."""
+    from hybridlab import runner
+    from hybridlab.jobs import record as rec
+    from hybridlab.jobs.spec import load_job
+    from hybridlab.pending import FIRST_NOTE_S, NOTE_EVERY_S
+
+    class Notes:
+        def __init__(self):
+            self.lines = []
+
+        def note(self, text):
+            self.lines.append(text)
+
+        def start(self, *a):
+            pass
+
+    class Tracker:
+        def set_tags(self, *a):
+            pass
+
+        def log_text(self, *a):
+            pass
+
+    asked = []
+    monkeypatch.setattr(runner, "pending_workers_line", lambda waited, n, per, strategy: asked.append((round(waited), n, per, strategy)) or "WAIT")
+    d = runner.RunDriver(load_job(_job(tmp_path, GOOD), ["resources.workers=2"]), Tracker(), "rel", None, None, None,
+                         Notes(), runner.StopSignals())
+    d.run_id, d.out = "r", runner.RunOutcome(run_id="r", run_name="n", label="")
+    now = time.time()
+    d.waiting_since = now - (FIRST_NOTE_S - 5)
+    assert d._say_what_workers_wait_for(FIRST_NOTE_S) == FIRST_NOTE_S and not asked
+    d.waiting_since = now - (FIRST_NOTE_S + 1)
+    due = d._say_what_workers_wait_for(FIRST_NOTE_S)
+    assert asked == [(FIRST_NOTE_S + 1, 2, {"CPU": 1.0}, "PACK")] and d.progress.lines == ["WAIT"]
+    assert due == pytest.approx(FIRST_NOTE_S + 1 + NOTE_EVERY_S, abs=1)
+    assert d._say_what_workers_wait_for(due) == due and len(asked) == 1  # not due again yet
+    d.on_message(rec.Start(step=0, steps=4, world=2, params=1, device="cpu", flops_per_token=1.0))
+    assert d.waiting_since is None and d._say_what_workers_wait_for(due) == FIRST_NOTE_S and len(asked) == 1
+    d.on_message(rec.Failure(rank=1, step=2, error="RuntimeError: boom"))
+    assert d.waiting_since is not None and time.time() - d.waiting_since < 5  # a restart is awaited from now
+
+
 def test_zoo_names_are_plain_names(tmp_path):
     from hybridlab.arch import load_model_spec
     from hybridlab.arch.specio import SpecError

@@ -251,13 +251,23 @@ def _join_env(auth: dict) -> None:
         Config.initialize("")  # re-read RAY_AUTH_MODE / RAY_AUTH_TOKEN_PATH
 
 
+def _ray_joined() -> bool:
+    if "ray" not in sys.modules:
+        return False
+    import ray
+
+    return ray.is_initialized()
+
+
+def starts_local_ray() -> bool:
+    """Whether `hybridlab run` here trains on the private local Ray (this machine, one node)."""
+    return not _ray_joined() and not os.environ.get("RAY_ADDRESS")
+
+
 def ensure_ray(verbose: bool = False) -> Optional[LocalRay]:
     """Join the Ray of a submitted job ($RAY_ADDRESS), or start the private local one (returned: stop it)."""
-    if "ray" in sys.modules:
-        import ray
-
-        if ray.is_initialized():
-            return None
+    if _ray_joined():
+        return None
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     if os.environ.get("RAY_ADDRESS"):
         import ray

@@ -47,6 +47,7 @@ from hybridlab.jobs import record as rec
 from hybridlab.jobs.record import Metric, Status, Tag
 
 from .errors import ForcedStop, Interrupted, UserError
+from .pending import FIRST_NOTE_S, NOTE_EVERY_S, pending_workers_line
 
 STOP_GRACE_S = float(os.environ.get("HYBRIDLAB_STOP_GRACE_S", "120"))
 
@@ -291,9 +292,12 @@ def _gb(n: float) -> str:
 def dry_run(job_file: str, overrides=()) -> None:
     """Validate a job (pre-flight limits included) and print what `run` would start, per sweep combination."""
     from hybridlab.arch import count_spec
-    from hybridlab.jobs.preflight import HostLimits, estimate, worker_memory
+    from hybridlab.arch.specio import SpecError
+    from hybridlab.jobs.preflight import HostLimits, check_local_placement, estimate, worker_memory
     from hybridlab.jobs.spec import expand_sweep, load_job
     from hybridlab.jobs.step import deepspeed_config
+
+    from .localray import starts_local_ray
 
     job = load_job(job_file, overrides)
     jobs = expand_sweep(job_file, overrides, job=job)
@@ -319,6 +323,11 @@ def dry_run(job_file: str, overrides=()) -> None:
               f"{counts['flops_per_token_train'] * ds['train_batch_size'] * j.seq_len:.3e} FLOPs/step")
         print(f"memory    ~{_gb(mem.training)} per worker ({_gb(mem.state)} model state + {_gb(mem.activations)} "
               f"activations)" + (f" of {_gb(have[0])} {have[1]}" if have else ""))
+        if starts_local_ray():  # a job for a cluster is fine to dry-run here: said, not refused
+            try:
+                check_local_placement(j.spec, j.src, HostLimits.detect())
+            except SpecError as e:
+                print(f"here      `hybridlab run` on this machine would refuse it: {e}")
         print(check_text(j), end="")
 
 
@@ -359,9 +368,10 @@ def run_job(job_file: str, overrides=(), resume: Optional[str] = None, plain: Op
     """Run a job file (every sweep combination, up to ``resources.concurrent_runs`` at once); raise UserError if
     a run did not finish, Interrupted if stopped. ``resume_sweep``: a sweep's parent run id; only its
     combinations without a FINISHED child run are trained, KILLED/FAILED children continue from their checkpoints."""
+    from hybridlab.jobs.preflight import HostLimits, check_local_placement
     from hybridlab.jobs.spec import expand_sweep, load_job
 
-    from .localray import ensure_ray
+    from .localray import ensure_ray, starts_local_ray
     from .tracking import Tracker, check_reachable, tracking_uri
 
     if resume and resume_sweep:
@@ -372,6 +382,9 @@ def run_job(job_file: str, overrides=(), resume: Optional[str] = None, plain: Op
             raise UserError(f"{flag}: empty run id (give the id printed as 'MLflow run id' / 'sweep parent run id')")
     job = load_job(job_file, overrides)
     jobs = expand_sweep(job_file, overrides, job=job)
+    if starts_local_ray():
+        for j in jobs:
+            check_local_placement(j.spec, j.src, HostLimits.detect())
     uri = tracking_uri(job.spec.tracking.uri)
     check_reachable(uri)
     experiment = job.spec.tracking.experiment or job.spec.experiment
@@ -722,12 +735,19 @@ def close_orphaned_runs(tracker, experiment: str) -> None:
 
 
 def _trainer(*args, **kwargs):
-    """A ``TorchTrainer`` without its own SIGINT handler: hybridlab's StopSignals stop the run cleanly."""
+    """A ``TorchTrainer`` without its own SIGINT handler (hybridlab's StopSignals stop the run cleanly) and,
+    as the workers make their own batches, without Ray Data's dataset manager: an actor process per run,
+    and the Ray Data import in it, for datasets it is never given (Ray 2.60 starts it unconditionally)."""
     from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks import DatasetsCallback
 
     class Trainer(TorchTrainer):
         def _register_sigint_handler(self, controller):  # noqa: D401 - see the docstring above
             return None
+
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            return callbacks if self.datasets else [c for c in callbacks if not isinstance(c, DatasetsCallback)]
 
     return Trainer(*args, **kwargs)
 
@@ -754,6 +774,7 @@ class RunDriver:
         self.failure: Optional[BaseException] = None  # Ray Train's TrainingFailedError, when training failed
         self.failures_this_attempt: list[rec.Failure] = []  # what each failing worker said, this attempt
         self.attempt, self.started_at_failure = 0, -1  # failures are numbered by worker-group attempt
+        self.waiting_since: Optional[float] = None  # set while no worker group is up: launched, or one failed
         self.out: Optional[RunOutcome] = None
 
     # ------------------------------------------------------------ the whole run
@@ -869,6 +890,7 @@ class RunDriver:
         if self.signals.requested:  # stopped while this run was being set up: do not start its workers
             return
         trainer = self.launch()
+        self.waiting_since = time.time()
         done = threading.Event()
         consumer = threading.Thread(target=self._consume, args=(done,), name="hybridlab-progress", daemon=True)
         consumer.start()
@@ -906,12 +928,14 @@ class RunDriver:
     def _consume(self, done: threading.Event) -> None:
         import ray
 
+        note_at = FIRST_NOTE_S
         while True:
             try:
                 msg = self.sink.get(block=True, timeout=0.5)
             except pyqueue.Empty:
                 if done.is_set():
                     return
+                note_at = self._say_what_workers_wait_for(note_at)
                 continue
             except ray.exceptions.RayError:
                 if done.is_set():
@@ -920,12 +944,25 @@ class RunDriver:
                 continue
             self.on_message(msg)
 
+    def _say_what_workers_wait_for(self, note_at: float) -> float:
+        """While no worker group is up: a line at ``note_at`` s of waiting, then every NOTE_EVERY_S."""
+        if self.waiting_since is None:
+            return FIRST_NOTE_S
+        waited = time.time() - self.waiting_since
+        if waited < note_at:
+            return note_at
+        _, _, per_worker = worker_resources(self.job.spec.resources)
+        res = self.job.spec.resources
+        self.progress.note(pending_workers_line(waited, res.workers, per_worker, res.placement))
+        return waited + NOTE_EVERY_S
+
     # ------------------------------------------------------------ the workers' messages
 
     def on_message(self, msg: rec.Message) -> None:
         tracker, out, run_id = self.tracker, self.out, self.run_id
         if isinstance(msg, rec.Start):
             self.starts += 1
+            self.waiting_since = None
             if self.starts == 1:
                 self.progress.start(self.label, msg.steps, msg.step)
                 if not self.resume:
@@ -957,6 +994,7 @@ class RunDriver:
             self.attempt += 1  # the workers came up again (or a rank failed twice): a new attempt
             self.failures_this_attempt = []
         self.started_at_failure = self.starts
+        self.waiting_since = self.waiting_since or time.time()  # a restart follows: its workers are awaited
         attempt = self.attempt
         name = f"failures/attempt_{attempt}_rank_{f.rank}.txt"
         self.failures_this_attempt.append(f)
