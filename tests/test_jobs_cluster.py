@@ -1,8 +1,9 @@
 """A real two-node Ray cluster (head + a simulated node_b, token auth on) and a real `mlflow server`.
 
 `hybridlab submit` sends a 2-worker ZeRO-2 job that must be placed across both
-nodes; `status` and `logs` follow it; the MLflow server is stopped mid-run and
-started again: training goes on and the buffered metrics arrive. Only processes
+nodes; the test follows it through the Jobs API, then `status` and `logs` report
+it; the MLflow server is frozen mid-run and thawed: training goes on and the
+buffered metrics arrive. Only processes
 this test started are stopped (by pid; Ray's by their private temp dir).
 """
 
