@@ -287,6 +287,52 @@ def test_driver_notes_what_workers_wait_for_until_they_start_and_after_a_failure
     assert d.waiting_since is not None and time.time() - d.waiting_since < 5  # a restart is awaited from now
 
 
+def test_time_limit_durations_and_bad_values():
+    from hybridlab.commands.options import duration_s
+
+    assert [duration_s(t) for t in ("600", "90s", "7m", "2h30m", "1.5h", "1h0m1s", " 45S ")] == \
+        [600, 90, 420, 9000, 5400, 3601, 45]
+    for bad in ("7x", "", "-5", "1h5", "m", "5 m", "inf"):
+        with pytest.raises(ValueError, match="not a duration"):
+            duration_s(bad)
+    for zero in ("0", "0s", "0h0m"):
+        with pytest.raises(ValueError, match="more than 0"):
+            duration_s(zero)
+
+
+def test_time_limit_bad_value_is_one_line(tmp_path):
+    msg = _one_error_line(_cli(["run", _job(tmp_path, GOOD), "--time-limit", "7x"], tmp_path))
+    assert msg == "error: --time-limit 7x: not a duration (e.g. 600, 90s, 7m, 2h30m)", msg
+    assert not (tmp_path / "mlruns.db").exists()
+
+
+def test_time_limit_stops_like_a_first_sigint_without_raising():
+    """The clock's stop goes the way of a first SIGINT while training (the relay asks the run to stop) but
+    is never raised into the main thread; the summary names it instead of a signal."""
+    import threading
+
+    from hybridlab import runner
+
+    signals = runner.StopSignals()
+    done, asked = threading.Event(), threading.Event()
+    signals.relay(asked.set, done)
+    clock = signals.deadline(0.2)
+    assert asked.wait(10) and signals.requested and signals.exit_code == 130
+    assert signals.name == "time limit 0.2s" and clock is not None
+    signals.expire("later")  # only the first stop counts
+    assert signals.name == "time limit 0.2s"
+    done.set()
+    assert runner._duration_text(9000) == "2h30m" and runner._duration_text(61) == "1m1s"
+    assert runner.StopSignals().deadline(None) is None
+
+
+def test_time_limit_before_training_ends_the_run_as_interrupted(tmp_path):
+    r = _cli(["run", _job(tmp_path, GOOD), "--time-limit", "1", "--set", f"storage.path={tmp_path}/runs"], tmp_path, timeout=300)
+    assert r.returncode == 130, r.stdout + r.stderr
+    assert "interrupted (time limit 1s)" in r.stdout + r.stderr, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr
+
+
 def test_zoo_names_are_plain_names(tmp_path):
     from hybridlab.arch import load_model_spec
     from hybridlab.arch.specio import SpecError

@@ -79,6 +79,12 @@ class ResumeTarget:
 # ---------------------------------------------------------------- signals
 
 
+def _duration_text(seconds: float) -> str:
+    h, rest = divmod(int(round(seconds)), 3600)
+    m, sec = divmod(rest, 60)
+    return "".join(f"{v}{u}" for v, u in ((h, "h"), (m, "m"), (sec, "s")) if v) or f"{seconds:g}s"
+
+
 class StopSignals:
     """SIGINT/SIGTERM while a job runs. While workers train (``graceful``), the first one is remembered
     (``requested``) and handed to the run by :meth:`relay`; outside of that (setting up, closing), or on
@@ -86,6 +92,7 @@ class StopSignals:
 
     def __init__(self):
         self.signum: Optional[int] = None
+        self.reason: Optional[str] = None  # a stop that was not a signal (--time-limit): said instead of its name
         self.event = threading.Event()
         self.graceful = False
         self._previous: dict = {}
@@ -112,7 +119,23 @@ class StopSignals:
 
     @property
     def name(self) -> str:
-        return signal.Signals(self.signum or signal.SIGINT).name
+        return self.reason or signal.Signals(self.signum or signal.SIGINT).name
+
+    def expire(self, reason: str) -> None:
+        """A stop asked for by the clock: as a first SIGINT while training (the relay stops the workers, which
+        checkpoint), but never raised into the main thread: set-up sees ``requested`` and starts no workers."""
+        if self.signum is None:
+            self.signum, self.reason = signal.SIGINT, reason
+            self.event.set()
+
+    def deadline(self, seconds: Optional[float]) -> Optional[threading.Timer]:
+        """``expire`` after ``seconds`` (``--time-limit``); the timer is returned to be cancelled."""
+        if seconds is None:
+            return None
+        t = threading.Timer(seconds, self.expire, args=(f"time limit {_duration_text(seconds)}",))
+        t.daemon = True
+        t.start()
+        return t
 
     def _handle(self, signum, frame) -> None:
         first = self.signum is None
@@ -364,10 +387,12 @@ def _run_in_turn(todo: list[int], driver_for, signals, spill_dirs: dict) -> dict
 
 
 def run_job(job_file: str, overrides=(), resume: Optional[str] = None, plain: Optional[bool] = None,
-            verbose: bool = False, resume_sweep: Optional[str] = None) -> list[RunOutcome]:
+            verbose: bool = False, resume_sweep: Optional[str] = None,
+            time_limit_s: Optional[float] = None) -> list[RunOutcome]:
     """Run a job file (every sweep combination, up to ``resources.concurrent_runs`` at once); raise UserError if
     a run did not finish, Interrupted if stopped. ``resume_sweep``: a sweep's parent run id; only its
-    combinations without a FINISHED child run are trained, KILLED/FAILED children continue from their checkpoints."""
+    combinations without a FINISHED child run are trained, KILLED/FAILED children continue from their checkpoints.
+    ``time_limit_s``: stop as a first SIGINT does once this much time has passed since the call."""
     from hybridlab.jobs.preflight import HostLimits, check_local_placement
     from hybridlab.jobs.spec import expand_sweep, load_job
 
@@ -391,6 +416,7 @@ def run_job(job_file: str, overrides=(), resume: Optional[str] = None, plain: Op
     tracker = Tracker(uri)
     signals = StopSignals()
     signals.install()
+    clock = signals.deadline(time_limit_s)
     progress = Progress(plain)
     spill_dirs: dict[str, str] = {}
     default_spill = storage_uri(job.spec.storage.path) if "://" not in job.spec.storage.path else "."
@@ -436,6 +462,8 @@ def run_job(job_file: str, overrides=(), resume: Optional[str] = None, plain: Op
         elif not signals.requested:
             raise
     finally:
+        if clock is not None:
+            clock.cancel()
         progress.stop()
         tracker.close(spill_dirs=spill_dirs, default_dir=default_spill)
         if head is not None:

@@ -8,8 +8,9 @@
 # per call (DIR/call_N.log). The first call starts the sweep; every later call on the same DIR continues it
 # with `--resume-sweep PARENT` (the parent id is read from DIR's first log), so KILLED runs go on from their
 # checkpoints while the machine stays warm (chain the calls: a machine goes back 30 s after a call), or on a
-# fresh machine when DIR/runs.tgz came back with the store and is carried in again (unpacked here first). Each call stops the sweep cleanly (SIGINT) after $BUDGET_S seconds
-# (default 420): every run ends KILLED with a checkpoint or FINISHED, and the `--resume-sweep` line is printed.
+# fresh machine when DIR/runs.tgz came back with the store and is carried in again (unpacked here first).
+# Each call stops the sweep cleanly after $BUDGET_S seconds (`hybridlab run --time-limit`, default 420): every
+# run ends KILLED with a checkpoint or FINISHED, and the `--resume-sweep` line is printed.
 # With $OUT set, the store and the logs are copied there (DIR/mlruns.db, DIR/mlruns/, DIR/call_*.log;
 # checkpoints too when DIR/runs/ is under $CARRY_CKPT_MB, default 48).
 #
@@ -31,7 +32,7 @@ if [ -f "$DIR/runs.tgz" ] && [ ! -d "$DIR/runs" ]; then tar -C "$DIR" -xzf "$DIR
 LOG=$DIR/call_$((N + 1)).log
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader 2>/dev/null
 start=$(date +%s)
-timeout --preserve-status -s INT "${BUDGET_S:-420}" "${PYTHON:-python3}" -m hybridlab run "${ARGS[@]}" > "$LOG" 2>&1
+"${PYTHON:-python3}" -m hybridlab run "${ARGS[@]}" --time-limit "${BUDGET_S:-420}" > "$LOG" 2>&1
 rc=$?
 echo "call $((N + 1)): exit $rc after $(( $(date +%s) - start )) s"
 grep -v " step [0-9]*/" "$LOG" | tail -40

@@ -17,6 +17,27 @@ ZeroStage = Literal[0, 1, 2, 3]
 SsmBackend = Literal[BACKENDS]
 
 
+DURATION_PART = r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?"
+
+
+def duration_s(text: str) -> float:
+    """A typer ``parser=``: ``600`` (seconds), ``90s``, ``7m``, ``2h30m``, ``1.5h`` -> seconds (> 0)."""
+    import re
+
+    t = str(text).strip().lower()
+    if re.fullmatch(r"\d+(?:\.\d+)?", t):
+        seconds = float(t)
+    else:
+        parts = re.fullmatch(DURATION_PART, t)
+        if not t or parts is None:
+            raise ValueError("not a duration (e.g. 600, 90s, 7m, 2h30m)")
+        h, m, sec = (float(v) if v else 0.0 for v in parts.groups())
+        seconds = 3600 * h + 60 * m + sec
+    if seconds <= 0:
+        raise ValueError("the duration must be more than 0")
+    return seconds
+
+
 def ints_text(text: str) -> str:
     """A typer ``parser=``: ``1,16,128`` must be comma-separated integers (kept as text for the options
     dataclass; a ValueError becomes typer's one-line usage error)."""
