@@ -141,7 +141,7 @@ storage: {{path: {store}}}
                            env=no_tok, capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
 
-        r = hl("submit", str(job), "--address", cluster["address"])
+        r = hl("submit", str(job), "--address", cluster["address"], "--time-limit", "1h")
         assert r.returncode == 0, r.stdout + r.stderr
         job_id = r.stdout.split("submitted:")[1].split()[0]
 
@@ -149,6 +149,7 @@ storage: {{path: {store}}}
         # process per poll would spend seconds of CPU each, taken from the job on a 2-core machine.
         jobs = jobs_client(cluster, monkeypatch)
         status = lambda: str(jobs.get_job_status(job_id).value)  # noqa: E731
+        assert jobs.get_job_info(job_id).entrypoint == "python -m hybridlab run job.yaml --time-limit 3600"
 
         # wait for training to start, then take the tracking server away for a while
         deadline = time.time() + 600

@@ -110,7 +110,13 @@ def _existing(c, job_id: str) -> None:
         raise JobNotFound(f"no job {job_id!r} on this cluster")
 
 
-def submit_job(job_file: str, address: Optional[str] = None, overrides=(), wait: bool = False) -> str:
+def entrypoint(time_limit_s: Optional[float] = None) -> str:
+    """The submitted job's command: the same driver as `hybridlab run`, on the cluster."""
+    return "python -m hybridlab run job.yaml" + (f" --time-limit {time_limit_s:g}" if time_limit_s else "")
+
+
+def submit_job(job_file: str, address: Optional[str] = None, overrides=(), wait: bool = False,
+               time_limit_s: Optional[float] = None) -> str:
     from hybridlab.jobs.spec import dump_yaml, expand_sweep, load_job
 
     # validate here (errors point into the local file); this machine's limits are not the cluster's:
@@ -135,7 +141,7 @@ def submit_job(job_file: str, address: Optional[str] = None, overrides=(), wait:
     while True:
         try:
             job_id = c.submit_job(
-                entrypoint="python -m hybridlab run job.yaml",
+                entrypoint=entrypoint(time_limit_s),
                 runtime_env={"working_dir": str(work), "env_vars": env},
                 metadata={"hybridlab_job": Path(job_file).name, "experiment": job.spec.experiment},
             )

@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import typer
 
-from .options import AddressOpt, SetOpt
+from .options import AddressOpt, SetOpt, time_limit_option
 
 app = typer.Typer()
 
@@ -17,11 +17,12 @@ def submit(
     address: Optional[str] = AddressOpt,
     set_: Optional[List[str]] = SetOpt,
     wait: bool = typer.Option(False, "--wait", help="Follow the logs until the job ends."),
+    time_limit: Optional[float] = time_limit_option("from the job's start on the cluster"),
 ):
     """Submit a job to a Ray cluster through the Ray Jobs API; prints the job id."""
     from ..cluster import submit_job
 
-    submit_job(job, address=address, overrides=set_ or [], wait=wait)
+    submit_job(job, address=address, overrides=set_ or [], wait=wait, time_limit_s=time_limit)
 
 
 @app.command()

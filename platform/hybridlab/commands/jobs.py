@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import typer
 
-from .options import SetOpt, UriOpt, duration_s
+from .options import SetOpt, UriOpt, time_limit_option
 
 app = typer.Typer()
 
@@ -20,8 +20,7 @@ def run(
     plain: Optional[bool] = typer.Option(None, "--plain/--bar", help="Plain progress lines / a progress bar (default: bar in a terminal, lines in CI)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the workers' own logs."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate (limits included) and print the plan (workers, ZeRO, memory, model table); start nothing."),
-    time_limit: Optional[float] = typer.Option(None, "--time-limit", parser=duration_s, metavar="DURATION",
-                                               help="Stop cleanly after this long (600, 90s, 7m, 2h30m), as Ctrl-C does: checkpoints, the --resume / --resume-sweep line, exit 130."),
+    time_limit: Optional[float] = time_limit_option("from now"),
 ):
     """Train a job here: a local Ray (or $RAY_ADDRESS), DeepSpeed workers, MLflow tracking. Ctrl-C/SIGTERM stop it cleanly."""
     from ..runner import dry_run as plan, run_job

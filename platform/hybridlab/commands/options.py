@@ -38,6 +38,13 @@ def duration_s(text: str) -> float:
     return seconds
 
 
+def time_limit_option(what: str):
+    """``--time-limit DURATION`` of `run` and `submit` (``what``: where the clock runs)."""
+    return typer.Option(None, "--time-limit", parser=duration_s, metavar="DURATION",
+                        help=f"Stop cleanly after this long {what} (600, 90s, 7m, 2h30m), as Ctrl-C does: "
+                             "checkpoints, the --resume / --resume-sweep line, exit 130.")
+
+
 def ints_text(text: str) -> str:
     """A typer ``parser=``: ``1,16,128`` must be comma-separated integers (kept as text for the options
     dataclass; a ValueError becomes typer's one-line usage error)."""
