@@ -348,6 +348,18 @@ class TrainStep:
         return StepOutput(loss=total / len(micro_batches), logits=first_logits)
 
 
+def keeps_logits(log_point: bool, rank: int, engine_stage: int) -> bool:
+    """Whether this rank runs a log point's extra forward for train/acc: rank 0 scores it, and under ZeRO-3
+    a forward is collective, so every rank runs it."""
+    return log_point and (rank == 0 or engine_stage == 3)
+
+
+def host_predictions(logits: torch.Tensor) -> torch.Tensor:
+    """A log point's predicted token ids, taken where the logits are: the host gets (B, L) ints, not the
+    (B, L, V) floats (train/acc needs only the arg-max; at an LM's vocabulary the floats are gigabytes)."""
+    return logits.argmax(-1).cpu()
+
+
 def peak_flops(device: torch.device) -> Optional[float]:
     env = os.environ.get("HYBRIDLAB_PEAK_FLOPS")
     if env:

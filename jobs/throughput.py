@@ -4,8 +4,8 @@
 the job's own step (``jobs.step``): the same engine set-up (``build_engine``: AdamW
 groups, LR schedule, ZeRO, precision, clipping), the same ``TrainStep`` (host
 batches moved to the device, forward, cross-entropy, backward, optimizer step) and
-the same device-side statistics synced once per ``log_every`` steps — on random
-tokens, so kernel backends and layouts can be compared quickly. With
+the same device-side statistics synced, and the same extra forward for train/acc, once per
+``log_every`` steps — on random tokens, so kernel backends and layouts can be compared quickly. With
 ``torchrun --nproc-per-node N`` it measures N-GPU data parallelism (ZeRO 0–3 over NCCL).
 """
 
@@ -20,8 +20,9 @@ import torch
 from hybridlab.arch import HybridLM, count_spec, load_model_spec
 from hybridlab.jobs.data import RandomTokens
 from hybridlab.jobs.spec import TrainSpec
-from hybridlab.jobs.step import (StepStats, TrainStep, build_engine, checkpoint_activations, import_deepspeed,
-                                 optimizer_choice, peak_flops, peak_memory_bytes)
+from hybridlab.jobs.step import (StepStats, TrainStep, build_engine, checkpoint_activations, engine_zero_stage,
+                                 host_predictions, import_deepspeed, keeps_logits, optimizer_choice, peak_flops,
+                                 peak_memory_bytes)
 
 
 def _init_distributed(device: torch.device) -> tuple[int, int]:
@@ -69,13 +70,19 @@ def measure_training(
     stream = RandomTokens(spec.vocab_size, seq_len, micro_batch, seed=0, rank=rank)
     step_no = 0
 
+    stage = engine_zero_stage(train, world)
+
     def step() -> None:
         nonlocal step_no
         step_no += 1
-        out = step_fn([stream.get(step_no, m) for m in range(train.grad_accum)])
+        log_point = step_no % log_every == 0  # the job's schedule: syncs and train/acc once per log_every steps
+        out = step_fn([stream.get(step_no, m) for m in range(train.grad_accum)],
+                      keep_logits=keeps_logits(log_point, rank, stage))
         stats.add(step_no, out.loss)
-        if step_no % log_every == 0:  # the job's sync schedule: once per log_every steps
+        if log_point:
             stats.sync()
+            if out.logits is not None:
+                host_predictions(out.logits)  # the job scores these for train/acc
 
     for _ in range(warmup):
         step()

@@ -54,6 +54,8 @@ from hybridlab.jobs.step import (  # noqa: F401  (deepspeed_config, lr_lambda, .
     TrainStep,
     build_engine,
     checkpoint_activations,
+    host_predictions,
+    keeps_logits,
     deep_merge,
     deepspeed_config,
     engine_zero_stage,
@@ -220,8 +222,7 @@ class Worker:
             log_point = step % t.log_every == 0 or step == t.steps
             ckpt_point = bool(t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps
             batches = [self.stream.get(step, micro) for micro in range(t.grad_accum)]
-            # train/acc's logits come from one extra forward: under ZeRO-3 a forward is collective, so all ranks run it
-            out = self.step_fn(batches, keep_logits=log_point and (self.rank == 0 or self.engine_stage == 3))
+            out = self.step_fn(batches, keep_logits=keeps_logits(log_point, self.rank, self.engine_stage))
             self.stats.add(step, out.loss)
             tokens = self.seqs_per_step * self.stream.seq_len_at(step)  # a curriculum's stages differ in length
             s.step, s.tokens = step, s.tokens + tokens
@@ -299,8 +300,7 @@ class Worker:
             Metric.PEAK_MEM_GB: peak_memory_bytes(self.device) / 1e9,
         }
         if self.rank == 0 and logits is not None:
-            with torch.no_grad():
-                m[Metric.ACC] = float(self.stream.task.score(logits.float().cpu(), batch)["acc"])
+            m[Metric.ACC] = float(self.stream.task.score(host_predictions(logits), batch)["acc"])
         gn = self.engine.get_global_grad_norm()
         if gn is not None and math.isfinite(float(gn)):
             m[Metric.GRAD_NORM] = float(gn)

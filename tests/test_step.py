@@ -169,6 +169,29 @@ def test_plain_pytorch_baseline_runs_at_tiny_size():
         assert 0 < r["final_loss"] < 10 and r["peak_memory_gib"] > 0  # ln(64) ~ 4.2 at the start
 
 
+def test_log_point_scores_predictions_taken_on_device_as_the_logits_would():
+    """train/acc from the arg-max ids (what the worker sends to the host) equals the score of the logits
+    themselves, padded vocabulary and unscored positions included; only log points (and every rank under
+    ZeRO-3, whose forward is collective) run the extra forward."""
+    from hybridlab.jobs.step import host_predictions, keeps_logits
+    from hybridlab.jobs.tasks import make_task
+
+    task = make_task("mqar", vocab=64, seq_len=32, num_kv_pairs=4)
+    batch = task.batch(8, seed=3)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(8, 32, 80, generator=g)  # a vocabulary padded past the task's 64
+    logits[:4, :, 70] += 5.0  # some arg-maxes land in the padding: wrong, and counted so both ways
+    right = batch.targets.clamp(min=0)
+    logits[4:].scatter_(-1, right[4:, :, None], 20.0)  # half the rows all right
+    ids = host_predictions(logits.to(torch.bfloat16))
+    assert ids.dtype == torch.int64 and ids.shape == (8, 32) and ids.device.type == "cpu"
+    want = task.score(logits, batch)
+    got = task.score(ids, batch)
+    assert got["acc"] == want["acc"] and got["seq_acc"] == want["seq_acc"] and 0 < got["acc"] < 1
+    assert [keeps_logits(lp, r, z) for lp, r, z in ((True, 0, 2), (True, 1, 2), (True, 1, 3), (False, 0, 3))] == \
+        [True, False, True, False]
+
+
 def test_one_fp32_worker_runs_zero_1_2_as_stage_0_unless_the_user_says_otherwise():
     from hybridlab.jobs.spec import TrainSpec
     from hybridlab.jobs.step import build_engine, engine_zero_stage
