@@ -979,8 +979,8 @@ class RunDriver:
         waited = time.time() - self.waiting_since
         if waited < note_at:
             return note_at
-        _, _, per_worker = worker_resources(self.job.spec.resources)
         res = self.job.spec.resources
+        _, _, per_worker = worker_resources(res)
         self.progress.note(pending_workers_line(waited, res.workers, per_worker, res.placement))
         return waited + NOTE_EVERY_S
 
