@@ -118,3 +118,27 @@ def test_bad_best_of_or_select_is_one_line_exit_2(store, tmp_path, capsys, argv,
     assert e.value.code == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and " INFO " not in ln]
     assert len(err) == 1 and err[0].startswith("error: ") and all(w in err[0] for w in words), err
+
+
+def test_best_of_a_key_swept_in_one_group_only(tmp_path):
+    """A sweep of two groups, seeds swept only in the first (as GPU 7's arithmetic sweep): the other group's
+    chosen run shows the seed it logged as a param (the spec's), not None."""
+    from hybridlab.compare import compare
+
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("groups")
+    parent = client.create_run(exp, run_name="sweep").info.run_id
+    ids = {}
+    for layout, seed, acc in (("m3", 0, 0.9), ("m3", 1, 0.95), ("m2", None, 0.1)):
+        values = f"model.layout={layout}" + (f", train.seed={seed}" if seed is not None else "")
+        rid = client.create_run(exp, run_name=layout, tags={"mlflow.parentRunId": parent,
+                                                            "hybridlab.sweep_values": values}).info.run_id
+        client.log_batch(rid, metrics=[Metric(SEL, acc, 0, 100)],
+                         params=[Param("data.task", "parity"), Param("train.seed", str(seed or 7))], synchronous=True)
+        client.set_terminated(rid)
+        ids[(layout, seed)] = rid
+        time.sleep(0.01)
+    c = compare("groups", uri=uri, out=str(tmp_path / "c"), log=False, best_of=["train.seed"], select=SEL)
+    assert [(r.run_id, r.chosen) for r in c.runs] == [(ids[("m3", 1)], {"train.seed": "1"}),
+                                                      (ids[("m2", None)], {"train.seed": "7"})]

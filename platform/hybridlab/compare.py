@@ -371,6 +371,12 @@ def require_swept(option: str, key: str, swept: Sequence[str]) -> None:
         raise UserError(f"{option} {key!r}: no compared run has it in its sweep values{did_you_mean(key, swept)}{known}")
 
 
+def run_value(run, key: str) -> Optional[str]:
+    """A run's value of a job key: its sweep value, else the value it logged as a param (the spec's, when the
+    key was swept in other groups of the sweep only), else None."""
+    return sweep_values(run.data.tags).get(key, run.data.params.get(key))
+
+
 def best_of_runs(picked: list, best_of: Sequence[str], select: str, mode: str = "max") -> tuple[list, list[dict]]:
     """Per group of runs that agree on every sweep value except the ``best_of`` keys, the run with the best
     ``select`` metric (``mode`` max or min). Returns the chosen runs (in the order of their groups' first
@@ -399,7 +405,7 @@ def best_of_runs(picked: list, best_of: Sequence[str], select: str, mode: str = 
         scored = [(float(r.data.metrics[select]), r) for r in members
                   if select in r.data.metrics and math.isfinite(float(r.data.metrics[select]))]
         label = _label(members[0], drop=best_of)
-        cands = [{"run_id": r.info.run_id, **{k: sweep_values(r.data.tags).get(k) for k in best_of},
+        cands = [{"run_id": r.info.run_id, **{k: run_value(r, k) for k in best_of},
                   select: r.data.metrics.get(select)} for r in members]
         if not scored:
             report.append({"label": label, "run_id": None, "candidates": cands})
@@ -407,7 +413,7 @@ def best_of_runs(picked: list, best_of: Sequence[str], select: str, mode: str = 
         value, best = (max if mode == "max" else min)(scored, key=lambda x: x[0])
         chosen.append(best)
         report.append({"label": label, "run_id": best.info.run_id, select: value, "candidates": cands,
-                       **{k: sweep_values(best.data.tags).get(k) for k in best_of}})
+                       **{k: run_value(best, k) for k in best_of}})
     return chosen, report
 
 
@@ -462,7 +468,7 @@ def build(experiment: str, runs: Sequence[str] = (), metric: str = "auto", uri: 
             info.line = _label(r, drop=[*best_of, x, *with_x])
         if best_of:
             info.label = _label(r, drop=best_of)
-            info.chosen = {k: info.sweep.get(k) for k in best_of}
+            info.chosen = {k: run_value(r, k) for k in best_of}
             info.selected = float(r.data.metrics[select])
     _merge_eval_children(client, exp, infos)
     _unique_labels(infos)
