@@ -115,7 +115,8 @@ class HybridLM(nn.Module):
     computes_loss = True
 
     def forward(self, tokens: torch.Tensor, cache: ModelCache | None = None, seq_idx: torch.Tensor | None = None,
-                targets: torch.Tensor | None = None, return_hidden: bool = False) -> torch.Tensor:
+                targets: torch.Tensor | None = None, return_hidden: bool = False,
+                scored_at: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (b, l) -> logits (b, l, vocab). With ``cache``, continues from its position.
 
         ``seq_idx`` (b, l) int, nondecreasing per row: packed documents. Every mixer sees each
@@ -126,12 +127,18 @@ class HybridLM(nn.Module):
         ``targets`` (b, l) int: return the mean cross-entropy over the scored tokens (``-100``
         is not scored) instead of the logits, through the chunked LM-head + cross-entropy op
         (``kernels.linear_cross_entropy``), so the (tokens x vocab) fp32 logits never exist.
+        ``scored_at`` (b, k) int64, with ``targets``: positions that hold every scored token of each row
+        (others may be among them, unscored): only these go through the LM head. A task that scores a
+        few tokens a row (MQAR's answers, an arithmetic result) then skips the head's matmuls and
+        cross-entropy over the rest, which at a large vocabulary is most of a small model's step.
         ``return_hidden``: return the final normed hidden states (b, l, d) instead of logits."""
         if targets is not None:
             if cache is not None or return_hidden:
                 raise ValueError("HybridLM: targets= is for training (no cache, no return_hidden)")
             fn = self._compiled_loss if self._compiled_loss is not None else self._loss
-            return fn(tokens, targets, seq_idx)
+            return fn(tokens, targets, seq_idx, scored_at)
+        if scored_at is not None:
+            raise ValueError("HybridLM: scored_at= goes with targets= (it picks the scored positions)")
         h = self._hidden(tokens, cache, seq_idx)
         return h if return_hidden else self.lm_head(h)
 
@@ -139,10 +146,15 @@ class HybridLM(nn.Module):
         """Mean cross-entropy of the next-token logits against ``targets`` (``-100``: not scored)."""
         return self(tokens, seq_idx=seq_idx, targets=targets)
 
-    def _loss(self, tokens, targets, seq_idx):
-        h = self._hidden(tokens, None, seq_idx)
+    def _loss(self, tokens, targets, seq_idx, scored_at=None):
         if tuple(targets.shape) != tuple(tokens.shape):
             raise ValueError(f"HybridLM: targets must be shaped like tokens {tuple(tokens.shape)}; got {tuple(targets.shape)}")
+        h = self._hidden(tokens, None, seq_idx)
+        if scored_at is not None:
+            if scored_at.dim() != 2 or scored_at.shape[0] != tokens.shape[0]:
+                raise ValueError(f"HybridLM: scored_at must be (batch, k) positions; got {tuple(scored_at.shape)}")
+            h = h.gather(1, scored_at.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+            targets = targets.gather(1, scored_at)
         # lm_head.weight IS embed.weight when the embeddings are tied: one parameter, one gradient
         return linear_cross_entropy(h, self.lm_head.weight, targets, ignore_index=-100)
 

@@ -336,6 +336,9 @@ class TrainStep:
                 if keep_logits and i == 0:  # this one micro-batch's logits, for train/acc (a log point only)
                     with torch.no_grad():
                         first_logits = self.engine.module(inputs, **kw).detach()
+                at = scored_positions(b.targets)
+                if at is not None:
+                    kw["scored_at"] = self._to_device(at)
                 loss = self.engine(inputs, targets=targets, **kw)
             else:  # packed documents (seq_idx): each one attends/scans only within itself
                 logits = self.engine(inputs, **kw)
@@ -346,6 +349,23 @@ class TrainStep:
             self.engine.step()  # DeepSpeed applies the update at the last micro-batch of the step
             total = loss.detach() if total is None else total + loss.detach()
         return StepOutput(loss=total / len(micro_batches), logits=first_logits)
+
+
+def scored_positions(targets: torch.Tensor, max_fraction: float = 0.5) -> Optional[torch.Tensor]:
+    """(B, K) int64 positions holding every scored token (``targets != -100``) of each row of a host batch,
+    for ``HybridLM``'s ``scored_at``; None when more than ``max_fraction`` of the positions are scored (then
+    the LM head over all of them costs little more) or the targets are not on the host (no device sync).
+    Each row lists its scored positions first, then unscored ones up to K: the most any row has, rounded up
+    to a power of two (at least 8, at most L) so that a compiled step sees few shapes."""
+    if targets.device.type != "cpu" or targets.dim() != 2 or targets.shape[0] == 0:
+        return None
+    unscored = targets == IGNORE_INDEX
+    L = targets.shape[1]
+    most = int(L - unscored.sum(1).min())
+    k = min(L, max(8, 1 << max(most - 1, 0).bit_length()))
+    if k > max_fraction * L:
+        return None
+    return torch.argsort(unscored.to(torch.int8), dim=1, stable=True)[:, :k].contiguous()
 
 
 def keeps_logits(log_point: bool, rank: int, engine_stage: int) -> bool:

@@ -308,3 +308,68 @@ print("engine up")
         pytest.fail("the engine waited on the stale build lock")
     assert r.returncode == 0 and "engine up" in r.stdout, r.stdout + r.stderr
     assert sorted(p.name for p in stale.iterdir()) == ["lock"]  # nothing was built
+
+
+def test_scored_positions_pick_every_scored_token_and_pad_with_unscored_ones():
+    from hybridlab.jobs.step import scored_positions
+
+    t = torch.full((3, 40), -100)
+    t[0, [3, 17, 39]] = 5
+    t[1, 10] = 2
+    t[2, [0, 1, 2, 3, 4, 5, 6, 7, 8]] = 1  # 9 scored: k rounds up to 16
+    at = scored_positions(t)
+    assert at.shape == (3, 16) and at.dtype == torch.int64
+    for row, want in enumerate(([3, 17, 39], [10], list(range(9)))):
+        assert at[row, :len(want)].tolist() == want
+        assert (t[row, at[row, len(want):]] == -100).all() and len(set(at[row].tolist())) == 16
+    assert scored_positions(torch.zeros(2, 40, dtype=torch.long)) is None  # all scored: the head over all of them
+    assert scored_positions(torch.full((2, 12), -100)) is None  # k's floor of 8 is more than half of 12
+    assert scored_positions(t.cuda() if torch.cuda.is_available() else t.to("meta")) is None  # never syncs a device
+
+
+@pytest.mark.parametrize("seq_idx", [False, True])
+def test_loss_over_scored_positions_equals_the_full_loss_values_and_grads(seq_idx):
+    """HybridLM(..., targets=, scored_at=) runs the LM head over the scored positions only: the same loss and
+    gradients as over every position (MQAR-like targets: a few scored tokens a row)."""
+    from hybridlab.jobs.step import scored_positions
+
+    a, b = _model(), _model()
+    b.load_state_dict(a.state_dict())
+    g = torch.Generator().manual_seed(2)
+    tok = torch.randint(0, 64, (3, 48), generator=g)
+    tgt = torch.full((3, 48), -100)
+    for row, cols in enumerate(([5, 20, 47], [30], [1, 2, 40, 41, 42])):
+        tgt[row, cols] = torch.randint(0, 64, (len(cols),), generator=g)
+    kw = {"seq_idx": torch.tensor([[0] * 20 + [1] * 28] * 3)} if seq_idx else {}
+    at = scored_positions(tgt)
+    assert at is not None and at.shape == (3, 8)
+    loss = a(tok, targets=tgt, scored_at=at, **kw)
+    ref = b(tok, targets=tgt, **kw)
+    assert torch.allclose(loss, ref, rtol=1e-5, atol=1e-6), (loss.item(), ref.item())
+    loss.backward()
+    ref.backward()
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), n
+    with pytest.raises(ValueError, match="scored_at"):
+        a(tok, scored_at=at)
+    with pytest.raises(ValueError, match="scored_at"):
+        a(tok, targets=tgt, scored_at=at[0])
+
+
+def test_compiled_loss_over_scored_positions_has_no_graph_break():
+    from torch._dynamo.utils import counters
+
+    from hybridlab.jobs.step import scored_positions
+
+    torch._dynamo.reset()
+    a = _model()
+    tok = torch.randint(0, 64, (2, 32))
+    tgt = torch.full((2, 32), -100)
+    tgt[:, [7, 15, 31]] = 3
+    at = scored_positions(tgt)
+    eager = a(tok, targets=tgt, scored_at=at)
+    counters.clear()
+    a.compile_training(backend="aot_eager")
+    comp = a(tok, targets=tgt, scored_at=at)
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"], dict(counters["graph_break"])
+    assert torch.allclose(comp, eager, rtol=1e-5, atol=1e-6)
