@@ -306,6 +306,14 @@ def build(cls, data: Any, src: Source, path: Path_ = ()):
     return cls(**kwargs)
 
 
+def _shape(tp) -> str:
+    """'list', 'mapping' or 'scalar': what kind of YAML node a type (or a value's type) is."""
+    origin = typing.get_origin(tp) or tp
+    if origin in (list, tuple):
+        return "list"
+    return "mapping" if origin is dict or dataclasses.is_dataclass(tp) else "scalar"
+
+
 def coerce(tp, value: Any, src: Source, path: Path_):
     """Check ``value`` against type ``tp``; return it converted (int -> float, nested dataclasses)."""
     origin = typing.get_origin(tp) or (tp if tp in (list, dict) else None)
@@ -322,8 +330,12 @@ def coerce(tp, value: Any, src: Source, path: Path_):
             try:
                 return coerce(a, value, src, path)
             except SpecError as e:
-                errors.append(e)
-        raise errors[0] if len(errors) == 1 else src.error(path, f"expected {_type_name(tp)}, got {_kind(value)} {value!r}")
+                errors.append((a, e))
+        # a list against int-or-list: the list alternative's own error names the bad item
+        same_shape = [e for a, e in errors if isinstance(value, (list, dict)) and _shape(a) == _shape(type(value))]
+        if len(errors) == 1 or len(same_shape) == 1:
+            raise (errors[0][1] if len(errors) == 1 else same_shape[0])
+        raise src.error(path, f"expected {_type_name(tp)}, got {_kind(value)} {value!r}")
     if origin is Literal:
         if value in args and not isinstance(value, bool):
             return value

@@ -9,7 +9,14 @@ data:
 
 Training runs in stages: stage k (counting from 0) covers optimizer steps
 ``k * steps_per_stage + 1 .. (k + 1) * steps_per_stage``, the last stage runs to
-the end of training. In stage k every training sequence has its own length,
+the end of training. ``steps_per_stage`` may also be a list, one count per stage
+(the last may be left out: that stage runs to the end anyway), to give the long
+stages more steps than the short ones:
+
+```yaml
+  curriculum: {min_len: 3, max_len: [10, 20, 40, 80, 160], steps_per_stage: [500, 500, 1000, 3000, 5000]}
+```
+ In stage k every training sequence has its own length,
 drawn uniformly in ``[min_len, max_len[k]]`` (``Task.batch(..., min_len=...)``),
 and the batch is right-padded to ``max_len[k]`` (targets -100 there, so the
 loss and the accuracy only see real tokens; each sequence's answer is at its
@@ -25,8 +32,10 @@ counts and the default eval length use it.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Union
 
 KEYS = ("min_len", "max_len", "steps_per_stage")
@@ -36,7 +45,7 @@ KEYS = ("min_len", "max_len", "steps_per_stage")
 class Curriculum:
     min_len: int
     max_len: Union[int, list[int]]
-    steps_per_stage: int = 0  # required when max_len has more than one stage
+    steps_per_stage: Union[int, list[int]] = 0  # required when max_len has more than one stage
 
     @property
     def stages(self) -> list[int]:
@@ -47,12 +56,30 @@ class Curriculum:
     def longest(self) -> int:
         return max(self.stages)
 
+    @property
+    def stage_ends(self) -> list[int]:
+        """The last optimizer step of every stage but the last (which runs to the end of training)."""
+        n = len(self.stages)
+        counts = self.steps_per_stage if isinstance(self.steps_per_stage, list) else [self.steps_per_stage] * n
+        return list(accumulate(int(c) for c in counts[:n - 1]))
+
     def stage_at(self, step: int) -> int:
         """The stage (0-based) of optimizer step ``step`` (steps count from 1)."""
-        n = len(self.stages)
-        if n == 1:
-            return 0
-        return min(max(step - 1, 0) // self.steps_per_stage, n - 1)
+        return bisect.bisect_left(self.stage_ends, step)
+
+    def describe(self, steps: int) -> str:
+        """One line for ``run --dry-run``: each stage's longest length and last step, and the stages that
+        ``steps`` (train.steps) never reaches."""
+        ends = self.stage_ends
+        parts = [f"{m} to step {e:,}" for m, e in zip(self.stages, ends) if e < steps]
+        last = self.stage_at(steps)
+        parts.append(f"{self.stages[last]} to the end ({steps:,})")
+        text = f"lengths {self.min_len} to max: " + ", ".join(parts)
+        if last < len(self.stages) - 1:
+            unreached = self.stages[last + 1:]
+            text += (f"; train.steps {steps:,} ends in stage {last + 1} of {len(self.stages)}: max_len "
+                     f"{', '.join(map(str, unreached))} never trained")
+        return text
 
     def max_len_at(self, step: int) -> int:
         return self.stages[self.stage_at(step)]
@@ -78,8 +105,19 @@ class Curriculum:
                 raise src.error(where, f"{m} is below min_len {self.min_len}")
             if i and m < self.stages[i - 1]:
                 raise src.error(where, f"{m} is below the previous stage's {self.stages[i - 1]} (stages only grow)")
-        if len(self.stages) > 1 and self.steps_per_stage <= 0:
-            raise src.error(path + ("steps_per_stage",), f"must be positive with {len(self.stages)} stages, "
-                            f"got {self.steps_per_stage}")
-        if self.steps_per_stage < 0:
-            raise src.error(path + ("steps_per_stage",), f"must be >= 0, got {self.steps_per_stage}")
+        n, counts = len(self.stages), self.steps_per_stage
+        if isinstance(counts, list):
+            if n == 1:
+                raise src.error(path + ("steps_per_stage",), "max_len is a single stage: give steps_per_stage as "
+                                "one number, or leave it out")
+            if len(counts) not in (n - 1, n):
+                raise src.error(path + ("steps_per_stage",), f"expected one count per stage ({n} stages; the last "
+                                f"may be left out), got {len(counts)}")
+            for i, c in enumerate(counts):
+                if c <= 0:
+                    raise src.error(path + ("steps_per_stage", i), f"must be positive, got {c}")
+            return
+        if n > 1 and counts <= 0:
+            raise src.error(path + ("steps_per_stage",), f"must be positive with {n} stages, got {counts}")
+        if counts < 0:
+            raise src.error(path + ("steps_per_stage",), f"must be >= 0, got {counts}")

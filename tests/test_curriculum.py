@@ -147,6 +147,14 @@ def test_curriculum_stages():
     one = Curriculum(min_len=3, max_len=40)
     assert one.stages == [40] and one.max_len_at(12345) == 40
     assert Curriculum.from_dict(c.to_dict()) == c
+    # a count per stage (the last left out, or given): long stages get more steps
+    for counts in ([2, 3, 5], [2, 3, 5, 7]):
+        v = Curriculum(min_len=3, max_len=[8, 16, 32, 64], steps_per_stage=counts)
+        assert [v.max_len_at(s) for s in range(1, 14)] == [8, 8, 16, 16, 16, 32, 32, 32, 32, 32, 64, 64, 64]
+        assert v.stage_ends == [2, 5, 10] and Curriculum.from_dict(v.to_dict()) == v
+    assert v.describe(12) == "lengths 3 to max: 8 to step 2, 16 to step 5, 32 to step 10, 64 to the end (12)"
+    assert v.describe(4) == ("lengths 3 to max: 8 to step 2, 16 to the end (4); train.steps 4 ends in stage 2 of 4: "
+                             "max_len 32, 64 never trained")
 
 
 def _job(tmp_path, data: str, extra: str = "") -> str:
@@ -203,6 +211,14 @@ def test_curriculum_job_resolves_and_streams(tmp_path):
     ("  task: parity\n  target: final\n  curriculum: {min_len: 1, max_len: 8}", "data.curriculum.min_len", "min_len"),
     ("  task: mqar\n  vocab: 16\n  num_kv_pairs: 4\n  curriculum: {min_len: 8, max_len: 32}", "data.curriculum.min_len", "needs >= 15"),
     ("  task: parity\n  curriculum: 12", "data.curriculum", "mapping"),
+    ("  task: parity\n  curriculum: {min_len: 3, max_len: [8, 16, 32], steps_per_stage: [2]}",
+     "data.curriculum.steps_per_stage", "one count per stage (3 stages"),
+    ("  task: parity\n  curriculum: {min_len: 3, max_len: [8, 16, 32], steps_per_stage: [2, 0]}",
+     "data.curriculum.steps_per_stage[1]", "must be positive, got 0"),
+    ("  task: parity\n  curriculum: {min_len: 3, max_len: 8, steps_per_stage: [2]}",
+     "data.curriculum.steps_per_stage", "single stage"),
+    ("  task: parity\n  curriculum: {min_len: 3, max_len: [8, 16], steps_per_stage: [2, many]}",
+     "data.curriculum.steps_per_stage[1]", "expected an integer, got a string 'many'"),
 ])
 def test_curriculum_errors_are_located(tmp_path, data, where, words):
     with pytest.raises(SpecError) as ei:

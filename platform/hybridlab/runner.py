@@ -344,6 +344,8 @@ def dry_run(job_file: str, overrides=()) -> None:
         print(f"deepspeed ZeRO {ds['zero_optimization']['stage']}, {train['precision']}, global batch "
               f"{ds['train_batch_size']} x seq {j.seq_len} = {ds['train_batch_size'] * j.seq_len:,} tokens/step, "
               f"{counts['flops_per_token_train'] * ds['train_batch_size'] * j.seq_len:.3e} FLOPs/step")
+        if j.spec.data.curriculum is not None:
+            print(f"curriculum {j.spec.data.curriculum.describe(j.spec.train.steps)}")
         print(f"memory    ~{_gb(mem.training)} per worker ({_gb(mem.state)} model state + {_gb(mem.activations)} "
               f"activations)" + (f" of {_gb(have[0])} {have[1]}" if have else ""))
         if starts_local_ray():  # a job for a cluster is fine to dry-run here: said, not refused
