@@ -14,10 +14,11 @@ import zlib
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from hybridlab.jobs.data import build_task, eval_task_options
 from hybridlab.jobs.record import EVAL_METRIC_RE, EVAL_METRICS, metric_name
-from hybridlab.jobs.tasks import batch_seed
+from hybridlab.jobs.tasks import IGNORE, batch_seed
 from hybridlab.jobs.text_evals import is_text_eval, run_text_eval
 
 EVAL_SEED = 10_007  # base seed of eval batches: never a training seed stream (those use rank >= 0 with job seeds)
@@ -56,11 +57,8 @@ def run_evals(
                 n = int(e.get("batches", 2))
                 for j in range(n):
                     b = task.batch(int(e.get("batch_size", 32)), eval_seed(name, int(L), j), seq_len=int(L))
-                    if b.seq_idx is None:
-                        logits = model(b.inputs.to(device)).float().cpu()
-                    else:  # packed documents: scored as each one alone, as in training
-                        logits = model(b.inputs.to(device), seq_idx=b.seq_idx.to(device)).float().cpu()
-                    s = task.score(logits, b)
+                    preds, token_loss = _host_scores(model, task, b, device)
+                    s = task.score(preds, b, token_loss=token_loss)
                     for k, v in s.items():
                         if isinstance(v, (int, float)):
                             totals[k] = totals.get(k, 0.0) + float(v) / n
@@ -73,6 +71,19 @@ def run_evals(
         if was_training and hasattr(model, "train"):
             model.train()
     return out
+
+
+def _host_scores(model, task, b, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One eval batch through ``model``: (predictions, per-token cross-entropy), each (B, L), on the host.
+    The logits stay where the model ran: at MQAR's vocabulary a batch's (B, L, V) floats are gigabytes,
+    and copying them to the host for a CPU cross-entropy took longer than the forward."""
+    kw = {} if b.seq_idx is None else {"seq_idx": b.seq_idx.to(device)}  # packed documents: each one alone
+    logits = model(b.inputs.to(device), **kw)
+    task.check_logits(logits.shape, b)
+    targets = b.targets.to(logits.device)
+    token_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
+                                 reduction="none").view(targets.shape)
+    return logits.argmax(-1).cpu(), token_loss.cpu()
 
 
 SUMMARY_METRICS = ("acc", "scaled_acc")  # what a run's end-of-training summary shows per (task, length)

@@ -494,3 +494,25 @@ def test_mqar_slots_and_keys_have_zoologys_distribution():
     first = many.batch(3000, seed=9).inputs[:, 0]
     counts = torch.bincount(first - many.key_lo, minlength=many.num_keys)
     assert int(counts.min()) > 3000 / 31 - 5 * 10 and int(counts.max()) < 3000 / 31 + 5 * 10
+
+
+@pytest.mark.parametrize("name,kw", [("mqar", {"vocab": 64, "seq_len": 32, "num_kv_pairs": 4}),
+                                     ("modarith", {"seq_len": 23, "target": "final"})])
+def test_eval_scores_from_device_side_predictions_equal_scores_of_the_logits(name, kw):
+    """run_evals keeps the logits on the device and hands the task (predictions, per-token loss): every
+    metric equals scoring the logits themselves."""
+    from hybridlab.jobs.evals import _host_scores
+
+    t = make_task(name, **kw)
+    b = t.batch(8, seed=3)
+    torch.manual_seed(0)
+    logits = torch.randn(8, b.inputs.shape[1], t.vocab_size + 5)
+    preds, token_loss = _host_scores(lambda x: logits, t, b, "cpu")
+    want, got = t.score(logits, b), t.score(preds, b, token_loss=token_loss)
+    assert set(got) == set(want)
+    for k in want:
+        assert got[k] == pytest.approx(want[k], rel=1e-9), k
+    with pytest.raises(TaskError, match="classes"):
+        _host_scores(lambda x: logits[..., :3], t, b, "cpu")
+    with pytest.raises(TaskError, match="token_loss shape"):
+        t.score(preds, b, token_loss=token_loss[:, :-1])

@@ -331,8 +331,18 @@ class Task:
             out[rows, :c] = self._solve(inputs[rows, :c]).to(torch.long)
         return out
 
-    def score(self, out: Any, b: Batch) -> Dict[str, float]:
+    def check_logits(self, shape, b: Batch) -> None:
+        """Logits of shape ``shape`` fit this batch: (B, L) of its targets, at least the task's vocabulary."""
+        if len(shape) != 3 or tuple(shape[:2]) != tuple(b.targets.shape):
+            raise _err(f"{self.name}: logits shape {tuple(shape)} does not match targets {tuple(b.targets.shape)}")
+        if shape[-1] < self.vocab_size:
+            raise _err(f"{self.name}: logits have {shape[-1]} classes, task needs vocab_size {self.vocab_size}")
+
+    def score(self, out: Any, b: Batch, token_loss: Optional[torch.Tensor] = None) -> Dict[str, float]:
         """Score logits ``(B, L, V)`` (float) or predictions ``(B, L)`` (int).
+
+        ``token_loss`` (B, L) float, with predictions: each position's cross-entropy, computed where the
+        logits were (``evals.run_evals`` keeps them on the device), for ``loss`` and ``ppl``.
 
         Returns ``acc`` (over scored tokens), ``seq_acc`` (sequences whose scored
         tokens are all right), ``n_scored``; with logits also ``loss`` (mean CE
@@ -349,10 +359,7 @@ class Task:
         if not torch.is_tensor(out):
             raise _err(f"{self.name}: score expects a tensor of logits or predictions, got {type(out).__name__}")
         if out.is_floating_point():
-            if out.dim() != 3 or tuple(out.shape[:2]) != tuple(targets.shape):
-                raise _err(f"{self.name}: logits shape {tuple(out.shape)} does not match targets {tuple(targets.shape)}")
-            if out.shape[-1] < self.vocab_size:
-                raise _err(f"{self.name}: logits have {out.shape[-1]} classes, task needs vocab_size {self.vocab_size}")
+            self.check_logits(out.shape, b)
             logits = out
             preds = out.argmax(-1)
         else:
@@ -373,10 +380,13 @@ class Task:
             "n_scored": n,
         }
         if logits is not None:
-            V = logits.shape[-1]
-            tok_loss = F.cross_entropy(logits.float().reshape(-1, V), targets.reshape(-1),
-                                       ignore_index=IGNORE, reduction="none")
-            loss = tok_loss.double().sum() / n
+            token_loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                         ignore_index=IGNORE, reduction="none").view(targets.shape)
+        if token_loss is not None:
+            if tuple(token_loss.shape) != tuple(targets.shape):
+                raise _err(f"{self.name}: token_loss shape {tuple(token_loss.shape)} does not match targets "
+                           f"{tuple(targets.shape)}")
+            loss = token_loss.to(targets.device)[mask].double().sum() / n
             res["loss"] = float(loss)
             res["ppl"] = float(math.exp(min(res["loss"], 700.0)))
         if self.REPORT_FINAL:
