@@ -135,6 +135,20 @@ def compile_options(mode: str = "default", backend: Optional[str] = None) -> dic
     return {"dynamic": False} if mode == "default" else {"mode": mode, "dynamic": False}
 
 
+# batch shapes one compiled training path may see: a curriculum's stages (the paper recipes have 16-23), each
+# with and without scored_at; dynamo's default (8) runs every shape after the 8th eager, with one log warning
+COMPILED_SHAPES = 64
+
+
+def allow_shapes(n: int) -> None:
+    """Let torch.compile keep up to ``n`` shape-specialised graphs of a function (never lowers the limit)."""
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    cfg.recompile_limit = max(cfg.recompile_limit, n)
+    cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 4 * n)
+
+
 # which optimizer a job's engine steps with (see optimizer_choice)
 TORCH_FUSED, TORCH, DEEPSPEED = "torch-fused", "torch", "deepspeed"
 
@@ -212,6 +226,7 @@ def build_engine(model: torch.nn.Module, train, world: int, device: Optional[tor
     own_schedule = "scheduler" not in cfg
     sched = (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train))) if own_schedule else None
     if use_compile(train.get("compile", "auto"), device, train["zero_stage"]) and hasattr(model, "compile_training"):
+        allow_shapes(COMPILED_SHAPES)
         model.compile_training(**compile_options(train.get("compile_mode", "default"), compile_backend))
     optimizer = make_optimizer(model, train, device)
     if optimizer is not None:

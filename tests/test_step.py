@@ -373,3 +373,26 @@ def test_compiled_loss_over_scored_positions_has_no_graph_break():
     comp = a(tok, targets=tgt, scored_at=at)
     assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"], dict(counters["graph_break"])
     assert torch.allclose(comp, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_a_compiled_step_keeps_compiling_past_dynamos_default_of_8_shapes():
+    """A curriculum of more than 8 stage lengths: every length gets its own graph (dynamo's default limit, 8,
+    would silently run the later, longer stages eager)."""
+    from torch._dynamo.utils import counters
+
+    from hybridlab.jobs.data import RandomTokens
+    from hybridlab.jobs.spec import TrainSpec
+    from hybridlab.jobs.step import TrainStep, build_engine
+    from hybridlab.jobs.throughput import _init_distributed
+
+    cpu = torch.device("cpu")
+    _init_distributed(cpu)
+    torch._dynamo.reset()
+    train = TrainSpec(steps=10, micro_batch=2, lr=1e-3, warmup=0, zero_stage=0, precision="fp32", compile=True)
+    engine, _ = build_engine(_model(["layout=m3"]), train, 1, cpu, compile_backend="aot_eager")
+    step = TrainStep(engine, cpu)
+    counters.clear()
+    lengths = [4, 6, 8, 10, 12, 14, 16, 18, 20, 24]
+    for i, L in enumerate(lengths):
+        step([RandomTokens(64, L, 2, seed=i).get(1)])
+    assert counters["stats"]["unique_graphs"] == len(lengths), dict(counters["stats"])
