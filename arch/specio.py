@@ -4,7 +4,7 @@ Every spec error reads ``FILE:LINE key.path: message`` and is raised as
 :class:`SpecError`; the CLI prints it on one line and exits 2. The arch spec
 and the job spec (``hybridlab.jobs``) both build on this module.
 
-YAML goes through ``yaml.SafeLoader`` only; tags outside the YAML core schema
+YAML goes through ``yaml.SafeLoader`` only (with YAML 1.2's ``1e-4`` floats); tags outside the YAML core schema
 (``!!python/...`` and friends) are rejected before anything is constructed.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -139,9 +140,21 @@ def _unshare(x):
     return x
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads YAML 1.2's floats: ``1e-4`` and ``3E5`` (YAML 1.1, PyYAML's, wants a dot in
+    the mantissa and reads them as strings, so ``lr: 1e-4`` failed as "expected a number")."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
 def _compose(text: str, file: str):
     """(the loader, the document's root node or None), the node graph bounded."""
-    loader = yaml.SafeLoader(text)
+    loader = _Loader(text)
     try:
         node = loader.get_single_node()
     except yaml.YAMLError as e:

@@ -74,6 +74,17 @@ def test_spec_errors_are_located(tmp_path, text, where, words):
     assert "\n" not in msg
 
 
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    """`lr: 1e-4` (YAML 1.2; PyYAML's 1.1 reads it as a string) in a file, a --set and a sweep list."""
+    path = write(tmp_path, GOOD.replace("zero_stage: 2,", "zero_stage: 2, lr: 3e-4, weight_decay: 1E-2,")
+                 + "sweep: {train.lr: [1e-4, 2.5e-3]}\n")
+    job = load_job(path)
+    assert job.spec.train.lr == pytest.approx(3e-4) and job.spec.train.weight_decay == pytest.approx(0.01)
+    assert load_job(path, ["train.lr=5e-5"]).spec.train.lr == pytest.approx(5e-5)
+    assert [j.spec.train.lr for j in expand_sweep(path, [])] == [pytest.approx(1e-4), pytest.approx(2.5e-3)]
+    assert "expected a number, got a string '1e-4x'" in err(tmp_path, GOOD, ["train.lr=1e-4x"])
+
+
 def test_overrides_and_model_overrides(tmp_path):
     path = write(tmp_path, GOOD)
     job = load_job(path, ["train.lr=0.01", "model.d_model=64", "data.num_kv_pairs=8"])
