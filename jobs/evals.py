@@ -75,8 +75,8 @@ def run_evals(
 
 def _host_scores(model, task, b, device) -> tuple[torch.Tensor, torch.Tensor]:
     """One eval batch through ``model``: (predictions, per-token cross-entropy), each (B, L), on the host.
-    The logits stay where the model ran: at MQAR's vocabulary a batch's (B, L, V) floats are gigabytes,
-    and copying them to the host for a CPU cross-entropy took longer than the forward."""
+    The logits stay where the model ran: at MQAR's vocabulary a batch's (B, L, V) floats are about a
+    gigabyte, which the host would otherwise copy and run a CPU cross-entropy over."""
     kw = {} if b.seq_idx is None else {"seq_idx": b.seq_idx.to(device)}  # packed documents: each one alone
     logits = model(b.inputs.to(device), **kw)
     task.check_logits(logits.shape, b)
