@@ -70,9 +70,8 @@ class Curriculum:
     def describe(self, steps: int) -> str:
         """One line for ``run --dry-run``: each stage's longest length and last step, and the stages that
         ``steps`` (train.steps) never reaches."""
-        ends = self.stage_ends
-        parts = [f"{m} to step {e:,}" for m, e in zip(self.stages, ends) if e < steps]
         last = self.stage_at(steps)
+        parts = [f"{m} to step {e:,}" for m, e in zip(self.stages[:last], self.stage_ends)]
         parts.append(f"{self.stages[last]} to the end ({steps:,})")
         text = f"lengths {self.min_len} to max: " + ", ".join(parts)
         if last < len(self.stages) - 1:

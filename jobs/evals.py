@@ -14,11 +14,10 @@ import zlib
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from hybridlab.jobs.data import build_task, eval_task_options
 from hybridlab.jobs.record import EVAL_METRIC_RE, EVAL_METRICS, metric_name
-from hybridlab.jobs.tasks import IGNORE, batch_seed
+from hybridlab.jobs.tasks import batch_seed, token_losses
 from hybridlab.jobs.text_evals import is_text_eval, run_text_eval
 
 EVAL_SEED = 10_007  # base seed of eval batches: never a training seed stream (those use rank >= 0 with job seeds)
@@ -80,10 +79,7 @@ def _host_scores(model, task, b, device) -> tuple[torch.Tensor, torch.Tensor]:
     kw = {} if b.seq_idx is None else {"seq_idx": b.seq_idx.to(device)}  # packed documents: each one alone
     logits = model(b.inputs.to(device), **kw)
     task.check_logits(logits.shape, b)
-    targets = b.targets.to(logits.device)
-    token_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
-                                 reduction="none").view(targets.shape)
-    return logits.argmax(-1).cpu(), token_loss.cpu()
+    return logits.argmax(-1).cpu(), token_losses(logits, b.targets.to(logits.device)).cpu()
 
 
 SUMMARY_METRICS = ("acc", "scaled_acc")  # what a run's end-of-training summary shows per (task, length)

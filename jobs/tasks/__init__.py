@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Mapping, Type, Union
 
-from .base import IGNORE, Batch, Opt, Task, TaskError, UnknownTask, batch_seed, did_you_mean
+from .base import IGNORE, Batch, Opt, Task, TaskError, UnknownTask, batch_seed, did_you_mean, token_losses
 from .copying import Copy
 from .lm import LM, ByteTokenizer, TokenShards, load_tokenizer, prepare_shards
 from .modarith import ModArith
@@ -66,5 +66,5 @@ def make_task(name: Union[str, Mapping[str, Any]], **kwargs: Any) -> Task:
 __all__ = [
     "ALIASES", "Batch", "ByteTokenizer", "Copy", "IGNORE", "LM", "MQAR", "ModArith", "Opt", "Parity",
     "Passkey", "TASKS", "TASK_CLASSES", "Task", "TaskError", "TokenShards", "UnknownTask", "batch_seed",
-    "canonical_name", "load_tokenizer", "make_task", "prepare_shards",
+    "canonical_name", "load_tokenizer", "make_task", "prepare_shards", "token_losses",
 ]

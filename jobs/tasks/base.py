@@ -176,6 +176,12 @@ class Batch:
         )
 
 
+def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(B, L) fp32 cross-entropy of each position's logits (B, L, V) against ``targets`` (0 where not scored)."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE,
+                           reduction="none").view(targets.shape)
+
+
 def shift(seq: np.ndarray, scored: np.ndarray):
     """(B, L+1) stream + mask -> (inputs, targets) int64 arrays of shape (B, L)."""
     seq = np.asarray(seq, dtype=np.int64)
@@ -380,8 +386,7 @@ class Task:
             "n_scored": n,
         }
         if logits is not None:
-            token_loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                         ignore_index=IGNORE, reduction="none").view(targets.shape)
+            token_loss = token_losses(logits, targets)
         if token_loss is not None:
             if tuple(token_loss.shape) != tuple(targets.shape):
                 raise _err(f"{self.name}: token_loss shape {tuple(token_loss.shape)} does not match targets "
