@@ -356,6 +356,27 @@ def test_loss_over_scored_positions_equals_the_full_loss_values_and_grads(seq_id
         a(tok, targets=tgt, scored_at=at[0])
 
 
+@pytest.mark.parametrize("name,kw", [("mqar", {"vocab": 64, "seq_len": 48, "num_kv_pairs": 4}),
+                                     ("parity", {"seq_len": 24})])  # MQAR: a few scored; parity: all scored
+def test_evals_of_a_hybrid_lm_over_its_scored_positions_equal_evals_of_its_full_logits(name, kw):
+    """run_evals puts only a HybridLM's scored positions through its LM head: every metric, the loss
+    included, equals scoring the logits of every position (the model behind a plain callable)."""
+    from hybridlab.jobs.evals import _host_scores, run_evals
+    from hybridlab.jobs.tasks import make_task
+
+    m = _model().eval()
+    t = make_task(name, **kw)
+    b = t.batch(6, seed=4)
+    preds, loss = _host_scores(m, t, b, "cpu")
+    assert preds.shape == loss.shape == b.targets.shape
+    evals = [{"task": name, "batch_size": 6, "batches": 2, **kw}]
+    got = run_evals(m, evals, {"task": name, **kw})
+    want = run_evals(lambda x: m(x), evals, {"task": name, **kw})
+    assert set(got) == set(want) and got
+    for k in want:
+        assert got[k] == pytest.approx(want[k], rel=1e-5, abs=1e-6), k
+
+
 def test_compiled_loss_over_scored_positions_has_no_graph_break():
     from torch._dynamo.utils import counters
 
