@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import textwrap
 
@@ -430,3 +431,29 @@ def test_io_gpu_matches_reference(r, dtype):
 def test_layer_gpu_matches_torch_layer(case):
     for nm, e in layer_case(*case, device="cuda", b=2, l=300).items():
         assert e < 1e-4, f"{nm}: {e:.2e}"
+
+
+@pytest.mark.parametrize("rotary", [True, False])
+@pytest.mark.parametrize("norm_bias", [True, False])
+def test_qk_prep_kernels_compile_for_sm90_in_bf16_as_launched(rotary, norm_bias):
+    """The q/k kernels as the op launches them in bf16 compile for an H100/H200 (no GPU needed). Without a
+    rotary (a Mamba-2-style block) the angle pointer once stood in with B's bf16, whose cos/sin the GPU
+    compiler refuses (every m2 run of 2026-12-04's MQAR sweep failed so): the interpreter ran it."""
+    pytest.importorskip("triton")
+    from sm90_compile import compile_for_sm90, recorded_launches
+
+    q = importlib.import_module("hybridlab.kernels.ssm_io.qk_prep")  # the package's qk_prep is the function
+
+    b, l, h, r, n, A = 2, 16, 2, 1, 64, 8
+    bf = dict(dtype=torch.bfloat16)
+    B, C = torch.randn(b, l, r, n, **bf), torch.randn(b, l, r, n, **bf)
+    phase = torch.randn(b, l, h, A) if rotary else None
+    w = [torch.ones(n, **bf), torch.ones(n, **bf)] if norm_bias else [None, None]
+    bias = [torch.zeros(h, r, n, **bf), torch.zeros(h, r, n, **bf)] if norm_bias else [None, None]
+    with recorded_launches(q, "_qk_fwd_kernel", "_qk_bwd_kernel", "_qk_dbias_kernel") as launches:
+        q._qk_op(B, C, phase, *w, *bias, h, 1e-5)
+        q._qk_bwd_op(B, C, phase, *w, *bias, torch.randn(b, l, h, r, n, **bf), torch.randn(b, l, h, r, n, **bf), h, 1e-5)
+    kernels = {launch.kernel.fn.__name__ for launch in launches}
+    assert {"_qk_fwd_kernel", "_qk_bwd_kernel"} <= kernels and (("_qk_dbias_kernel" in kernels) == norm_bias)
+    for launch in launches:
+        assert "cubin" in compile_for_sm90(launch).asm, launch.kernel.fn.__name__

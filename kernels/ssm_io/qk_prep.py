@@ -235,6 +235,12 @@ def _phase_strides(phase) -> tuple[int, int, int, int]:
     return tuple(phase.stride()) if phase is not None else (0, 0, 0, 0)
 
 
+def _phase_or_standin(phase, like):
+    """The phase pointer's argument: without a rotary (A = 0) every angle load is masked off, but its dtype
+    still types the loads, and the cos/sin of a 16-bit value do not compile: an fp32 stand-in."""
+    return phase if phase is not None else torch.zeros(1, device=like.device, dtype=torch.float32)
+
+
 def _qk_launch_meta(X, phase, budget):
     b, l, r, n = X.shape
     A = phase.shape[-1] if phase is not None else 0
@@ -249,7 +255,7 @@ def _qk_op(B: torch.Tensor, C: torch.Tensor, phase: Optional[torch.Tensor], b_no
            eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """B, C (b, l, R, N) token rows; phase (b, l, H, A) fp32, dense with any strides -> (q, k) (b, l, H, R, N)."""
     m = _qk_launch_meta(B, phase, _QK_FWD[0])
-    ph = phase if phase is not None else B
+    ph = _phase_or_standin(phase, B)
     outs = []
     for X, w, bias in ((C, c_norm, c_bias), (B, b_norm, b_bias)):
         out = torch.empty(m["b"], m["l"], heads, m["r"], m["n"], device=X.device, dtype=X.dtype)
@@ -280,7 +286,7 @@ def _qk_bwd_op(B: torch.Tensor, C: torch.Tensor, phase: Optional[torch.Tensor], 
     dev = B.device
     none = lambda: B.new_empty(0)  # noqa: E731  (a fresh one each time: outputs may not alias)
     dphase = torch.empty_like(phase) if phase is not None else none()  # phase's strides
-    ph = phase if phase is not None else B
+    ph = _phase_or_standin(phase, B)
     grads = []
     for i, (X, w, bias, dout) in enumerate(((C, c_norm, c_bias, dq), (B, b_norm, b_bias, dk))):
         dout = dout.contiguous()

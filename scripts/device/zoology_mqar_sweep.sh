@@ -9,7 +9,7 @@
 #
 # Knobs (environment): LRS (default "4.64e-4, 2.15e-3", two of Zoology's logspace(-4, -2, 4)); EPOCHS: training
 # sequences per run in units of Zoology's 100k (default 10; Zoology: up to 64 passes over 100k fixed ones, with
-# the same early stop; here every sequence is fresh); CONCURRENT (runs at once; default 16 at length 64, else 12).
+# the same early stop; here every sequence is fresh); LAYOUTS (default "attn attn, m2 m2, m3 m3, m3r4 m3r4"); CONCURRENT (runs at once; default 16 at length 64, else 12).
 #
 # then, with DIR/mlruns.db brought back (one store per length; each length's runs are their own figure):
 #   hybridlab compare zoology-mqar --uri sqlite:///DIR/mlruns.db --x model.d_model --best-of train.lr \
@@ -31,7 +31,7 @@ cd "$(dirname "$0")/../.."
 if [ -d /tmp/site ]; then export PYTHONPATH=/tmp/site:${PYTHONPATH:-} PATH=/tmp/site/bin:$PATH; fi
 python3 -c "import hybridlab" 2>/dev/null || python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null
 SWEEP="sweep={zip: [{model.d_model: [64, 128, 256, 512], model.blocks.attn.heads: [1, 2, 4, 8]}],
-              model.layout: [attn attn, m2 m2, m3 m3, m3r4 m3r4], train.lr: [${LRS:-4.64e-4, 2.15e-3}]}"
+              model.layout: [${LAYOUTS:-attn attn, m2 m2, m3 m3, m3r4 m3r4}], train.lr: [${LRS:-4.64e-4, 2.15e-3}]}"
 exec bash scripts/device/sweep_calls.sh "$DIR" jobs/recipes/zoology-mqar.yaml --set "$SWEEP" \
   --set data.seq_len="$L" --set data.num_kv_pairs="$KV" --set train.micro_batch="$B" --set train.steps="$STEPS" \
   --set train.early_stop.metric="eval/mqar/len_$L/acc" --set train.eval_every=100 --set train.log_every=50 \
