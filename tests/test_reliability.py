@@ -646,3 +646,24 @@ def test_free_ports_are_distinct_and_free():
     for p in ports[:8]:  # released: each can be bound again
         with socket.socket() as s:
             s.bind(("127.0.0.1", p))
+
+
+def test_a_sqlite_stores_artifacts_sit_beside_its_file_whatever_the_working_folder(tmp_path, monkeypatch):
+    """A sweep's folder (its .db and mlruns/ beside it) is the whole store: a new experiment's artifacts go
+    to mlruns/<experiment> next to the database file, not to ./mlruns of the folder the run started in
+    (a store copied off a GPU machine came back without the job.yaml that --resume-sweep reads)."""
+    from hybridlab.tracking import Tracker
+
+    (tmp_path / "store").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    t = Tracker(f"sqlite:///{tmp_path / 'store' / 'runs.db'}")
+    exp = t.client.get_experiment(t.experiment_id("my exp/1"))
+    assert exp.artifact_location == (tmp_path / "store" / "mlruns" / "my_exp_1").as_uri()
+    rid = t.client.create_run(exp.experiment_id).info.run_id
+    (tmp_path / "a.txt").write_text("x")
+    t.client.log_artifact(rid, str(tmp_path / "a.txt"))
+    assert (tmp_path / "store" / "mlruns" / "my_exp_1" / rid / "artifacts" / "a.txt").read_text() == "x"
+    assert not (tmp_path / "elsewhere" / "mlruns").exists()
+    rel = Tracker("sqlite:///rel.db")  # relative to the working folder, as MLflow reads it
+    assert rel.client.get_experiment(rel.experiment_id("e")).artifact_location == (tmp_path / "elsewhere" / "mlruns" / "e").as_uri()

@@ -564,7 +564,8 @@ def _sweep_resume_plan(tracker, parent_id: str, job_file: str, job, jobs):
     saved = _run_job_artifact(tracker.client, parent_id)
     if not saved or not saved.get("sweep"):
         raise UserError(f"{flag}: MLflow run {parent_id} has no job.yaml artifact with its sweep to compare this "
-                        f"job's with (a sweep started before --resume-sweep existed)")
+                        f"job's with at {parent.info.artifact_uri} (a store moved without its artifacts folder, or "
+                        f"a sweep started before --resume-sweep existed)")
     try:
         theirs = [dict(c) for c in from_resolved(saved).spec.sweep.combinations()]
     except SpecError as e:

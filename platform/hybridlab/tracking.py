@@ -20,6 +20,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -86,6 +87,20 @@ def _sql_errors() -> tuple:
     except ImportError:
         return ()
 
+
+
+def artifacts_beside(uri: str, experiment: str) -> Optional[str]:
+    """Where a new experiment of a sqlite store keeps its artifacts: ``mlruns/<experiment>`` beside the
+    database file, so that the file and that folder are the whole store (MLflow's default is ./mlruns of
+    whatever folder the first run started in: a store copied off a GPU machine came back without
+    the job.yaml that --resume-sweep reads). None (MLflow's default) for other stores."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri[len("sqlite:///"):])
+    if not db.is_absolute():
+        db = Path.cwd() / db
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", experiment) or "experiment"
+    return (db.parent / "mlruns" / safe).as_uri()
 
 class _sqlite_init_lock:
     """``flock`` on ``<db file>.lock`` for a ``sqlite:///`` URI; nothing for other stores."""
@@ -255,7 +270,7 @@ class Tracker:
                 self._sync("restoring the experiment", self.client.restore_experiment, exp.experiment_id)
             return exp.experiment_id
         try:
-            return self.client.create_experiment(name)
+            return self.client.create_experiment(name, artifact_location=artifacts_beside(self.uri, name))
         except MlflowException:  # a concurrent creator won the race
             exp = self._sync("creating the experiment", self.client.get_experiment_by_name, name)
             if exp is None:
