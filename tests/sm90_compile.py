@@ -1,72 +1,83 @@
-"""Compile a module's Triton kernels for an H100/H200 (sm_90) on a machine without a GPU, with the very
-arguments its launcher passes: the interpreter (TRITON_INTERPRET=1) runs a kernel's Python, so it accepts
-what the GPU compiler refuses (the cos of a 16-bit value, a pointer of the wrong dtype); triton.compile
-types the kernel from its arguments and builds PTX and a cubin without a device."""
+"""Compile Triton kernels for an H100/H200 (sm_90) on a machine without a GPU, with the very arguments their
+launchers pass. The interpreter (TRITON_INTERPRET=1) runs a kernel's Python, so it accepts what the GPU
+compiler refuses (the cos of a 16-bit value, a pointer of the wrong dtype); ``triton.compile`` types the
+kernel from its arguments and builds PTX and a cubin without a device (``kernels/bench/triton_resources``).
+
+``recorded_launches()``: within the block every ``kernel[grid](...)`` records its launch instead of running
+it, and the ops' device checks see Triton as usable on the CPU, so a layer's forward and backward walk the
+launchers a GPU run takes (their outputs stay uninitialized: only the launches matter)."""
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+import inspect
 
-import torch
+from hybridlab.kernels.bench.triton_resources import compile_launch
 
-LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas")
-_PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.int32: "*i32",
-        torch.int64: "*i64", torch.int8: "*i8", torch.uint8: "*u8", torch.bool: "*i1"}
-
-
-@dataclass
-class Launch:
-    kernel: object
-    args: tuple
-    kwargs: dict = field(default_factory=dict)
+LAUNCH_OPTIONS = ("num_warps", "num_stages")
+# the modules that ask whether Triton can run on a tensor's device (each imported the function by name)
+_USABLE_IN = ("hybridlab.kernels.ssm_io._dispatch", "hybridlab.kernels.ssm_scan", "hybridlab.kernels.ssm_scan.fused")
 
 
-class _Recorder:
-    def __init__(self, kernel, launches: list):
-        self.kernel, self.launches = kernel, launches
+def _as_launch(kernel, grid, args: tuple, kwargs: dict):
+    """A ``triton_fused.Launch`` of this call: constexprs by name (defaults filled in); an autotuned kernel
+    as its first config."""
+    from triton.runtime.autotuner import Autotuner
 
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.launches.append(Launch(self.kernel, args, kwargs))
+    from hybridlab.kernels.ssm_scan.triton_fused import Launch
+
+    kwargs = dict(kwargs)
+    if isinstance(kernel, Autotuner):
+        cfg = kernel.configs[0]
+        kwargs.update(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        kernel = kernel.fn
+    params = kernel.params
+    named = dict(zip((p.name for p in params), args))
+    named.update({k: v for k, v in kwargs.items() if k not in LAUNCH_OPTIONS})
+    for p in params:
+        if p.name not in named and p.default is not inspect.Parameter.empty:
+            named[p.name] = p.default
+    meta = {p.name: named[p.name] for p in params if p.is_constexpr or named[p.name] is None}
+    runtime = tuple(named[p.name] for p in params if p.name not in meta)
+    return Launch(kernel, grid, runtime, meta, kwargs.get("num_warps", 4), kwargs.get("num_stages", 3))
 
 
 @contextlib.contextmanager
-def recorded_launches(module, *names: str):
-    """Within the block, ``module.<name>[grid](...)`` records the launch instead of running it."""
-    launches: list[Launch] = []
-    saved = {n: getattr(module, n) for n in names}
+def recorded_launches():
+    import importlib
+
+    from triton.runtime.jit import KernelInterface
+
+    launches: list = []
+    saved_getitem = KernelInterface.__getitem__
+    mods = [importlib.import_module(m) for m in _USABLE_IN]
+    saved_usable = [m.triton_usable for m in mods]
+    KernelInterface.__getitem__ = lambda self, grid: (
+        lambda *args, **kwargs: launches.append(_as_launch(self, grid, args, kwargs)))
+    for m in mods:
+        m.triton_usable = lambda t: True
     try:
-        for n, k in saved.items():
-            setattr(module, n, _Recorder(k, launches))
         yield launches
     finally:
-        for n, k in saved.items():
-            setattr(module, n, k)
+        KernelInterface.__getitem__ = saved_getitem
+        for m, f in zip(mods, saved_usable):
+            m.triton_usable = f
 
 
-def _arg_type(v) -> str:
-    if torch.is_tensor(v):
-        return _PTR[v.dtype]
-    if isinstance(v, bool):
-        return "i1"
-    if isinstance(v, int):
-        return "i32" if -2**31 <= v < 2**31 else "i64"
-    if isinstance(v, float):
-        return "fp32"
-    raise TypeError(f"no Triton type for an argument of type {type(v).__name__}")
+def compile_for_sm90(launch):
+    """The launch's kernel compiled for sm_90 (triton's CompiledKernel; its ``asm`` holds the cubin)."""
+    return compile_launch(launch, arch=90)
 
 
-def compile_for_sm90(launch: Launch):
-    """The launch's kernel compiled for sm_90: its arguments' types, its keyword constexprs."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+def unique(launches: list) -> list:
+    """One launch per (kernel, argument types, constexprs): what triton would compile."""
+    import torch
 
-    fn = launch.kernel
-    names = fn.arg_names
-    const = {k: v for k, v in launch.kwargs.items() if k not in LAUNCH_OPTIONS}
-    given = dict(zip(names, launch.args))
-    sig = {n: "constexpr" if n in const else _arg_type(given[n]) for n in names}
-    src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in const.items()})
-    opts = {k: v for k, v in launch.kwargs.items() if k in LAUNCH_OPTIONS}
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+    seen, out = set(), []
+    for la in launches:
+        key = (la.kernel.fn.__qualname__, tuple(a.dtype if torch.is_tensor(a) else type(a) for a in la.args),
+               tuple(sorted((k, repr(v)) for k, v in la.meta.items())), la.num_warps, la.num_stages)
+        if key not in seen:
+            seen.add(key)
+            out.append(la)
+    return out

@@ -450,10 +450,46 @@ def test_qk_prep_kernels_compile_for_sm90_in_bf16_as_launched(rotary, norm_bias)
     phase = torch.randn(b, l, h, A) if rotary else None
     w = [torch.ones(n, **bf), torch.ones(n, **bf)] if norm_bias else [None, None]
     bias = [torch.zeros(h, r, n, **bf), torch.zeros(h, r, n, **bf)] if norm_bias else [None, None]
-    with recorded_launches(q, "_qk_fwd_kernel", "_qk_bwd_kernel", "_qk_dbias_kernel") as launches:
+    with recorded_launches() as launches:
         q._qk_op(B, C, phase, *w, *bias, h, 1e-5)
         q._qk_bwd_op(B, C, phase, *w, *bias, torch.randn(b, l, h, r, n, **bf), torch.randn(b, l, h, r, n, **bf), h, 1e-5)
     kernels = {launch.kernel.fn.__name__ for launch in launches}
     assert {"_qk_fwd_kernel", "_qk_bwd_kernel"} <= kernels and (("_qk_dbias_kernel" in kernels) == norm_bias)
     for launch in launches:
         assert "cubin" in compile_for_sm90(launch).asm, launch.kernel.fn.__name__
+
+
+LAYER_BLOCKS = {  # zoology-mqar.yaml's m2 and the paper recipes' variants
+    "m2": dict(d_state=64, rope=False, trapezoid=False, bc_norm=False, bc_bias=False, a_activation="softplus", a_bias=True),
+    "m3": dict(d_state=64),
+    "m3_std": dict(d_state=64, rope="standard"),
+    "mimo": dict(d_state=64, mode="mimo", rank=4),
+}
+
+
+@pytest.mark.parametrize("dtype,fused_on", [(torch.bfloat16, False), (torch.float32, True)],
+                         ids=["bf16-unfused", "fp32-fused"])  # what a GPU runs by default for each dtype
+@pytest.mark.parametrize("block", sorted(LAYER_BLOCKS))
+def test_every_triton_kernel_of_a_mamba3_layer_compiles_for_sm90_as_launched(block, dtype, fused_on, monkeypatch):
+    """A Mamba-3 layer's forward and backward on the Triton path launch kernels that all compile for an
+    H100/H200 with the arguments the launchers pass (recorded on the CPU, compiled without a GPU)."""
+    pytest.importorskip("triton")
+    from sm90_compile import compile_for_sm90, recorded_launches, unique
+
+    from hybridlab.arch import load_model_spec
+    from hybridlab.arch.layers.mamba3 import Mamba3
+
+    monkeypatch.setattr(importlib.import_module("hybridlab.kernels.ssm_scan.fused"), "ENABLED", fused_on)
+    spec = load_model_spec({"name": "t", "d_model": 128, "vocab_size": 64, "layout": "b",
+                            "blocks": {"b": dict(mixer="mamba3", headdim=64, **LAYER_BLOCKS[block])}})
+    torch.manual_seed(0)
+    layer = Mamba3(128, spec.blocks["b"], backend="triton").to(dtype)
+    u = torch.randn(2, 64, 128, dtype=dtype, requires_grad=True)
+    with recorded_launches() as launches:
+        y = layer(u)
+        (y[0] if isinstance(y, tuple) else y).float().sum().backward()
+    names = {la.kernel.fn.__name__ for la in launches}
+    scan = {"_fused_fwd_kernel", "_fused_bwd_chunk_kernel"} if fused_on else {"_qk_fwd_kernel", "_fwd_kernel", "_bwd_chunk_kernel"}
+    assert scan <= names and {"_out_fwd_kernel", "_out_bwd_kernel", "_coef_fwd_kernel"} <= names, names
+    for la in unique(launches):
+        assert "cubin" in compile_for_sm90(la).asm, la.kernel.fn.__name__
