@@ -17,7 +17,7 @@ import torch
 
 from hybridlab.jobs.data import build_task, eval_task_options
 from hybridlab.jobs.record import EVAL_METRIC_RE, EVAL_METRICS, metric_name
-from hybridlab.jobs.step import scored_positions
+from hybridlab.jobs.step import scored_logits
 from hybridlab.jobs.tasks import batch_seed, token_losses
 from hybridlab.jobs.text_evals import is_text_eval, run_text_eval
 
@@ -75,29 +75,17 @@ def run_evals(
 
 def _host_scores(model, task, b, device) -> tuple[torch.Tensor, torch.Tensor]:
     """One eval batch through ``model``: (predictions, per-token cross-entropy), each (B, L), on the host.
-    The logits stay where the model ran: at MQAR's vocabulary a batch's (B, L, V) floats are about a
-    gigabyte, which the host would otherwise copy and run a CPU cross-entropy over. A ``HybridLM`` puts only
-    the scored positions through its LM head (as its training step does), when few are scored: at MQAR's
-    length 512 the full logits of one batch of 250 are 4 GB."""
+    The logits stay where the model ran (the host gets ids and losses, not (B, L, V) floats), and a
+    ``HybridLM`` puts only the scored positions through its LM head when few are (``step.scored_logits``)."""
     kw = {} if b.seq_idx is None else {"seq_idx": b.seq_idx.to(device)}  # packed documents: each one alone
-    at = scored_positions(b.targets) if _has_own_head(model) else None
+    logits, at = scored_logits(model, b.inputs.to(device), b.targets, **kw)
+    task.check_logits((*b.targets.shape, logits.shape[-1]) if at is not None else logits.shape, b)
     if at is None:
-        logits = model(b.inputs.to(device), **kw)
-        task.check_logits(logits.shape, b)
         return logits.argmax(-1).cpu(), token_losses(logits, b.targets.to(logits.device)).cpu()
-    h = model(b.inputs.to(device), return_hidden=True, **kw)
-    idx = at.to(h.device)
-    logits = model.lm_head(h.gather(1, idx.unsqueeze(-1).expand(-1, -1, h.shape[-1])))  # (B, K, V)
-    task.check_logits((*b.targets.shape, logits.shape[-1]), b)
     # unscored positions get prediction -1 and loss 0: Task.score reads only the scored ones
     preds = torch.full(b.targets.shape, -1, dtype=torch.long).scatter_(1, at, logits.argmax(-1).cpu())
-    loss = torch.zeros(b.targets.shape).scatter_(1, at, token_losses(logits, b.targets.gather(1, at).to(h.device)).cpu())
+    loss = torch.zeros(b.targets.shape).scatter_(1, at, token_losses(logits, b.targets.gather(1, at).to(logits.device)).cpu())
     return preds, loss
-
-
-def _has_own_head(model) -> bool:
-    """A ``HybridLM`` (or a model built like one): hidden states on request, then its ``lm_head``."""
-    return getattr(model, "computes_loss", False) and isinstance(getattr(model, "lm_head", None), torch.nn.Module)
 
 
 SUMMARY_METRICS = ("acc", "scaled_acc")  # what a run's end-of-training summary shows per (task, length)

@@ -250,7 +250,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 @dataclass
 class StepOutput:
     loss: torch.Tensor  # mean loss over the step's micro-batches, on the device (no sync)
-    logits: Optional[torch.Tensor] = None  # the first micro-batch's logits, when asked for
+    predictions: Optional[torch.Tensor] = None  # the first micro-batch's (B, L) arg-max ids on the device, when asked for
 
 
 class StepStats:
@@ -307,8 +307,9 @@ class TrainStep:
 
     A model that ``computes_loss`` (``HybridLM``) is asked for its loss (``engine(inputs, targets=...)``:
     the chunked LM-head + cross-entropy, compiled with the model when ``train.compile`` is on); any
-    other module returns logits and ``loss_fn(logits, targets)`` scores them. ``keep_logits`` (log
-    points): the first micro-batch's logits, from one extra forward without gradients, for train/acc.
+    other module returns logits and ``loss_fn(logits, targets)`` scores them. ``keep_predictions`` (log
+    points): the first micro-batch's arg-max ids (``predictions``: one extra forward without gradients, the
+    LM head over the scored positions only), for train/acc.
     ``compile_s``: the first step's wall time when the model's training path is compiled (the first
     call compiles it), printed once; None otherwise.
     """
@@ -321,18 +322,18 @@ class TrainStep:
         self.compile_s: Optional[float] = None
         self._calls = 0
 
-    def __call__(self, micro_batches: Sequence, keep_logits: bool = False) -> StepOutput:
+    def __call__(self, micro_batches: Sequence, keep_predictions: bool = False) -> StepOutput:
         self._calls += 1
         if self.compiled and self._calls == 1:  # the first step compiles: time it (one sync, once)
             t0 = time.perf_counter()
-            out = self._step(micro_batches, keep_logits)
+            out = self._step(micro_batches, keep_predictions)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self.compile_s = time.perf_counter() - t0
             print(f"torch.compile: the training step compiled and ran its first step in {self.compile_s:.1f} s",
                   flush=True)
             return out
-        return self._step(micro_batches, keep_logits)
+        return self._step(micro_batches, keep_predictions)
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         # a copy from pageable host memory makes the host wait for the stream (CUDA stages it), so every
@@ -342,15 +343,15 @@ class TrainStep:
             t = t.pin_memory()
         return t.to(self.device, non_blocking=True)
 
-    def _step(self, micro_batches: Sequence, keep_logits: bool) -> StepOutput:
-        total, first_logits = None, None
+    def _step(self, micro_batches: Sequence, keep_predictions: bool) -> StepOutput:
+        total, first_preds = None, None
         for i, b in enumerate(micro_batches):
             inputs, targets = self._to_device(b.inputs), self._to_device(b.targets)
             kw = {} if b.seq_idx is None else {"seq_idx": self._to_device(b.seq_idx)}
             if self.model_loss:
-                if keep_logits and i == 0:  # this one micro-batch's logits, for train/acc (a log point only)
+                if keep_predictions and i == 0:  # this one micro-batch's predictions, for train/acc (a log point only)
                     with torch.no_grad():
-                        first_logits = self.engine.module(inputs, **kw).detach()
+                        first_preds = predictions(self.engine.module, inputs, b.targets, **kw)
                 at = scored_positions(b.targets)
                 if at is not None:
                     kw["scored_at"] = self._to_device(at)
@@ -358,12 +359,12 @@ class TrainStep:
             else:  # packed documents (seq_idx): each one attends/scans only within itself
                 logits = self.engine(inputs, **kw)
                 loss = self.loss_fn(logits, targets)
-                if keep_logits and i == 0:
-                    first_logits = logits.detach()
+                if keep_predictions and i == 0:
+                    first_preds = logits.detach().argmax(-1)
             self.engine.backward(loss)
             self.engine.step()  # DeepSpeed applies the update at the last micro-batch of the step
             total = loss.detach() if total is None else total + loss.detach()
-        return StepOutput(loss=total / len(micro_batches), logits=first_logits)
+        return StepOutput(loss=total / len(micro_batches), predictions=first_preds)
 
 
 def scored_positions(targets: torch.Tensor, max_fraction: float = 0.5) -> Optional[torch.Tensor]:
@@ -383,16 +384,36 @@ def scored_positions(targets: torch.Tensor, max_fraction: float = 0.5) -> Option
     return torch.argsort(unscored.to(torch.int8), dim=1, stable=True)[:, :k].contiguous()
 
 
-def keeps_logits(log_point: bool, rank: int, engine_stage: int) -> bool:
+def keeps_predictions(log_point: bool, rank: int, engine_stage: int) -> bool:
     """Whether this rank runs a log point's extra forward for train/acc: rank 0 scores it, and under ZeRO-3
     a forward is collective, so every rank runs it."""
     return log_point and (rank == 0 or engine_stage == 3)
 
 
-def host_predictions(logits: torch.Tensor) -> torch.Tensor:
-    """A log point's predicted token ids, taken where the logits are: the host gets (B, L) ints, not the
-    (B, L, V) floats (train/acc needs only the arg-max; at an LM's vocabulary the floats are gigabytes)."""
-    return logits.argmax(-1).cpu()
+def has_own_head(model) -> bool:
+    """A ``HybridLM`` (or a model built like one): hidden states on request, then its ``lm_head``."""
+    return bool(getattr(model, "computes_loss", False)) and isinstance(getattr(model, "lm_head", None), torch.nn.Module)
+
+
+def scored_logits(model, inputs: torch.Tensor, host_targets: torch.Tensor, **kw):
+    """The logits a task scores: a ``HybridLM``'s at each row's scored positions only, ``(B, K, V)`` with
+    those ``(B, K)`` host positions (``scored_positions``), when few are scored; else every position's,
+    ``(B, L, V)`` and None. At MQAR's vocabulary the full logits of an eval batch are gigabytes."""
+    at = scored_positions(host_targets) if has_own_head(model) else None
+    if at is None:
+        return model(inputs, **kw), None
+    h = model(inputs, return_hidden=True, **kw)
+    idx = at.to(h.device)
+    return model.lm_head(h.gather(1, idx.unsqueeze(-1).expand(-1, -1, h.shape[-1]))), at
+
+
+def predictions(model, inputs: torch.Tensor, host_targets: torch.Tensor, **kw) -> torch.Tensor:
+    """(B, L) arg-max ids on the model's device; -1 at positions ``scored_logits`` left out (never scored)."""
+    logits, at = scored_logits(model, inputs, host_targets, **kw)
+    ids = logits.argmax(-1)
+    if at is None:
+        return ids
+    return torch.full(host_targets.shape, -1, dtype=ids.dtype, device=ids.device).scatter_(1, at.to(ids.device), ids)
 
 
 def peak_flops(device: torch.device) -> Optional[float]:

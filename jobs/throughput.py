@@ -21,7 +21,7 @@ from hybridlab.arch import HybridLM, count_spec, load_model_spec
 from hybridlab.jobs.data import RandomTokens
 from hybridlab.jobs.spec import TrainSpec
 from hybridlab.jobs.step import (StepStats, TrainStep, build_engine, checkpoint_activations, engine_zero_stage,
-                                 host_predictions, import_deepspeed, keeps_logits, optimizer_choice, peak_flops,
+                                 import_deepspeed, keeps_predictions, optimizer_choice, peak_flops,
                                  peak_memory_bytes)
 
 
@@ -77,12 +77,12 @@ def measure_training(
         step_no += 1
         log_point = step_no % log_every == 0  # the job's schedule: syncs and train/acc once per log_every steps
         out = step_fn([stream.get(step_no, m) for m in range(train.grad_accum)],
-                      keep_logits=keeps_logits(log_point, rank, stage))
+                      keep_predictions=keeps_predictions(log_point, rank, stage))
         stats.add(step_no, out.loss)
         if log_point:
             stats.sync()
-            if out.logits is not None:
-                host_predictions(out.logits)  # the job scores these for train/acc
+            if out.predictions is not None:
+                out.predictions.cpu()  # the job scores these on the host for train/acc
 
     for _ in range(warmup):
         step()

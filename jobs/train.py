@@ -57,9 +57,8 @@ from hybridlab.jobs.step import (  # noqa: F401  (deepspeed_config, lr_lambda, .
     deep_merge,
     deepspeed_config,
     engine_zero_stage,
-    host_predictions,
     import_deepspeed,
-    keeps_logits,
+    keeps_predictions,
     lr_lambda,
     peak_flops,
     peak_memory_bytes,
@@ -222,7 +221,7 @@ class Worker:
             log_point = step % t.log_every == 0 or step == t.steps
             ckpt_point = bool(t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps
             batches = [self.stream.get(step, micro) for micro in range(t.grad_accum)]
-            out = self.step_fn(batches, keep_logits=keeps_logits(log_point, self.rank, self.engine_stage))
+            out = self.step_fn(batches, keep_predictions=keeps_predictions(log_point, self.rank, self.engine_stage))
             self.stats.add(step, out.loss)
             tokens = self.seqs_per_step * self.stream.seq_len_at(step)  # a curriculum's stages differ in length
             s.step, s.tokens = step, s.tokens + tokens
@@ -247,7 +246,7 @@ class Worker:
         if synced.nonfinite:
             return self._nonfinite_end(synced)
         if log_point:
-            self._log(step, synced.loss, out.logits, batch)
+            self._log(step, synced.loss, out.predictions, batch)
         if synced.stop:
             return self._stopped_end()
         if ckpt_point:
@@ -286,7 +285,7 @@ class Worker:
         return rec.End(step=s.step, status=Status.FINISHED, last_checkpoint_step=s.last_ckpt_step,
                        loss=s.last_metrics.get(Metric.LOSS), acc=s.last_metrics.get(Metric.ACC), stopped_early=s.step)
 
-    def _log(self, step: int, loss: float, logits: Optional[torch.Tensor], batch) -> None:
+    def _log(self, step: int, loss: float, preds: Optional[torch.Tensor], batch) -> None:
         s = self.state
         now = time.perf_counter()
         dt = max(1e-9, now - s.window_start)
@@ -299,8 +298,8 @@ class Worker:
             Metric.STEP_TIME_S: dt / max(1, step - s.synced_step),
             Metric.PEAK_MEM_GB: peak_memory_bytes(self.device) / 1e9,
         }
-        if self.rank == 0 and logits is not None:
-            m[Metric.ACC] = float(self.stream.task.score(host_predictions(logits), batch)["acc"])
+        if self.rank == 0 and preds is not None:  # (B, L) ids: the host never gets the (B, L, V) logits
+            m[Metric.ACC] = float(self.stream.task.score(preds.cpu(), batch)["acc"])
         gn = self.engine.get_global_grad_norm()
         if gn is not None and math.isfinite(float(gn)):
             m[Metric.GRAD_NORM] = float(gn)
