@@ -17,7 +17,7 @@ import torch
 
 from hybridlab.jobs.data import build_task, eval_task_options
 from hybridlab.jobs.record import EVAL_METRIC_RE, EVAL_METRICS, metric_name
-from hybridlab.jobs.step import scored_logits
+from hybridlab.jobs.step import scored_logits, spread
 from hybridlab.jobs.tasks import batch_seed, token_losses
 from hybridlab.jobs.text_evals import is_text_eval, run_text_eval
 
@@ -83,9 +83,9 @@ def _host_scores(model, task, b, device) -> tuple[torch.Tensor, torch.Tensor]:
     if at is None:
         return logits.argmax(-1).cpu(), token_losses(logits, b.targets.to(logits.device)).cpu()
     # unscored positions get prediction -1 and loss 0: Task.score reads only the scored ones
-    preds = torch.full(b.targets.shape, -1, dtype=torch.long).scatter_(1, at, logits.argmax(-1).cpu())
-    loss = torch.zeros(b.targets.shape).scatter_(1, at, token_losses(logits, b.targets.gather(1, at).to(logits.device)).cpu())
-    return preds, loss
+    shape = tuple(b.targets.shape)
+    loss = token_losses(logits, b.targets.gather(1, at).to(logits.device))
+    return spread(logits.argmax(-1).cpu(), at, shape, -1), spread(loss.cpu(), at, shape, 0.0)
 
 
 SUMMARY_METRICS = ("acc", "scaled_acc")  # what a run's end-of-training summary shows per (task, length)

@@ -411,9 +411,12 @@ def predictions(model, inputs: torch.Tensor, host_targets: torch.Tensor, **kw) -
     """(B, L) arg-max ids on the model's device; -1 at positions ``scored_logits`` left out (never scored)."""
     logits, at = scored_logits(model, inputs, host_targets, **kw)
     ids = logits.argmax(-1)
-    if at is None:
-        return ids
-    return torch.full(host_targets.shape, -1, dtype=ids.dtype, device=ids.device).scatter_(1, at.to(ids.device), ids)
+    return ids if at is None else spread(ids, at, tuple(host_targets.shape), -1)
+
+
+def spread(values: torch.Tensor, at: torch.Tensor, shape: tuple, fill) -> torch.Tensor:
+    """(B, K) values at their (B, K) positions ``at`` (``scored_logits``) in a (B, L) tensor of ``fill``."""
+    return torch.full(shape, fill, dtype=values.dtype, device=values.device).scatter_(1, at.to(values.device), values)
 
 
 def peak_flops(device: torch.device) -> Optional[float]:

@@ -12,8 +12,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 
-from hybridlab.kernels.bench.triton_resources import compile_launch
-
 LAUNCH_OPTIONS = ("num_warps", "num_stages")
 # the modules that ask whether Triton can run on a tensor's device (each imported the function by name)
 _USABLE_IN = ("hybridlab.kernels.ssm_io._dispatch", "hybridlab.kernels.ssm_scan", "hybridlab.kernels.ssm_scan.fused")
@@ -62,11 +60,6 @@ def recorded_launches():
         KernelInterface.__getitem__ = saved_getitem
         for m, f in zip(mods, saved_usable):
             m.triton_usable = f
-
-
-def compile_for_sm90(launch):
-    """The launch's kernel compiled for sm_90 (triton's CompiledKernel; its ``asm`` holds the cubin)."""
-    return compile_launch(launch, arch=90)
 
 
 def unique(launches: list) -> list:

@@ -440,7 +440,9 @@ def test_qk_prep_kernels_compile_for_sm90_in_bf16_as_launched(rotary, norm_bias)
     rotary (a Mamba-2-style block) the angle pointer once stood in with B's bf16, whose cos/sin the GPU
     compiler refuses (every m2 run of 2026-12-04's MQAR sweep failed so): the interpreter ran it."""
     pytest.importorskip("triton")
-    from sm90_compile import compile_for_sm90, recorded_launches
+    from sm90_compile import recorded_launches
+
+    from hybridlab.kernels.bench.triton_resources import compile_launch
 
     q = importlib.import_module("hybridlab.kernels.ssm_io.qk_prep")  # the package's qk_prep is the function
 
@@ -456,7 +458,7 @@ def test_qk_prep_kernels_compile_for_sm90_in_bf16_as_launched(rotary, norm_bias)
     kernels = {launch.kernel.fn.__name__ for launch in launches}
     assert {"_qk_fwd_kernel", "_qk_bwd_kernel"} <= kernels and (("_qk_dbias_kernel" in kernels) == norm_bias)
     for launch in launches:
-        assert "cubin" in compile_for_sm90(launch).asm, launch.kernel.fn.__name__
+        assert "cubin" in compile_launch(launch, arch=90).asm, launch.kernel.fn.__name__
 
 
 LAYER_BLOCKS = {  # zoology-mqar.yaml's m2 and the paper recipes' variants
@@ -474,7 +476,9 @@ def test_every_triton_kernel_of_a_mamba3_layer_compiles_for_sm90_as_launched(blo
     """A Mamba-3 layer's forward and backward on the Triton path launch kernels that all compile for an
     H100/H200 with the arguments the launchers pass (recorded on the CPU, compiled without a GPU)."""
     pytest.importorskip("triton")
-    from sm90_compile import compile_for_sm90, recorded_launches, unique
+    from sm90_compile import recorded_launches, unique
+
+    from hybridlab.kernels.bench.triton_resources import compile_launch
 
     from hybridlab.arch import load_model_spec
     from hybridlab.arch.layers.mamba3 import Mamba3
@@ -492,4 +496,4 @@ def test_every_triton_kernel_of_a_mamba3_layer_compiles_for_sm90_as_launched(blo
     scan = {"_fused_fwd_kernel", "_fused_bwd_chunk_kernel"} if fused_on else {"_qk_fwd_kernel", "_fwd_kernel", "_bwd_chunk_kernel"}
     assert scan <= names and {"_out_fwd_kernel", "_out_bwd_kernel", "_coef_fwd_kernel"} <= names, names
     for la in unique(launches):
-        assert "cubin" in compile_for_sm90(la).asm, la.kernel.fn.__name__
+        assert "cubin" in compile_launch(la, arch=90).asm, la.kernel.fn.__name__

@@ -88,7 +88,6 @@ def _sql_errors() -> tuple:
         return ()
 
 
-
 def artifacts_beside(uri: str, experiment: str) -> Optional[str]:
     """Where a new experiment of a sqlite store keeps its artifacts: ``mlruns/<experiment>`` beside the
     database file, so that the file and that folder are the whole store (MLflow's default is ./mlruns of
@@ -101,6 +100,7 @@ def artifacts_beside(uri: str, experiment: str) -> Optional[str]:
         db = Path.cwd() / db
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", experiment) or "experiment"
     return (db.parent / "mlruns" / safe).as_uri()
+
 
 class _sqlite_init_lock:
     """``flock`` on ``<db file>.lock`` for a ``sqlite:///`` URI; nothing for other stores."""
