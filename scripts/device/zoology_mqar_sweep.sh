@@ -9,7 +9,11 @@
 #
 # Knobs (environment): LRS (default "4.64e-4, 2.15e-3", two of Zoology's logspace(-4, -2, 4)); EPOCHS: training
 # sequences per run in units of Zoology's 100k (default 10; Zoology: up to 64 passes over 100k fixed ones, with
-# the same early stop; here every sequence is fresh); LAYOUTS (default "attn attn, m2 m2, m3 m3, m3r4 m3r4"); CONCURRENT (runs at once; default 16 at length 64, else 12).
+# the same early stop; here every sequence is fresh); D_MODELS (default "64, 128, 256, 512"; one attention head per
+# 64 channels, as Zoology's); LAYOUTS (default "attn attn, m2 m2, m3 m3, m3r4 m3r4"); CONCURRENT (runs at once; default 16 at length 64, else 12).
+#
+# Arguments after DIR go to `hybridlab run` as they are (more --set). The final eval is 3,000 sequences (in
+# batches of 125 at length 512, so one fits in 1/12 of the GPU).
 #
 # then, with DIR/mlruns.db brought back (one store per length; each length's runs are their own figure):
 #   hybridlab compare zoology-mqar --uri sqlite:///DIR/mlruns.db --x model.d_model --best-of train.lr \
@@ -18,7 +22,7 @@ set -uo pipefail
 L=${1:?usage: zoology_mqar_sweep.sh SEQ_LEN [DIR]  (SEQ_LEN: 64, 128, 256 or 512)}
 DIR=${2:-/tmp/zoology-mqar-$L}
 case "$L" in
-  64) KV=4 B=512 ;; 128) KV=8 B=512 ;; 256) KV=16 B=256 ;; 512) KV=64 B=128 ;;
+  64) KV=4 B=512 EB=250 ;; 128) KV=8 B=512 EB=250 ;; 256) KV=16 B=256 EB=250 ;; 512) KV=64 B=128 EB=125 ;;
   *) echo "zoology_mqar_sweep.sh: SEQ_LEN must be 64, 128, 256 or 512 (Zoology's Figure 2); got '$L'" >&2; exit 2 ;;
 esac
 EPOCHS=${EPOCHS:-10}
@@ -30,11 +34,14 @@ cd "$(dirname "$0")/../.."
 # the training stack as ../shared/device/README.md unpacks it (a new device call does not keep the exports)
 if [ -d /tmp/site ]; then export PYTHONPATH=/tmp/site:${PYTHONPATH:-} PATH=/tmp/site/bin:$PATH; fi
 python3 -c "import hybridlab" 2>/dev/null || python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null
-SWEEP="sweep={zip: [{model.d_model: [64, 128, 256, 512], model.blocks.attn.heads: [1, 2, 4, 8]}],
+D_MODELS=${D_MODELS:-64, 128, 256, 512}
+HEADS=$(python3 -c "print(', '.join(str(max(1, int(d) // 64)) for d in '$D_MODELS'.split(',')))") || exit 2
+SWEEP="sweep={zip: [{model.d_model: [$D_MODELS], model.blocks.attn.heads: [$HEADS]}],
               model.layout: [${LAYOUTS:-attn attn, m2 m2, m3 m3, m3r4 m3r4}], train.lr: [${LRS:-4.64e-4, 2.15e-3}]}"
 exec bash scripts/device/sweep_calls.sh "$DIR" jobs/recipes/zoology-mqar.yaml --set "$SWEEP" \
   --set data.seq_len="$L" --set data.num_kv_pairs="$KV" --set train.micro_batch="$B" --set train.steps="$STEPS" \
   --set train.early_stop.metric="eval/mqar/len_$L/acc" --set train.eval_every=100 --set train.log_every=50 \
   --set train.compile=false --set train.precision=bf16-mixed --set train.checkpoint_every=500 \
   --set resources.concurrent_runs="$N" --set resources.gpus_per_worker="$(python3 -c "print(round(1 / $N, 4))")" \
-  --set resources.cpus_per_worker=0.75
+  --set resources.cpus_per_worker=0.75 --set "eval=[{batch_size: $EB, batches: $((3000 / EB))}]" \
+  --set train.validation.batches=$((1000 / EB)) "${@:3}"
