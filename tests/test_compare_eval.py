@@ -87,6 +87,17 @@ def test_compare_bad_input(tmp_path, capsys, monkeypatch):
     assert "--metric" in msg
 
 
+def test_reading_a_store_that_is_not_there_makes_none(tmp_path, capsys, monkeypatch):
+    """compare and export only read: a mistyped sqlite path is reported, and no empty store (nor its folder) appears."""
+    missing = tmp_path / "typo" / "mlruns.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{missing}")
+    msg = _main_error(capsys, ["compare", "layouts"])
+    assert "no MLflow experiment 'layouts'" in msg and f"the store {missing} does not exist" in msg
+    msg = _main_error(capsys, ["export", "mamba-ssm", "0" * 32, "--out", str(tmp_path / "out")])
+    assert f"no MLflow store at {missing}" in msg
+    assert not (tmp_path / "typo").exists()
+
+
 # ---------------------------------------------------------------- bad input (the real CLI in a subprocess)
 
 

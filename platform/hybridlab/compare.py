@@ -440,7 +440,7 @@ def check_x(picked: list, x: str, best_of: Sequence[str]) -> list[str]:
 def build(experiment: str, runs: Sequence[str] = (), metric: str = "auto", uri: Optional[str] = None,
           latest: bool = False, status: str = "finished", best_of: Sequence[str] = (), select: Optional[str] = None,
           select_mode: str = "max", x: Optional[str] = None) -> Comparison:
-    from .tracking import tracking_uri
+    from .tracking import missing_sqlite_store, tracking_uri
 
     best_of = [k.strip() for item in best_of or () for k in str(item).split(",") if k.strip()]
     if select and not best_of:
@@ -451,6 +451,9 @@ def build(experiment: str, runs: Sequence[str] = (), metric: str = "auto", uri: 
     if status not in STATUS_CHOICES:
         raise UserError(f"unknown --status {status!r}; choose one of: {', '.join(STATUS_CHOICES)}")
     uri = tracking_uri(uri)
+    if missing_sqlite_store(uri):  # a mistyped path: say so, and make no empty store (nor its folders) there
+        raise UserError(f"no MLflow experiment {experiment!r} in {uri}: the store {missing_sqlite_store(uri)} does "
+                        f"not exist (check --uri or MLFLOW_TRACKING_URI; `hybridlab run` makes it)")
     client = _client(uri)
     try:
         exp = _experiment(client, experiment, uri)

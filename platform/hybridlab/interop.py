@@ -55,7 +55,7 @@ def _run_model(target: str, uri: Optional[str]):
     if not Path(target).expanduser().exists():
         from .tracking import client as mlflow_client
 
-        client = mlflow_client(store)
+        client = mlflow_client(store, existing=True)
     t = resolve_target(target, client, store)
     spec = load_model_spec(t.job["model"])
     state = load_state_dict(t.checkpoint, t.meta)

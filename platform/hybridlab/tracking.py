@@ -53,8 +53,11 @@ def _short(e: BaseException) -> str:
 _FILE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 
 
-def client(uri: str, timeout_s: int = 10):
+def client(uri: str, timeout_s: int = 10, existing: bool = False):
     """An ``MlflowClient`` for ``uri``; a URI MLflow cannot use becomes a one-line UserError.
+
+    ``existing``: the caller only reads (compare, export), so a sqlite file that is not there is a
+    mistyped path, reported as such, not a new empty store made (with its folders) where the typo points.
 
     A sqlite store is opened under an exclusive file lock (``<db>.lock``): MLflow creates and migrates
     its tables on first use, and two processes doing that at once on a new file collide
@@ -62,6 +65,9 @@ def client(uri: str, timeout_s: int = 10):
     # fail fast inside MLflow's REST client; callers report or retry themselves
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(timeout_s))
+    if existing and missing_sqlite_store(uri):
+        raise UserError(f"no MLflow store at {missing_sqlite_store(uri)} (tracking URI {uri!r}): the file does not "
+                        f"exist; check --uri or MLFLOW_TRACKING_URI (a run's store is made by `hybridlab run`)")
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -77,6 +83,14 @@ def client(uri: str, timeout_s: int = 10):
         if "://" not in u and (u.startswith(("/", ".", "~")) or u.endswith(_FILE_SUFFIXES)):
             hint = f" (did you mean sqlite:///{os.path.expanduser(u)}?)"
         raise UserError(f"cannot use MLflow tracking URI {uri!r}{hint}: {_short(e)}") from None
+
+
+def missing_sqlite_store(uri: str) -> Optional[Path]:
+    """The database file of a ``sqlite:///`` URI when it does not exist (else None: there, or not sqlite)."""
+    if uri.startswith("sqlite:///") and ":memory:" not in uri:
+        db = Path(uri[len("sqlite:///"):].split("?", 1)[0])
+        return None if db.is_file() else db
+    return None
 
 
 def _sql_errors() -> tuple:
