@@ -9,8 +9,11 @@
 #
 # Knobs (environment): LRS (default "4.64e-4, 2.15e-3", two of Zoology's logspace(-4, -2, 4)); EPOCHS: training
 # sequences per run in units of Zoology's 100k (default 10; Zoology: up to 64 passes over 100k fixed ones, with
-# the same early stop; here every sequence is fresh); D_MODELS (default "64, 128, 256, 512"; one attention head per
-# 64 channels, as Zoology's); LAYOUTS (default "attn attn, m2 m2, m3 m3, m3r4 m3r4"); CONCURRENT (runs at once; default 16 at length 64, else 12).
+# the same early stop; here every sequence is fresh); D_MODELS (default "64, 128, 256, 512"; one attention head
+# per 64 channels, the recipe's choice: Zoology has 1); LAYOUTS (default "attn attn, m2 m2, m3 m3, m3r4 m3r4");
+# CONCURRENT (runs at once; default 16 at length 64, else 12); COMPILE (train.compile; default false, eager, as
+# every sweep in RESULTS.md ran: `true` compiles each run's step once, 1.6x the steps per second of eager for
+# these models in BENCHMARKS.md's plain loop, worth it for runs of 10^4 steps; not yet run through this script).
 #
 # Arguments after DIR go to `hybridlab run` as they are (more --set). The final eval is 3,000 sequences (in
 # batches of 125 at length 512, so one fits in 1/12 of the GPU).
@@ -41,7 +44,7 @@ SWEEP="sweep={zip: [{model.d_model: [$D_MODELS], model.blocks.attn.heads: [$HEAD
 exec bash scripts/device/sweep_calls.sh "$DIR" jobs/recipes/zoology-mqar.yaml --set "$SWEEP" \
   --set data.seq_len="$L" --set data.num_kv_pairs="$KV" --set train.micro_batch="$B" --set train.steps="$STEPS" \
   --set train.early_stop.metric="eval/mqar/len_$L/acc" --set train.eval_every=100 --set train.log_every=50 \
-  --set train.compile=false --set train.precision=bf16-mixed --set train.checkpoint_every=500 \
+  --set train.compile="${COMPILE:-false}" --set train.precision=bf16-mixed --set train.checkpoint_every=500 \
   --set resources.concurrent_runs="$N" --set resources.gpus_per_worker="$(python3 -c "print(round(1 / $N, 4))")" \
   --set resources.cpus_per_worker=0.75 --set "eval=[{batch_size: $EB, batches: $((3000 / EB))}]" \
   --set train.validation.batches=$((1000 / EB)) "${@:3}"
