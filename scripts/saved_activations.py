@@ -44,7 +44,7 @@ def saved_per_token(model: torch.nn.Module, inputs: torch.Tensor, targets: torch
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
         if key not in seen and key[0] not in weights and t.numel() >= tokens:
             seen.add(key)
-            owner = stack[-1] if stack else "(model)"
+            owner = stack[-1] if stack else ""  # "": the model itself (its own forward, or the backward)
             out[(owner, per_token_shape(t.shape, inputs.shape), str(t.dtype))] += t.numel() / tokens
         return t
 
@@ -69,10 +69,11 @@ def per_token_shape(shape, bl) -> tuple:
 
 
 def layer_kind(path: str, layout: list[str]) -> str:
+    """A module path with its layer index as the layer's block name (``layers.3.mixer`` -> ``attn.mixer``)."""
     parts = path.split(".")
     if len(parts) > 1 and parts[0] == "layers" and parts[1].isdigit():
-        return layout[int(parts[1])] + "." + ".".join(parts[2:]) if len(parts) > 2 else layout[int(parts[1])]
-    return path
+        parts[:2] = [layout[int(parts[1])]]
+    return ".".join(parts) or "(model)"
 
 
 def main() -> None:

@@ -451,8 +451,9 @@ def build(experiment: str, runs: Sequence[str] = (), metric: str = "auto", uri: 
     if status not in STATUS_CHOICES:
         raise UserError(f"unknown --status {status!r}; choose one of: {', '.join(STATUS_CHOICES)}")
     uri = tracking_uri(uri)
-    if missing_sqlite_store(uri):  # a mistyped path: say so, and make no empty store (nor its folders) there
-        raise UserError(f"no MLflow experiment {experiment!r} in {uri}: the store {missing_sqlite_store(uri)} does "
+    missing = missing_sqlite_store(uri)
+    if missing:  # a mistyped path: say so, and make no empty store (nor its folders) there
+        raise UserError(f"no MLflow experiment {experiment!r} in {uri}: the store {missing} does "
                         f"not exist (check --uri or MLFLOW_TRACKING_URI; `hybridlab run` makes it)")
     client = _client(uri)
     try:

@@ -65,8 +65,9 @@ def client(uri: str, timeout_s: int = 10, existing: bool = False):
     # fail fast inside MLflow's REST client; callers report or retry themselves
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(timeout_s))
-    if existing and missing_sqlite_store(uri):
-        raise UserError(f"no MLflow store at {missing_sqlite_store(uri)} (tracking URI {uri!r}): the file does not "
+    missing = missing_sqlite_store(uri) if existing else None
+    if missing:
+        raise UserError(f"no MLflow store at {missing} (tracking URI {uri!r}): the file does not "
                         f"exist; check --uri or MLFLOW_TRACKING_URI (a run's store is made by `hybridlab run`)")
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
@@ -85,12 +86,17 @@ def client(uri: str, timeout_s: int = 10, existing: bool = False):
         raise UserError(f"cannot use MLflow tracking URI {uri!r}{hint}: {_short(e)}") from None
 
 
+def sqlite_file(uri: str) -> Optional[Path]:
+    """The absolute database file of a ``sqlite:///`` URI (its query string dropped); None for other stores."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(os.path.abspath(uri[len("sqlite:///"):].split("?", 1)[0]))
+
+
 def missing_sqlite_store(uri: str) -> Optional[Path]:
     """The database file of a ``sqlite:///`` URI when it does not exist (else None: there, or not sqlite)."""
-    if uri.startswith("sqlite:///") and ":memory:" not in uri:
-        db = Path(uri[len("sqlite:///"):].split("?", 1)[0])
-        return None if db.is_file() else db
-    return None
+    db = sqlite_file(uri)
+    return db if db is not None and ":memory:" not in uri and not db.is_file() else None
 
 
 def _sql_errors() -> tuple:
@@ -107,11 +113,9 @@ def artifacts_beside(uri: str, experiment: str) -> Optional[str]:
     database file, so that the file and that folder are the whole store (MLflow's default is ./mlruns of
     whatever folder the first run started in: a store copied off a GPU machine came back without
     the job.yaml that --resume-sweep reads). None (MLflow's default) for other stores."""
-    if not uri.startswith("sqlite:///"):
+    db = sqlite_file(uri)
+    if db is None:
         return None
-    db = Path(uri[len("sqlite:///"):])
-    if not db.is_absolute():
-        db = Path.cwd() / db
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", experiment) or "experiment"
     return (db.parent / "mlruns" / safe).as_uri()
 
@@ -120,10 +124,8 @@ class _sqlite_init_lock:
     """``flock`` on ``<db file>.lock`` for a ``sqlite:///`` URI; nothing for other stores."""
 
     def __init__(self, uri: str):
-        self.path = None
-        if uri.startswith("sqlite:///") and ":memory:" not in uri:
-            db = uri[len("sqlite:///"):]
-            self.path = (db if db.startswith("/") else os.path.abspath(db)) + ".lock"
+        db = sqlite_file(uri) if ":memory:" not in uri else None
+        self.path = None if db is None else f"{db}.lock"
         self.fd = None
 
     def __enter__(self):
