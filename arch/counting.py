@@ -53,6 +53,11 @@ def count_block(d_model: int, b, seq_len: int) -> BlockCount:
         fwd = H * (2 * R * R * chunk * (N + P) + 6 * R * P * N)
         dec = H * (6 * R + 1) * P * N
         state = H * P * N * 4 + H * R * (N + P) * CACHE_BYTES + H * A * 4
+        if b.d_conv:  # the short convolution over x, B, C: a weight per channel and tap, a bias per channel
+            ch = E + 2 * R * N
+            extra += ch * (b.d_conv + 1)
+            fwd, dec = fwd + 2 * ch * b.d_conv, dec + 2 * ch * b.d_conv
+            state += (b.d_conv - 1) * ch * CACHE_BYTES
         return BlockCount(matmul + extra, matmul, fwd, dec, state)
     if isinstance(b, AttentionBlock):
         hd, kvh = b.resolved_head_dim(D), b.resolved_kv_heads()

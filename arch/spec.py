@@ -63,6 +63,9 @@ class Mamba3Block:
     a_init_min: Optional[float] = None  # with a_bias: |A| starts uniform in [a_init_min, a_init_max]
     a_init_max: Optional[float] = None  # (None: 1 and 16, Mamba-2's range)
     chunk_size: Optional[int] = None  # None: the backend's default
+    # Mamba-2's short causal depthwise convolution (+ SiLU) over x, B, C before the scan, of this width
+    # (Mamba-2: 4); 0, Mamba-3's design, has none
+    d_conv: int = 0
 
     def __post_init__(self):
         if self.rank is None:  # a block built in code gets the same default as one read from a spec
@@ -313,6 +316,8 @@ def _validate_mamba3(b: Mamba3Block, d: int, src: Source, path: tuple) -> None:
         raise src.error(path + ("a_init_min",), f"{b.a_init_min} is above a_init_max {b.a_init_max}")
     if b.dt_min > b.dt_max:
         raise src.error(path + ("dt_min",), f"{b.dt_min} is above dt_max {b.dt_max}")
+    if b.d_conv < 0:
+        raise src.error(path + ("d_conv",), f"must be 0 (no convolution) or the convolution's width, got {b.d_conv}")
 
 
 def _validate_attention(b: AttentionBlock, d: int, src: Source, path: tuple) -> None:

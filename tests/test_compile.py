@@ -80,16 +80,18 @@ def test_hybrid_lm_compiles_to_one_graph_on_the_references():
     exec(_MODEL_CHECK.replace("BACKEND", repr("auto")).replace("SETS", repr(SPEC_SETS)).replace("sys.argv[1] if len(sys.argv) > 1 else ", ""), ns)
 
 
-def test_packed_hybrid_lm_compiles_to_one_graph_on_the_references():
+@pytest.mark.parametrize("extra", [[], ["blocks.m3.d_conv=4"]], ids=["mamba3", "with-short-conv"])
+def test_packed_hybrid_lm_compiles_to_one_graph_on_the_references(extra):
     """CPU, packed documents (seq_idx): the reference scan's and phase's segmenting, the block-diagonal
-    attention mask and per-document RoPE trace into one graph; compiled equals eager, values and gradients."""
+    attention mask and per-document RoPE (and Mamba-2's short convolution, masked per document) trace into
+    one graph; compiled equals eager, values and gradients."""
     from torch._dynamo.utils import counters
 
     from hybridlab.arch.model import HybridLM
     from hybridlab.arch.spec import load_model_spec
 
     torch._dynamo.reset()
-    spec = load_model_spec("zoo:tiny-hybrid", SPEC_SETS)
+    spec = load_model_spec("zoo:tiny-hybrid", SPEC_SETS + extra)
     torch.manual_seed(0)
     model = HybridLM(spec, backends={"ssm": "auto"})
     tok = torch.randint(0, spec.vocab_size, (2, 20))

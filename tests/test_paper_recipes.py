@@ -21,7 +21,7 @@ def state_tracking():
 
 def test_state_tracking_recipe_is_the_papers_grid(state_tracking):
     jobs = state_tracking
-    assert len(jobs) == 3 * 5 * 8
+    assert len(jobs) == 3 * 6 * 8
     lrs = sorted({j.spec.train.lr for j in jobs})
     np.testing.assert_allclose(lrs, np.logspace(-4, -2, 8), rtol=5e-3)
     tasks = Counter()
@@ -42,13 +42,14 @@ def test_state_tracking_recipe_is_the_papers_grid(state_tracking):
             assert d.options["target"] == "final" and d.options["modulus"] == 5 and d.options["bracket_style"] == "full"
         (e,) = j.spec.eval
         assert e.task == d.task and 256 in e.seq_lens and e.batch_size * e.batches >= 4096
-    assert tasks == {"parity": 40, "arith": 40, "brackets": 40}
+    assert tasks == {"parity": 48, "arith": 48, "brackets": 48}
     rows = Counter()
     for j in jobs:
         b = j.model_spec.layer_blocks()[0]
-        rows["attention" if b.mixer == "attention" else
-             "mamba2" if not b.trapezoid else {True: "mamba3", "standard": "std-rope", False: "no-rope"}[b.rope]] += 1
-    assert rows == {"mamba3": 24, "std-rope": 24, "no-rope": 24, "mamba2": 24, "attention": 24}
+        rows["attention" if b.mixer == "attention" else ("mamba2 conv" if b.d_conv == 4 else "mamba2") if not b.trapezoid
+             else {True: "mamba3", "standard": "std-rope", False: "no-rope"}[b.rope]] += 1
+        assert b.mixer == "attention" or b.d_conv in (0, 4) and (b.d_conv == 0 or not b.trapezoid)  # only Mamba-2 convolves
+    assert rows == {"mamba3": 24, "std-rope": 24, "no-rope": 24, "mamba2 conv": 24, "mamba2": 24, "attention": 24}
 
 
 def test_zoology_recipe_is_figure_2():

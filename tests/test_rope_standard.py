@@ -107,3 +107,11 @@ def test_gpu_standard_rope_generate_matches_forward():
         for _ in range(24):
             seq = torch.cat([seq, model(seq)[:, -1].argmax(-1)[:, None]], dim=1)
     assert torch.equal(out, seq)
+
+
+def test_standard_rope_has_no_official_form():
+    """The official layer's rotary angles are data-dependent: a fixed-angle spec must not export as one."""
+    from hybridlab.arch.interop.mamba_ssm import config_from_spec
+
+    with pytest.raises(SpecError, match="rope.*'standard': no official mamba_ssm form"):
+        config_from_spec(spec(), where="tiny.yaml")

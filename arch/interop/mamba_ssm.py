@@ -390,8 +390,9 @@ def _check_m3_official(b: Mamba3Block, name: str, where: str) -> None:
         ("trapezoid", b.trapezoid, b.trapezoid),
         ("bc_norm", b.bc_norm, b.bc_norm),
         ("bc_bias", b.bc_bias, b.bc_bias),
-        ("rope", b.rope, b.rope),
+        ("rope", b.rope is True, b.rope),  # "standard" (fixed angles) has no official form either
         ("rope_fraction", b.rope_fraction in (0.5, 1.0), b.rope_fraction),
+        ("d_conv", b.d_conv == 0, b.d_conv),
     ):
         if not ok:
             raise _no_official_form(where, p + (key,), f"{value!r}")

@@ -22,7 +22,8 @@ and the scan (``hybridlab.kernels.ssm_scan``) runs with log α = A dt,
 β = (1-λ) dt e^{A dt}, γ = λ dt (Euler: β = 0, γ = dt). After it: the D skip,
 the optional pre-gate grouped RMSNorm (one group per head), the SiLU gate
 z_r = z ⊙ W_z[h, r], the rank-R output combination Σ_r W_o[h, r] ⊙ y_r, and
-the output projection. No short convolution.
+the output projection. No short convolution, unless the spec asks for Mamba-2's (``d_conv``: a causal
+depthwise convolution + SiLU over x, B, C before everything above; ``arch/layers/short_conv.py``).
 
 The stages before and after the scan (B/C norm + bias + rotary; D, norm, gate,
 rank combination) are ``hybridlab.kernels.ssm_io``: fused Triton kernels on
@@ -54,6 +55,7 @@ from hybridlab.kernels.ssm_scan.cute import STEP_PARAMS, FusedStep, StepSpec
 
 from ..spec import Mamba3Block
 from .rotary import position_angles
+from .short_conv import causal_conv
 
 
 class ScanInputs(NamedTuple):
@@ -82,6 +84,7 @@ class Mamba3Cache:
     scan: ScanState  # h (b, H, P, N) fp32, last k (b, H, R, N), last v (b, H, R, P)
     phase: torch.Tensor  # (b, H, rope_dims // 2) fp32: the running φ
     valid: Optional[torch.Tensor] = None
+    conv: Optional[torch.Tensor] = None  # (b, d_conv - 1, channels): the short convolution's last inputs (d_conv only)
 
 
 def inverse_softplus(y: torch.Tensor) -> torch.Tensor:
@@ -107,6 +110,10 @@ class Mamba3(nn.Module):
         self.in_proj = nn.Linear(d_model, sum(self.split), bias=False)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
         self.out_proj.is_output_proj = True
+        self.conv1d = None
+        if blk.d_conv:  # Mamba-2's layout and init (nn.Conv1d's); causal_conv applies it
+            ch = self.d_inner + 2 * R * N
+            self.conv1d = nn.Conv1d(ch, ch, blk.d_conv, groups=ch, bias=True)
 
         dt = torch.exp(torch.rand(H) * (math.log(blk.dt_max) - math.log(blk.dt_min)) + math.log(blk.dt_min))
         self.dt_bias = nn.Parameter(inverse_softplus(dt.clamp(min=blk.dt_init_floor)))
@@ -139,7 +146,10 @@ class Mamba3(nn.Module):
             torch.zeros(batch, H, R, N, device=device, dtype=dtype),
             torch.zeros(batch, H, R, P, device=device, dtype=dtype),
         )
-        return Mamba3Cache(scan, torch.zeros(batch, H, self.n_angles, device=device, dtype=torch.float32))
+        conv = None
+        if self.conv1d is not None:
+            conv = torch.zeros(batch, self.blk.d_conv - 1, self.conv1d.in_channels, device=device, dtype=dtype)
+        return Mamba3Cache(scan, torch.zeros(batch, H, self.n_angles, device=device, dtype=torch.float32), conv=conv)
 
     @property
     def io_backend(self) -> str:
@@ -147,14 +157,15 @@ class Mamba3(nn.Module):
         return "torch" if self.backend.startswith("torch") else "auto"
 
     def scan_inputs(self, u: torch.Tensor, phase0: torch.Tensor | None = None, valid: torch.Tensor | None = None,
-                    seq_idx: torch.Tensor | None = None) -> ScanInputs:
+                    seq_idx: torch.Tensor | None = None, conv_window: torch.Tensor | None = None) -> ScanInputs:
         """Project u and build the scan's (q, k, v, log α, β, γ), plus x, z and the phase.
 
         ``valid`` (b, l) bool: positions to skip get dt = 0 and x = 0 (left padding).
         ``seq_idx`` (b, l) int: packed documents; the phase restarts at each document start
         (``phase0``, a cache's running phase, belongs to the first document only).
+        ``conv_window``: a cache's short-convolution inputs (``d_conv``), read and updated in place.
         """
-        B, C, x, z, log_alpha, beta, gamma, phase = self.projections(u, phase0, valid, seq_idx)
+        B, C, x, z, log_alpha, beta, gamma, phase = self.projections(u, phase0, valid, seq_idx, conv_window)
         return ScanInputs(*self.qkv(B, C, x, phase), log_alpha, beta, gamma, x, z, phase)
 
     def qkv(self, B, C, x, phase):
@@ -164,13 +175,15 @@ class Mamba3(nn.Module):
         return q, k, v
 
     def projections(self, u: torch.Tensor, phase0: torch.Tensor | None = None, valid: torch.Tensor | None = None,
-                    seq_idx: torch.Tensor | None = None):
+                    seq_idx: torch.Tensor | None = None, conv_window: torch.Tensor | None = None):
         """in_proj and the per-token scalars: B, C (b, l, R, N), x (b, l, H, P), z, log α, β, γ, phase
-        (``valid``, ``seq_idx`` and ``phase0`` as for ``scan_inputs``)."""
+        (``valid``, ``seq_idx``, ``phase0`` and ``conv_window`` as for ``scan_inputs``)."""
         b, l, _ = u.shape
         H, P, N, R = self.H, self.P, self.N, self.R
         blk = self.blk
         z, x, B, C, dt_raw, a_raw, lam_raw, theta_raw = torch.split(self.in_proj(u), self.split, dim=-1)
+        if self.conv1d is not None:
+            x, B, C = self.short_conv(x, B, C, valid, seq_idx, conv_window)
         dt, log_alpha, beta, gamma = scan_coefficients(  # (b, l, H) float32
             dt_raw, a_raw, lam_raw if blk.trapezoid else None, self.dt_bias, self.a_bias, blk.a_floor, valid,
             activation=blk.a_activation, backend=self.io_backend,
@@ -191,6 +204,17 @@ class Mamba3(nn.Module):
                     first = (seq_idx == seq_idx[:, :1]).to(phase.dtype)  # (b, l): the cache's document
                     phase = phase + phase0[:, None] * first[:, :, None, None]
         return B.view(b, l, R, N), C.view(b, l, R, N), x.view(b, l, H, P), z, log_alpha, beta, gamma, phase
+
+    def short_conv(self, x, B, C, valid=None, seq_idx=None, window=None):
+        """Mamba-2's convolution over the channels (x, B, C); ``window`` (a cache's) updated in place. A skipped
+        (left-padding) position feeds zeros, as the start of an unpadded sequence does."""
+        xbc = torch.cat([x, B, C], dim=-1)
+        if valid is not None:
+            xbc = torch.where(valid[..., None], xbc, torch.zeros_like(xbc))
+        xbc, new_window = causal_conv(xbc, self.conv1d.weight[:, 0], self.conv1d.bias, window, seq_idx)
+        if window is not None:
+            window.copy_(new_window)
+        return torch.split(xbc, [x.shape[-1], B.shape[-1], C.shape[-1]], dim=-1)
 
     def standard_phase(self, b: int, l: int, device, phase0=None, valid=None, seq_idx=None) -> torch.Tensor:
         """``rope: standard``: φ (b, l, H, n_angles) fp32 = position x the fixed RoPE frequencies, the
@@ -228,7 +252,7 @@ class Mamba3(nn.Module):
         valid = cache.valid if cache is not None else None
         state = cache.scan if cache is not None else None
         B, C, x, z, log_alpha, beta, gamma, phase = self.projections(u, cache.phase if cache is not None else None, valid,
-                                                                     seq_idx)
+                                                                     seq_idx, cache.conv if cache is not None else None)
         if self.backend in ("auto", "triton") and l > 1 and fused_supported(B, x, self.mimo_x, self.blk.chunk_size)[0]:
             # q, k, v built inside the scan kernels: no (b, l, H, R, N) tensor in memory, forward or backward
             y, final = ssm_scan_fused(
@@ -252,7 +276,7 @@ class Mamba3(nn.Module):
         """The CuTe fused step runs for seqlen 1 on CUDA sm90+ with nvidia-cutlass-dsl (backend auto/cute)."""
         if not (self.use_fused_step and u.is_cuda and self.backend in ("auto", "cute")):
             return False
-        if self.standard_rope:  # the CuTe step computes the data-dependent phase in-kernel: unfused path
+        if self.standard_rope or self.conv1d is not None:  # the CuTe step has neither fixed angles nor a convolution
             return False
         if u.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             return False

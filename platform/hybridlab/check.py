@@ -19,7 +19,7 @@ def describe_block(d_model: int, b) -> str:
         bits = [b.mode, f"H={b.heads(d_model)}", f"P={b.headdim}", f"N={b.d_state}"]
         if b.mode == "mimo":
             bits.append(f"R={b.rank}")
-        flags = [f for f, on in (("euler", not b.trapezoid), ("real", not b.rope), ("std-rope", b.rope == "standard"), ("no-bcnorm", not b.bc_norm), ("no-bcbias", not b.bc_bias)) if on]
+        flags = [f for f, on in (("euler", not b.trapezoid), ("real", not b.rope), ("std-rope", b.rope == "standard"), ("no-bcnorm", not b.bc_norm), ("no-bcbias", not b.bc_bias), (f"conv{b.d_conv}", b.d_conv)) if on]
         if b.out_norm == "pre_gate_grouped":
             flags.append("pregate-norm")
         if b.a_activation != "heavy_tail" or b.a_bias:

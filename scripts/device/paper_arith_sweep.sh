@@ -12,8 +12,8 @@
 # Knobs (environment): BRACKETS=true runs the with-brackets column instead (same schedule and rows);
 # M3_LRS / OTHER_LRS replace the lr lists of the Mamba-3 row and of the standard-RoPE and Mamba-2 rows
 # (GPU 7: "7.2e-4, 1.39e-3" and "1.39e-3, 2.68e-3"; the paper sweeps 1e-4 to 1e-2), M3_SEEDS the Mamba-3 row's
-# seeds ("0, 1"); M3_BRACKETS=true gives the Mamba-3 row brackets while the other rows keep BRACKETS (GPU 10: the
-# with-brackets Mamba-3 beside the lower lrs of the other two rows, 8 runs in one sweep).
+# seeds ("0, 1"); M3_BRACKETS=true gives the Mamba-3 row brackets while the other rows keep BRACKETS;
+# OTHER_LAYOUTS replaces the other rows ("m3_std m3_std m3_std, m2 m2 m2"; m2c: Mamba-2 with its short convolution).
 #
 # then, with DIR/mlruns.db brought back:
 #   hybridlab compare paper-state-tracking --uri sqlite:///DIR/mlruns.db --metric scaled_acc \
@@ -26,7 +26,7 @@ python3 -c "import hybridlab" 2>/dev/null || python3 -m pip install -q --no-deps
 group() { echo "data.task: modarith, data.target: final, data.modulus: 5, data.bracket_style: full, data.brackets: $1, model.d_model: 64"; }
 BRACKETS=${BRACKETS:-false}
 SWEEP="sweep=[{$(group "${M3_BRACKETS:-$BRACKETS}"), model.layout: m3 m3 m3, train.lr: [${M3_LRS:-7.2e-4, 1.39e-3}], train.seed: [${M3_SEEDS:-0, 1}]},
-              {$(group "$BRACKETS"), model.layout: [m3_std m3_std m3_std, m2 m2 m2], train.lr: [${OTHER_LRS:-1.39e-3, 2.68e-3}]}]"
+              {$(group "$BRACKETS"), model.layout: [${OTHER_LAYOUTS:-m3_std m3_std m3_std, m2 m2 m2}], train.lr: [${OTHER_LRS:-1.39e-3, 2.68e-3}]}]"
 exec bash "$(dirname "$0")/sweep_calls.sh" "$DIR" jobs/recipes/paper-state-tracking.yaml --set "$SWEEP" \
   --set 'data.curriculum.max_len=[3,5,7,9,11,13,15,19,23,27,31,40,60,80,120,160]' \
   --set 'data.curriculum.steps_per_stage=[1000,1000,1000,1000,1000,1000,1000,1000,1000,1000,1000,2000,2000,2000,3000,3000]' \
