@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -335,6 +336,15 @@ class TrainStep:
             return out
         return self._step(micro_batches, keep_predictions)
 
+    def _engine_autocast(self):
+        """The autocast the engine's own forward runs under (``precision: bf16-mixed``), for the forward that
+        goes to the module directly: otherwise it would run in the fp32 parameters' precision (other kernels,
+        and on a GPU compiled once more at the first log point)."""
+        engine = self.engine
+        if callable(getattr(engine, "torch_autocast_enabled", None)) and engine.torch_autocast_enabled():
+            return torch.autocast(self.device.type, dtype=engine.torch_autocast_dtype())
+        return contextlib.nullcontext()
+
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         # a copy from pageable host memory makes the host wait for the stream (CUDA stages it), so every
         # micro-step would wait for the previous one's kernels; from pinned memory (torch's caching host
@@ -350,7 +360,7 @@ class TrainStep:
             kw = {} if b.seq_idx is None else {"seq_idx": self._to_device(b.seq_idx)}
             if self.model_loss:
                 if keep_predictions and i == 0:  # this one micro-batch's predictions, for train/acc (a log point only)
-                    with torch.no_grad():
+                    with torch.no_grad(), self._engine_autocast():
                         first_preds = predictions(self.engine.module, inputs, b.targets, **kw)
                 at = scored_positions(b.targets)
                 if at is not None:

@@ -72,10 +72,10 @@ def measure_training(
 
     stage = engine_zero_stage(train, world)
 
-    def step() -> None:
+    def step(force_log: bool = False) -> None:
         nonlocal step_no
         step_no += 1
-        log_point = step_no % log_every == 0  # the job's schedule: syncs and train/acc once per log_every steps
+        log_point = force_log or step_no % log_every == 0  # the job's schedule: syncs and train/acc once per log_every steps
         out = step_fn([stream.get(step_no, m) for m in range(train.grad_accum)],
                       keep_predictions=keeps_predictions(log_point, rank, stage))
         stats.add(step_no, out.loss)
@@ -84,8 +84,10 @@ def measure_training(
             if out.predictions is not None:
                 out.predictions.cpu()  # the job scores these on the host for train/acc
 
-    for _ in range(warmup):
-        step()
+    for i in range(warmup):
+        # the last warm-up step is a log point: a run's first one compiles its no-grad forward for train/acc once,
+        # which is start-up cost (as the training step's compile is), not the steady step the bench times
+        step(force_log=i == warmup - 1)
     stats.sync()
     _sync(device)
     if profile_top and device.type == "cuda" and rank == 0:

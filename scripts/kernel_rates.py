@@ -2,7 +2,7 @@
 throughput from Nsight Compute's counters (issue 14: the layer targets' gaps, kernel by kernel).
 
     python scripts/kernel_rates.py [--ranks 1,4] [--d-state 128] [--batch 8] [--seqlen 2048] [--d-model 2048]
-                                   [--official [--mamba-src DIR]] [--out DIR] [--ncu PATH]
+                                   [--official [--mamba-src DIR]] [--out DIR] [--ncu PATH] [--from-csv]
 
 For each layer (ours at each rank, the unfused chain or the fused scan as the backend picks it; with
 --official also the official mamba_ssm Mamba3 SISO, when it imports) the script runs itself under
@@ -74,6 +74,15 @@ def _profile(a, impl: str, rank: int, out: Path) -> list[dict]:
     raise RuntimeError(f"ncu found no kernels for {impl} rank {rank} (log: {log})")
 
 
+def _from_log(log: Path) -> list[dict]:
+    if not log.exists():
+        raise RuntimeError(f"no ncu log {log}")
+    launches = parse_ncu_csv(log.read_text(), {**METRICS, **TENSOR_METRICS})
+    if not launches:
+        raise RuntimeError(f"no kernels in {log}")
+    return summarize(launches)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ranks", default="1,4")
@@ -86,13 +95,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="bench-results")
     ap.add_argument("--ncu", default=shutil.which("ncu") or "ncu")
     ap.add_argument("--timeout", type=int, default=300, help="seconds per profiled layer")
+    ap.add_argument("--from-csv", action="store_true",
+                    help="no profiling: rebuild the tables from the ncu_*.csv logs an earlier run left in --out")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--impl", default="hybridlab", help=argparse.SUPPRESS)
     ap.add_argument("--rank", type=int, default=1, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
         return _child(a)
-    if not shutil.which(a.ncu):
+    if not a.from_csv and not shutil.which(a.ncu):
         print(f"kernel_rates: Nsight Compute not found ({a.ncu}); pass --ncu PATH", file=sys.stderr)
         return 2
     out = Path(a.out)
@@ -103,7 +114,7 @@ def main(argv=None) -> int:
     for impl, rank in layers:
         title = f"{impl} {'SISO' if rank == 1 else f'MIMO R={rank}'} fwd+bwd ({shape})"
         try:
-            rows = _profile(a, impl, rank, out)
+            rows = _from_log(out / f"ncu_{impl}_r{rank}.csv") if a.from_csv else _profile(a, impl, rank, out)
         except (RuntimeError, subprocess.TimeoutExpired) as e:
             print(f"kernel_rates: {title}: {e}", file=sys.stderr)
             continue

@@ -1,7 +1,7 @@
 """kernels/bench/ncu_rates.py: Nsight Compute's CSV (as `ncu --csv --print-units base --metrics ...` writes it)
 into per-kernel rates."""
 
-from hybridlab.kernels.bench.ncu_rates import METRICS, markdown, parse_ncu_csv, short_name, summarize
+from hybridlab.kernels.bench.ncu_rates import METRICS, TENSOR_METRICS, markdown, parse_ncu_csv, short_name, summarize
 
 HEADER = '"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size",' \
          '"Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"'
@@ -47,3 +47,13 @@ def test_launches_fold_by_kernel_with_time_weighted_rates():
 def test_metrics_it_was_not_asked_for_are_ignored():
     text = "\n".join([HEADER, *_rows(0, "k", [("gpu__time_duration.sum", "ns", "10"), ("other.metric", "x", "5")])])
     assert parse_ncu_csv(text, METRICS) == [{"kernel": "k", "ns": 10.0}]
+
+
+def test_a_counter_a_kernel_lacks_is_left_out_not_averaged_in():
+    text = "\n".join([HEADER, *_rows(0, "gemm", [("gpu__time_duration.sum", "ns", "100"),
+                                                ("sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active", "", "n/a"),
+                                                ("sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active", "%", "90")])])
+    (launch,) = parse_ncu_csv(text, {**METRICS, **TENSOR_METRICS})
+    assert "gmma_pct" not in launch and launch["hmma_pct"] == 90.0
+    (row,) = summarize([launch])
+    assert row["hmma_pct"] == 90.0 and "| 90.0 |" in markdown("gemm", [row])

@@ -247,8 +247,15 @@ def test_bf16_mixed_keeps_fp32_parameters_and_runs_the_forward_under_autocast(tm
     hook = engine.module.layers[0].mixer.in_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     tok = torch.randint(0, 64, (2, 17))
     engine(tok[:, :-1], targets=tok[:, 1:])
-    hook.remove()
     assert seen == [torch.bfloat16]
+    # the log point's forward for train/acc goes to the module itself: under the engine's autocast too
+    from hybridlab.jobs.step import TrainStep
+    from hybridlab.jobs.tasks import Batch
+
+    seen.clear()
+    out = TrainStep(engine, torch.device("cpu"))([Batch(inputs=tok[:, :-1], targets=tok[:, 1:])], keep_predictions=True)
+    hook.remove()
+    assert out.predictions is not None and seen == [torch.bfloat16, torch.bfloat16]  # the predictions, then the step
     mixed, _, _ = _engine_losses(False, precision="bf16-mixed")
     full, _, _ = _engine_losses(False, precision="fp32")
     assert mixed[-1] < mixed[0] and mixed == pytest.approx(full, abs=0.05)

@@ -58,7 +58,9 @@ def parse_ncu_csv(text: str, metrics: dict) -> list[dict]:
         if key is None:
             continue
         k = launches.setdefault(row["ID"], {"kernel": short_name(row["Kernel Name"])})
-        k[key] = _number(row["Metric Value"])
+        value = _number(row["Metric Value"])
+        if value == value:  # "n/a" (a counter this kernel does not have, e.g. wgmma in a kernel without it) is left out
+            k[key] = value
     return list(launches.values())
 
 
@@ -66,18 +68,19 @@ def summarize(launches: list[dict]) -> list[dict]:
     """Per kernel name: calls, time, bytes, GB/s and the time-weighted percentages; most time first."""
     by: dict[str, dict] = {}
     for k in launches:
-        s = by.setdefault(k["kernel"], {"kernel": k["kernel"], "calls": 0, "ns": 0.0, "bytes": 0.0, "_w": {}})
+        s = by.setdefault(k["kernel"], {"kernel": k["kernel"], "calls": 0, "ns": 0.0, "bytes": 0.0, "_w": {}, "_t": {}})
         s["calls"] += 1
         s["ns"] += k.get("ns", 0.0)
         s["bytes"] += k.get("read", 0.0) + k.get("write", 0.0)
         s["regs"] = k.get("regs")
         for key in ("dram_pct", "sm_pct", "occupancy_pct", "gmma_pct", "hmma_pct"):
-            if key in k:
+            if key in k:  # weighted by the time of the launches that have the counter
                 s["_w"][key] = s["_w"].get(key, 0.0) + k[key] * k.get("ns", 0.0)
+                s["_t"][key] = s["_t"].get(key, 0.0) + k.get("ns", 0.0)
     rows = []
     for s in by.values():
-        w = s.pop("_w")
-        s.update({key: v / s["ns"] for key, v in w.items()} if s["ns"] else {})
+        w, t = s.pop("_w"), s.pop("_t")
+        s.update({key: v / t[key] for key, v in w.items() if t[key]})
         s["ms"] = s["ns"] / 1e6
         s["gb_s"] = s["bytes"] / s["ns"] if s["ns"] else float("nan")  # bytes per ns = GB/s
         rows.append(s)
@@ -100,6 +103,6 @@ def markdown(title: str, rows: list[dict]) -> str:
                 f"{r.get('sm_pct', float('nan')):.1f} | {r.get('occupancy_pct', float('nan')):.1f} | "
                 f"{'' if r.get('regs') is None else int(r['regs'])} |")
         if tensor:
-            line += f" {max(r.get('gmma_pct', 0.0), r.get('hmma_pct', 0.0)):.1f} |"
+            line += f" {max(r.get('gmma_pct', 0.0), r.get('hmma_pct', 0.0)):.1f} |"  # Hopper GEMMs use one or the other
         out.append(line)
     return "\n".join(out)
