@@ -80,7 +80,7 @@ def test_hybrid_lm_compiles_to_one_graph_on_the_references():
     exec(_MODEL_CHECK.replace("BACKEND", repr("auto")).replace("SETS", repr(SPEC_SETS)).replace("sys.argv[1] if len(sys.argv) > 1 else ", ""), ns)
 
 
-@pytest.mark.parametrize("extra", [[], ["blocks.m3.d_conv=4"]], ids=["mamba3", "with-short-conv"])
+@pytest.mark.parametrize("extra", [[], ["blocks.m3.d_conv=4", "layout=m3 mlp attn"]], ids=["mamba3", "with-short-conv"])
 def test_packed_hybrid_lm_compiles_to_one_graph_on_the_references(extra):
     """CPU, packed documents (seq_idx): the reference scan's and phase's segmenting, the block-diagonal
     attention mask and per-document RoPE (and Mamba-2's short convolution, masked per document) trace into
