@@ -24,7 +24,6 @@ import os
 import shutil
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 from hybridlab.kernels.bench.ncu_rates import METRICS, TENSOR_METRICS, markdown, parse_ncu_csv, summarize
@@ -36,13 +35,10 @@ def _child(a) -> int:
     from hybridlab.arch import bench_layer
 
     if a.impl == "official":
-        from hybridlab.kernels.bench.ssm import official_layer
+        from hybridlab.kernels.bench.ssm import official_layer, use_official_source
 
-        if a.mamba_src:  # the source tree as a namespace package: its __init__ imports Mamba-1's CUDA extension
-            pkg = types.ModuleType("mamba_ssm")
-            pkg.__path__ = [str(Path(a.mamba_src) / "mamba_ssm")]
-            sys.modules["mamba_ssm"] = pkg
-
+        if a.mamba_src:
+            use_official_source(a.mamba_src)
         layer = official_layer(a.d_model, "siso", 1, a.d_state)
     else:
         layer = bench_layer(a.d_model, "mimo" if a.rank > 1 else "siso", a.rank, a.d_state)
@@ -62,14 +58,16 @@ def _profile(a, impl: str, rank: int, out: Path) -> list[dict]:
     log = out / f"ncu_{impl}_r{rank}.csv"
     child = [sys.executable, os.path.abspath(__file__), "--child", "--impl", impl, "--rank", str(rank),
              "--mamba-src", a.mamba_src, "--d-state", str(a.d_state), "--batch", str(a.batch), "--seqlen", str(a.seqlen), "--d-model", str(a.d_model)]
-    for metrics in ({**METRICS, **TENSOR_METRICS}, METRICS):
+    for metrics in ({**METRICS, **TENSOR_METRICS}, METRICS):  # the second try: without the tensor-pipe counters
         cmd = [a.ncu, "--profile-from-start", "off", "--clock-control", "none", "--print-units", "base", "--csv",
                "--log-file", str(log), "--metrics", ",".join(metrics), *child]
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
+        if p.returncode == 0:
+            try:
+                return _from_log(log)
+            except RuntimeError:
+                pass
         text = log.read_text() if log.exists() else ""
-        launches = parse_ncu_csv(text, metrics)
-        if p.returncode == 0 and launches:
-            return summarize(launches)
         print(f"kernel_rates: ncu {impl} r{rank} exit {p.returncode}: {(p.stderr or text)[-400:].strip()}", file=sys.stderr)
     raise RuntimeError(f"ncu found no kernels for {impl} rank {rank} (log: {log})")
 

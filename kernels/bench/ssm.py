@@ -28,6 +28,7 @@ import datetime as _dt
 import json
 import sys
 import traceback
+import types
 from pathlib import Path
 
 import torch
@@ -38,7 +39,6 @@ try:  # installed package, or run from the repo root without installing
     from hybridlab.kernels.ssm_io import gated_output, qk_prep, rank_expand
 except ImportError:  # pragma: no cover - device fallback: map ./kernels to hybridlab.kernels
     import importlib.util
-    import types
 
     _root = Path(__file__).resolve().parents[2]
     _pkg = types.ModuleType("hybridlab")
@@ -374,6 +374,18 @@ def check_fused(shape, r, dtype=torch.bfloat16, seed=1):
 
 
 # ------------------------------------------------------------------ whole Mamba-3 layers
+
+
+def use_official_source(src) -> Path:
+    """Import ``mamba_ssm`` from the official source tree ``src`` (holding mamba_ssm/, or that folder itself)
+    as a bare namespace package: its ``__init__`` imports Mamba-1's CUDA extension, which a Mamba-3 layer does
+    not need. Returns the tree's root."""
+    src = Path(src)
+    root = src if (src / "mamba_ssm").is_dir() else src.parent
+    pkg = types.ModuleType("mamba_ssm")
+    pkg.__path__ = [str(root / "mamba_ssm")]
+    sys.modules["mamba_ssm"] = pkg
+    return root
 
 
 def official_layer(d_model, mode, rank, d_state, dtype=torch.bfloat16):

@@ -85,10 +85,9 @@ def load_official(src: Path):
     ``mamba_ssm/__init__.py`` imports Mamba-1's CUDA extension, and ``mixer_seq_simple`` imports Mamba-1/2,
     transformers' generation and the HF hub helpers: stand-ins for those (never used by these models).
     """
-    root = src if (src / "mamba_ssm").is_dir() else src.parent
-    pkg = types.ModuleType("mamba_ssm")
-    pkg.__path__ = [str(root / "mamba_ssm")]
-    sys.modules["mamba_ssm"] = pkg
+    from hybridlab.kernels.bench.ssm import use_official_source
+
+    root = use_official_source(src)
     for name, attrs in (("mamba_ssm.modules.mamba_simple", {"Mamba": None}), ("mamba_ssm.modules.mamba2", {"Mamba2": None}),
                         ("mamba_ssm.utils.generation", {"GenerationMixin": type("GenerationMixin", (), {})}),
                         ("mamba_ssm.utils.hf", {"load_config_hf": None, "load_state_dict_hf": None})):
